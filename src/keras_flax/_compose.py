@@ -1,0 +1,93 @@
+"""`layer_flax_module_wrapper` / `layer_jax_model_wrapper`.
+
+The semantics of the Keras R interface's helpers, in Python: build the
+layer, then compose it with `object` by what `object` is.
+"""
+
+import jax
+import keras
+import numpy as np
+
+from keras_flax import _errors
+from keras_flax._jax_layer import JaxLayer
+from keras_flax._linen import FlaxLayer
+
+
+def _compose(obj, layer):
+    if obj is None:
+        return layer
+    if isinstance(obj, keras.Sequential):
+        obj.add(layer)
+        return obj
+    return layer(obj)  # a Keras tensor or an array (_check_object)
+
+
+def _check_object(helper, obj):
+    """Refuses a bad `object` before any layer is built."""
+    ok = obj is None or isinstance(obj, keras.Sequential)
+    ok = ok or keras.utils.is_keras_tensor(obj)
+    ok = ok or isinstance(obj, (jax.Array, np.ndarray))
+    if not ok:
+        raise TypeError(_errors.bad_compose_object(helper, obj))
+
+
+def layer_flax_module_wrapper(
+    object=None, module=None, method=None, variables=None, **kwargs
+):
+    """Creates a `FlaxLayer` and composes it with `object`.
+
+    Args:
+        object: a `keras.Sequential` model (the layer is added to it, in
+            place, and the model is returned), a Keras tensor or an array
+            (the layer's output on it is returned), or `None` (the layer is
+            returned).
+        module: the Flax module, as in `FlaxLayer`.
+        method: as in `FlaxLayer`.
+        variables: as in `FlaxLayer`.
+        **kwargs: further `FlaxLayer` arguments (`seed`, `name`, ...).
+
+    Returns:
+        The model, the output tensor, or the layer, by `object`.
+
+    Example:
+
+    >>> import flax.linen as nn, keras
+    >>> model = keras.Sequential([keras.Input((3,))])
+    >>> model = layer_flax_module_wrapper(model, module=nn.Dense(2))
+    >>> model.output_shape
+    (None, 2)
+    """
+    _check_object("layer_flax_module_wrapper", object)
+    layer = FlaxLayer(module, method=method, variables=variables, **kwargs)
+    return _compose(object, layer)
+
+
+def layer_jax_model_wrapper(
+    object=None,
+    call_fn=None,
+    init_fn=None,
+    params=None,
+    state=None,
+    seed=None,
+    **kwargs,
+):
+    """Creates a `JaxLayer` and composes it with `object`.
+
+    Args:
+        object: as in `layer_flax_module_wrapper`.
+        call_fn, init_fn, params, state, seed: as in `JaxLayer`.
+        **kwargs: further `JaxLayer` arguments (`name`, `dtype`, ...).
+
+    Returns:
+        The model, the output tensor, or the layer, by `object`.
+    """
+    _check_object("layer_jax_model_wrapper", object)
+    layer = JaxLayer(
+        call_fn,
+        init_fn=init_fn,
+        params=params,
+        state=state,
+        seed=seed,
+        **kwargs,
+    )
+    return _compose(object, layer)

@@ -1,0 +1,286 @@
+"""Every user-facing message, written once.
+
+Each message has three parts: the argument and what was expected, what was
+received (`Received: arg=...`), and the fix, in code where possible.
+"""
+
+import reprlib
+
+_repr = reprlib.Repr()
+_repr.maxstring = 80
+_repr.maxother = 80
+
+
+def describe(value):
+    """A short description of `value` for a `Received:` clause."""
+    kind = type(value).__name__
+    if isinstance(value, type):
+        kind = "a class"
+    elif callable(value) and not hasattr(value, "shape"):
+        kind = "a function" if hasattr(value, "__code__") else kind
+    return f"{_repr.repr(value)} ({kind})"
+
+
+def format_shape(shape):
+    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+# Backends.
+
+
+def unsupported_backend(cls_name, backend_name):
+    return (
+        f"`{cls_name}` runs on the JAX backend in this version of keras_flax. "
+        f"Received: KERAS_BACKEND={backend_name!r}. Set the backend before "
+        "Keras is imported: `export KERAS_BACKEND=jax`, or import keras_flax "
+        "before keras with KERAS_BACKEND unset."
+    )
+
+
+# Function signatures (JaxLayer).
+
+
+def not_callable(arg, value, fix):
+    return f"`{arg}` must be a callable. Received: {arg}={describe(value)}. {fix}"
+
+
+def missing_argument(arg, fn, name, allowed):
+    return (
+        f"`{arg}` must take an argument named `{name}`. Received: "
+        f"{arg}={describe(fn)} with arguments {_names(fn)}. The arguments "
+        f"are matched by name among {_quoted(allowed)}; wrap the function: "
+        f"`def {arg}({', '.join(a for a in allowed)}): ...`."
+    )
+
+
+def unsupported_argument(arg, fn, name, allowed):
+    return (
+        f"`{arg}` has an argument `{name}` that JaxLayer cannot fill."
+        f" Received: {arg}={describe(fn)} with arguments {_names(fn)}. "
+        f"Arguments are matched by name among {_quoted(allowed)}; wrap the "
+        "function so that it takes only those, and fix the others inside "
+        "it, e.g. with `functools.partial`."
+    )
+
+
+def unsignable(arg, fn):
+    return (
+        f"`{arg}` must be a function whose signature can be inspected. "
+        f"Received: {arg}={describe(fn)}. Wrap it in a plain Python function."
+    )
+
+
+def nothing_to_initialize():
+    return (
+        "`init_fn`, `params` and `state` cannot all be `None` when `call_fn` "
+        "takes a `params` or a `state` argument. Received: init_fn=None, "
+        "params=None, state=None. Pass `init_fn` to create the weights at "
+        "build time, or `params=` (and `state=`) with initial values."
+    )
+
+
+# Flax modules and methods.
+
+
+def not_a_module(module):
+    if isinstance(module, type):
+        fix = (
+            "To wrap a Module class, instantiate it: "
+            f"FlaxLayer({module.__name__}(...))."
+        )
+    elif callable(module):
+        fix = (
+            "To wrap a JAX function use keras_flax.JaxLayer(call_fn=...); "
+            "to wrap a Module, pass an instance: FlaxLayer(MyModule())."
+        )
+    else:
+        fix = "Pass a Module instance: FlaxLayer(MyModule())."
+    return (
+        "`module` must be a flax.linen.Module or flax.nnx.Module instance. "
+        f"Received: module={describe(module)}. {fix}"
+    )
+
+
+def bad_method_type(method):
+    return (
+        "`method` must be None, a method name (str), a method of the module "
+        "or a function whose first argument is the module. Received: "
+        f"method={describe(method)}. For example: method='encode' or "
+        "method=lambda module, inputs, training: module.encode(inputs)."
+    )
+
+
+def unknown_method(module, name, available):
+    listed = ", ".join(f"'{n}'" for n in available) or "none"
+    return (
+        f"`method` names no method of {type(module).__name__}. Received: "
+        f"method={name!r}. Methods defined on the module: {listed}. Pass one "
+        "of them, or a function `method(module, inputs, training)`."
+    )
+
+
+_WRAPPER = (
+    "def wrapper(module, inputs, training):\n"
+    "        return module.{call}\n"
+    "    FlaxLayer(module, method=wrapper)"
+)
+
+
+def wrapper_example(method_name, call_args):
+    return _WRAPPER.format(call=f"{method_name}({call_args})")
+
+
+def method_without_inputs(method_name):
+    return (
+        f"`method` must take the inputs as its first argument after the "
+        f"module. Received: method={method_name} with no such argument. "
+        "Give it one (`def __call__(self, inputs, training=False)`), or wrap "
+        "it:\n    " + wrapper_example(method_name, "")
+    )
+
+
+def method_unfillable(method_name, parameter, signature, example_args):
+    return (
+        f"`method` has a required argument `{parameter}` that FlaxLayer "
+        f"cannot fill: it passes the inputs as the first argument and "
+        f"`training` by name. Received: method={method_name}{signature}. "
+        "Give the argument a default, or wrap the method:\n    "
+        + wrapper_example(method_name, example_args)
+    )
+
+
+def training_flag_warning(method_name, flag, example_args):
+    return (
+        f"`method` {method_name} has a `{flag}` flag but no `training` "
+        "argument, so FlaxLayer will not switch it in `fit`: the module "
+        f"runs with the default `{flag}` in training too. Map `training` "
+        "onto it with a wrapper:\n    "
+        + wrapper_example(method_name, example_args)
+    )
+
+
+# Variables.
+
+
+def variables_not_mapping(variables):
+    return (
+        "`variables` must be a dict in the format returned by "
+        "`module.init(...)`, e.g. {'params': {...}, 'batch_stats': {...}}. "
+        f"Received: variables={describe(variables)}. Pass "
+        "`variables=module.init(rng, x)`, or None to initialise at build "
+        "time."
+    )
+
+
+def variables_without_params(collections):
+    return (
+        "`variables` has no 'params' collection, but the module creates "
+        f"parameters. Received: variables with collections {collections}. "
+        "Pass the whole result of `module.init(...)`, e.g. "
+        "`variables={'params': params, **state}`."
+    )
+
+
+def variables_misfit(arg, input_desc, missing, extra, mismatched, fix):
+    lines = [f"`{arg}` does not fit the inputs {input_desc}."]
+    for path, given, expected in mismatched[:5]:
+        lines.append(
+            f"At {path} the given array has shape {format_shape(given)} but "
+            f"the module creates {format_shape(expected)}."
+        )
+    if missing:
+        lines.append("Missing: " + ", ".join(missing[:8]) + _more(missing, 8))
+    if extra:
+        lines.append("Unexpected: " + ", ".join(extra[:8]) + _more(extra, 8))
+    lines.append(fix)
+    return " ".join(lines)
+
+
+def state_structure_changed(arg, missing, extra, mismatched):
+    lines = [
+        f"The state returned by `{arg}` does not have the structure it had "
+        "at initialization."
+    ]
+    for path, given, expected in mismatched[:5]:
+        lines.append(
+            f"At {path} the returned array has shape {format_shape(given)} "
+            f"where the state holds {format_shape(expected)}."
+        )
+    if missing:
+        lines.append("Missing: " + ", ".join(missing[:8]) + _more(missing, 8))
+    if extra:
+        lines.append("Unexpected: " + ", ".join(extra[:8]) + _more(extra, 8))
+    lines.append(
+        "Return the state with the same keys and shapes as it was given "
+        "(`return outputs, new_state`); keep values that change shape, such "
+        "as growing caches, outside the state."
+    )
+    return " ".join(lines)
+
+
+# Build and call.
+
+
+def stateful_result(result):
+    return (
+        "`call_fn` takes `state`, so it must return `(outputs, new_state)`. "
+        f"Received: a {type(result).__name__} from call_fn. Return the new "
+        "state with the outputs: `return outputs, new_state`."
+    )
+
+
+def cannot_initialize(arg, input_desc, tried, error):
+    return (
+        f"`{arg}` failed on placeholder inputs {input_desc} while building "
+        f"the layer (unknown dimensions tried with sizes {tried}). The "
+        f"module raised: {type(error).__name__}: {error}. Give the input "
+        "shape in full, e.g. `keras.Input(shape=(28, 28, 3))`, or pass "
+        "initial weights (`variables=module.init(rng, x)`)."
+    )
+
+
+def inputs_misfit(layer_name, what, expected, received):
+    return (
+        f"`inputs` do not fit layer '{layer_name}': it was built for {what} "
+        f"{expected}. Received: inputs with {what} {received}. Pass inputs "
+        "like those the layer was built for, or create a new layer for "
+        "these inputs."
+    )
+
+
+def inputs_structure_changed(layer_name, expected, received):
+    return (
+        f"`inputs` do not fit layer '{layer_name}': it was built for inputs "
+        f"structured as {expected}. Received: inputs structured as "
+        f"{received}. Pass the same structure (tuple, dict, ...) on every "
+        "call."
+    )
+
+
+# Composition helpers.
+
+
+def bad_compose_object(helper, obj):
+    return (
+        f"`object` of {helper}() must be a keras.Sequential model, a Keras "
+        "tensor (e.g. keras.Input(...)), an array, or None. Received: "
+        f"object={describe(obj)}. Pass one of those, or call the layer "
+        f"yourself: `layer = {helper}(module=...)`."
+    )
+
+
+def _names(fn):
+    import inspect
+
+    try:
+        return "(" + ", ".join(inspect.signature(fn).parameters) + ")"
+    except (TypeError, ValueError):
+        return "(unknown)"
+
+
+def _quoted(names):
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def _more(items, shown):
+    return f" (and {len(items) - shown} more)" if len(items) > shown else ""

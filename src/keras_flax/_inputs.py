@@ -1,0 +1,164 @@
+"""Input specs: what a layer is built for, placeholders, and input checks.
+
+Keras' `build(input_shape)` gets shapes only; the layer records the inputs'
+dtypes when it is first called, so that integer token ids are initialised
+with integer placeholders.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_flax import _errors
+
+# Sizes tried, in order, for unknown dimensions when initialising.
+CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Shape (None for unknown sizes) and dtype of one input array."""
+
+    shape: tuple
+    dtype: object
+
+    def __str__(self):
+        return f"{_errors.format_shape(self.shape)} {jnp.dtype(self.dtype)}"
+
+
+def _unknown_batch(shape):
+    return (None, *shape[1:]) if shape else shape
+
+
+def record(inputs, float_dtype):
+    """The spec of `inputs` (arrays or Keras tensors), batch size unknown.
+
+    Float inputs are recorded in `float_dtype`, the dtype Keras casts them
+    to before `call`.
+    """
+
+    def spec(x):
+        dtype = getattr(x, "dtype", None)
+        dtype = jnp.dtype(np.asarray(x).dtype if dtype is None else dtype)
+        if jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.dtype(float_dtype)
+        else:
+            dtype = jax.dtypes.canonicalize_dtype(dtype)
+        return Spec(_unknown_batch(tuple(np.shape(x))), dtype)
+
+    return jax.tree_util.tree_map(spec, inputs)
+
+
+def from_shape(input_shape, dtype):
+    """The spec for a Keras `input_shape` (one shape or a structure)."""
+    return keras.tree.map_shape_structure(
+        lambda s: Spec(_unknown_batch(tuple(s)), jnp.dtype(dtype)), input_shape
+    )
+
+
+def describe(spec):
+    leaves, treedef = jax.tree_util.tree_flatten(spec)
+    if treedef == jax.tree_util.tree_structure(Spec((), None)):
+        return str(leaves[0])
+    return str(jax.tree_util.tree_unflatten(treedef, [str(s) for s in leaves]))
+
+
+def has_unknown(spec, skip_batch):
+    return any(
+        d is None
+        for s in jax.tree_util.tree_leaves(spec)
+        for d in (s.shape[1:] if skip_batch else s.shape)
+    )
+
+
+def placeholders(spec, size, dtype=None):
+    """Arrays for `spec`, with `size` for unknown dimensions."""
+
+    def make(s):
+        shape = tuple(size if d is None else d for d in s.shape)
+        kind = jnp.dtype(dtype or s.dtype)
+        fill = jnp.ones if jnp.issubdtype(kind, jnp.floating) else jnp.zeros
+        return fill(shape, kind)
+
+    return jax.tree_util.tree_map(make, spec)
+
+
+def search(fn, spec, arg, dtype_guessed=False):
+    """Calls `fn(placeholders)` with the first sizes the module accepts.
+
+    Unknown dimensions are tried with each of `CANDIDATE_SIZES`; if the
+    dtype was guessed (the layer was built from a shape alone), integer
+    placeholders are tried last. Raises a `ValueError` naming the inputs
+    and how to give their shape when nothing works.
+    """
+    sizes = CANDIDATE_SIZES if has_unknown(spec, skip_batch=False) else (1,)
+    dtypes = (None, jnp.int32) if dtype_guessed else (None,)
+    first_error = None
+    for dtype in dtypes:
+        for size in sizes:
+            try:
+                return fn(placeholders(spec, size, dtype))
+            except Exception as error:  # any failure: try the next size
+                first_error = first_error or error
+    raise ValueError(
+        _errors.cannot_initialize(arg, describe(spec), sizes, first_error)
+    ) from first_error
+
+
+def check(inputs, spec, layer_name):
+    """Raises if `inputs` do not fit the spec the layer was built for."""
+    given = jax.tree_util.tree_leaves(inputs)
+    built = jax.tree_util.tree_leaves(spec)
+    if len(given) != len(built):
+        raise ValueError(
+            _errors.inputs_structure_changed(
+                layer_name,
+                describe(spec),
+                _structure_text(inputs),
+            )
+        )
+    for x, s in zip(given, built):
+        shape = tuple(np.shape(x))
+        fits = len(shape) == len(s.shape) and all(
+            d is None or g is None or g == d
+            for g, d in zip(shape[1:], s.shape[1:])
+        )
+        if not fits:
+            raise ValueError(
+                _errors.inputs_misfit(
+                    layer_name,
+                    "shape",
+                    describe(spec),
+                    _errors.format_shape(shape),
+                )
+            )
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and _kind(dtype) != _kind(s.dtype):
+            raise ValueError(
+                _errors.inputs_misfit(
+                    layer_name,
+                    "dtype",
+                    f"{_kind(s.dtype)} ({describe(spec)})",
+                    f"{_kind(dtype)} ({jnp.dtype(dtype)})",
+                )
+            )
+
+
+def _kind(dtype):
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "floating"
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex"
+    return "integer or bool"
+
+
+def _structure_text(inputs):
+    return str(
+        jax.tree_util.tree_map(
+            lambda x: _errors.format_shape(tuple(np.shape(x))), inputs
+        )
+    )

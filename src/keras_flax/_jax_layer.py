@@ -1,0 +1,320 @@
+"""JaxLayer: the Keras lifecycle around a model given as `(init_fn, call_fn)`.
+
+Data flows one way: `init_fn` -> PyTrees of arrays -> Keras variables
+(`_variables.VariableTree`) -> their values -> `call_fn` -> outputs and new
+state -> assigned back. `FlaxLayer` only adapts a module to this protocol.
+"""
+
+import jax
+import keras
+from keras.saving import deserialize_keras_object
+from keras.saving import serialize_keras_object
+
+from keras_flax import _errors
+from keras_flax import _inputs
+from keras_flax import _rng
+from keras_flax import _signatures
+from keras_flax import _variables
+
+
+def check_backend(cls_name):
+    """Refuses to construct a layer on a backend it cannot run on."""
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise ValueError(_errors.unsupported_backend(cls_name, backend))
+
+
+@keras.saving.register_keras_serializable(package="keras_flax")
+class JaxLayer(keras.layers.Layer):
+    """Keras layer that wraps a JAX model given as functions.
+
+    A drop-in for `keras.layers.JaxLayer`: the same arguments, matched by
+    name, and the same `params` / `state` attributes. Weights are named
+    after their PyTree paths, eager calls are compiled once per input
+    signature, and the weights can be created from the real input dtypes.
+
+    `call_fn` takes, by these exact names, `params` (trainable weights),
+    `state` (non-trainable state; then it returns `(outputs, new_state)`),
+    `rng` (a key, passed in training), `inputs` (required) and `training`.
+    `init_fn` takes `rng`, `inputs` (placeholders of the input's shape and
+    dtype) and `training` (always True), and returns `params`, or
+    `(params, state)` when `call_fn` takes `state`. Haiku's
+    `hk.transform(...)` and `hk.transform_with_state(...)` pairs fit as
+    they are.
+
+    Args:
+        call_fn: the model's forward function.
+        init_fn: the function creating the initial weights at build time.
+            If `None`, `params` (and `state`) must be given.
+        params: a PyTree of initial trainable weights (copied).
+        state: a PyTree of initial non-trainable state (copied).
+        seed: int seed of the RNG passed to `init_fn` and `call_fn`; two
+            layers with the same seed initialise and train identically.
+        native_serialization_platforms: platforms for `jax2tf` on the
+            TensorFlow backend, accepted for compatibility.
+        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Call arguments:
+        inputs: a JAX array or a PyTree of arrays.
+        training: whether the call is in training mode.
+
+    Returns:
+        The outputs of `call_fn`.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> def call_fn(params, inputs):
+    ...     return inputs @ params["w"] + params["b"]
+    >>> def init_fn(rng, inputs):
+    ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 2)),
+    ...             "b": jnp.zeros((2,))}
+    >>> layer = JaxLayer(call_fn, init_fn, seed=0)
+    >>> layer(jnp.ones((4, 3))).shape
+    (4, 2)
+    >>> [w.path for w in layer.weights]
+    ['jax_layer/b', 'jax_layer/w']
+    """
+
+    def __init__(
+        self,
+        call_fn,
+        init_fn=None,
+        params=None,
+        state=None,
+        seed=None,
+        native_serialization_platforms=None,
+        **kwargs,
+    ):
+        check_backend(type(self).__name__)
+        call_arguments = _signatures.function_arguments(
+            call_fn, "call_fn", _signatures.CALL_FN_ARGUMENTS
+        )
+        init_arguments = None
+        if init_fn is not None:
+            init_arguments = _signatures.function_arguments(
+                init_fn, "init_fn", _signatures.INIT_FN_ARGUMENTS
+            )
+        has_weights = {"params", "state"} & set(call_arguments)
+        if init_fn is None and params is None and state is None and has_weights:
+            raise ValueError(_errors.nothing_to_initialize())
+        super().__init__(**kwargs)
+        self.call_fn = call_fn
+        self.init_fn = init_fn
+        self.call_fn_arguments = tuple(call_arguments)
+        self.init_fn_arguments = init_arguments and tuple(init_arguments)
+        self.call_fn_has_params = "params" in call_arguments
+        self.call_fn_has_state = "state" in call_arguments
+        self.seed = seed
+        self.jax2tf_native_serialization_platforms = (
+            native_serialization_platforms
+        )
+        self.seed_generator = None
+        if self._uses_rng():
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        self._params_tree = None
+        self._state_tree = None
+        self._input_record = None
+        self._built_spec = None
+        self._forward_jit = jax.jit(self._forward, static_argnames="training")
+        if params is not None or state is not None:
+            self._create_weights(params, state)
+
+    # Public attributes of keras.layers.JaxLayer.
+
+    @property
+    def params(self):
+        """The trainable weights: a PyTree of Keras variables, or None."""
+        return None if self._params_tree is None else self._params_tree.tree
+
+    @property
+    def state(self):
+        """The non-trainable state: a PyTree of Keras variables, or None."""
+        return None if self._state_tree is None else self._state_tree.tree
+
+    # Hooks for subclasses.
+
+    def _uses_rng(self):
+        return "rng" in self.call_fn_arguments
+
+    def _variable_name(self, trainable, parts):
+        """Name parts of a variable from its path in `params` / `state`."""
+        return parts if trainable else ("state", *parts)
+
+    def _init_rng(self):
+        return _rng.key_from_seed(self.seed)
+
+    def _call_seed(self, training):
+        """The seed for this call (None for no RNG), drawn outside `jit`."""
+        if self.seed_generator is None or not training:
+            return None
+        return self.seed_generator.next()
+
+    def _rng_from_seed(self, seed):
+        """The `rng` argument of `call_fn`, made inside the jitted call."""
+        return seed
+
+    def _user_trees(self, params, state):
+        """The weights as the user gave them: `(argument name, tree)`."""
+        return [("params", params), ("state", state)]
+
+    # Weights.
+
+    def _create_weights(self, params, state):
+        self._params_tree = self._variable_tree(params, trainable=True)
+        self._state_tree = self._variable_tree(state, trainable=False)
+
+    def _variable_tree(self, values, trainable):
+        if values is None:
+            return None
+        return _variables.VariableTree(
+            self,
+            values,
+            trainable=trainable,
+            name_fn=lambda parts: self._variable_name(trainable, parts),
+            autocast=trainable,
+        )
+
+    def _split_init_result(self, result):
+        if self.call_fn_has_state:
+            return result
+        return result, None
+
+    def _run_init_fn(self, inputs):
+        args = {"rng": self._init_rng(), "inputs": inputs, "training": True}
+        result = self.init_fn(*(args[a] for a in self.init_fn_arguments))
+        return self._split_init_result(result)
+
+    # Keras lifecycle.
+
+    def __call__(self, *args, **kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        if not self.built:
+            self._input_record = _inputs.record(inputs, self.compute_dtype)
+        elif self._built_spec is not None:
+            _inputs.check(inputs, self._built_spec, self.name)
+        return super().__call__(*args, **kwargs)
+
+    def build(self, input_shape):
+        spec = self._input_record
+        if spec is None:
+            spec = _inputs.from_shape(input_shape, self.compute_dtype)
+        guessed = self._input_record is None
+        if self._params_tree is None and self._state_tree is None:
+            if self.init_fn is not None:
+                params, state = _inputs.search(
+                    self._run_init_fn, spec, "init_fn", guessed
+                )
+                self._create_weights(params, state)
+        elif self.init_fn is not None:
+            self._check_given_weights(spec)
+        self._built_spec = spec
+        self._input_record = None
+
+    def _check_given_weights(self, spec):
+        """Compares the given weights with what `init_fn` creates."""
+        if _inputs.has_unknown(spec, skip_batch=True):
+            return  # sizes the weights depend on are unknown
+        try:
+            expected = jax.eval_shape(
+                lambda: self._run_init_fn(_inputs.placeholders(spec, 1))
+            )
+        except Exception:
+            return  # the call will raise the model's own error
+        self._raise_if_misfit(spec, expected)
+
+    def _raise_if_misfit(self, spec, expected):
+        given = self._user_trees(self.params, self.state)
+        for (arg, tree), (_, want) in zip(given, self._user_trees(*expected)):
+            if tree is None or want is None:
+                continue
+            missing, extra, mismatched = _variables.compare(tree, want)
+            if missing or extra or mismatched:
+                raise ValueError(
+                    _errors.variables_misfit(
+                        arg,
+                        f"of {_inputs.describe(spec)}",
+                        missing,
+                        extra,
+                        mismatched,
+                        self._misfit_fix(arg),
+                    )
+                )
+
+    def _misfit_fix(self, arg):
+        return (
+            "Call the layer on inputs of the shape the weights were made "
+            f"for, or pass {arg}=None with `init_fn` to initialise new ones."
+        )
+
+    def call(self, inputs, training=False):
+        training = bool(training) and "training" in self.call_fn_arguments
+        seed = self._call_seed(training)
+        outputs, new_state = self._forward_jit(
+            _values(self._params_tree),
+            _values(self._state_tree),
+            seed,
+            inputs,
+            training=training,
+        )
+        if new_state is not None:
+            self._state_tree.assign(new_state)
+        return outputs
+
+    def _forward(self, param_values, state_values, seed, inputs, training):
+        """The pure forward pass, jitted once per input signature.
+
+        Returns the outputs and the new state values in leaf order, with
+        `None` for leaves the call left unchanged (not written back).
+        """
+        args = {
+            "params": _rebuild(self._params_tree, param_values),
+            "state": _rebuild(self._state_tree, state_values),
+            "rng": self._rng_from_seed(seed),
+            "inputs": inputs,
+            "training": training,
+        }
+        result = self.call_fn(*(args[a] for a in self.call_fn_arguments))
+        if not self.call_fn_has_state or self._state_tree is None:
+            return result, None
+        outputs, new_state = _unpack_stateful(result)
+        _variables.check_state_structure("call_fn", new_state, self._state_tree)
+        new_values = self._state_tree.leaves_of(new_state)
+        return outputs, [
+            None if new is old else new
+            for new, old in zip(new_values, state_values)
+        ]
+
+    # Serialization.
+
+    def get_config(self):
+        config = {
+            "call_fn": serialize_keras_object(self.call_fn),
+            "init_fn": serialize_keras_object(self.init_fn),
+            "seed": self.seed,
+            "native_serialization_platforms": (
+                self.jax2tf_native_serialization_platforms
+            ),
+        }
+        return {**super().get_config(), **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["call_fn"] = deserialize_keras_object(config["call_fn"])
+        config["init_fn"] = deserialize_keras_object(config["init_fn"])
+        return cls(**config)
+
+
+def _values(tree):
+    return None if tree is None else tree.values()
+
+
+def _rebuild(tree, values):
+    return None if tree is None else tree.rebuild(values)
+
+
+def _unpack_stateful(result):
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise ValueError(_errors.stateful_result(result))
+    return result

@@ -1,0 +1,241 @@
+"""Linen modules <-> JSON-ready configs, and safe resolution of classes.
+
+A module is saved as its class's import path and the dataclass fields that
+differ from their defaults. Field values may be numbers, strings, None,
+tuples, lists, dicts, dtypes, `functools.partial`, nested modules, and
+functions or classes that can be imported by their path. A module class
+with its own `get_config` is saved with it (and `from_config` when it has
+one).
+
+Loading resolves a class or function only from a Python module that is
+already imported in the loading process (the standard library excepted)
+or registered with `keras.saving.register_keras_serializable`; with Keras'
+safe mode off (`safe_mode=False`), it may import the module. Nothing is
+unpickled.
+"""
+
+import dataclasses
+import functools
+import importlib
+import sys
+
+import flax.linen as nn
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+_TAG = "__keras_flax__"
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+class UnserializableError(TypeError):
+    pass
+
+
+def serialize_module(module):
+    """A JSON-ready config of a linen module instance."""
+    return _module_config(module, "module")
+
+
+def deserialize_module(config):
+    return _decode(config, "module")
+
+
+def serialize_method(module, method):
+    if method is None or isinstance(method, str):
+        return method
+    func = getattr(method, "__func__", None)
+    if func is not None and getattr(type(module), method.__name__, None) is func:
+        return method.__name__  # a method of the module's class, by name
+    return _encode(method, "method")
+
+
+def deserialize_method(module, config):
+    if config is None or isinstance(config, str):
+        return config
+    return _decode(config, "method")
+
+
+def _module_config(module, path):
+    cls = type(module)
+    if hasattr(module, "get_config"):
+        return {
+            _TAG: "module",
+            "class": _import_path(cls, path),
+            "config": module.get_config(),
+            "custom": True,
+        }
+    fields = {}
+    for field in dataclasses.fields(module):
+        if field.name == "parent" or not field.init:
+            continue
+        value = getattr(module, field.name)
+        if _is_default(value, field):
+            continue
+        fields[field.name] = _encode(value, f"{path}.{field.name}")
+    return {_TAG: "module", "class": _import_path(cls, path), "config": fields}
+
+
+def _is_default(value, field):
+    default = field.default
+    if default is dataclasses.MISSING:
+        if field.default_factory is dataclasses.MISSING:
+            return False
+        default = field.default_factory()
+    if value is default:
+        return True
+    return isinstance(value, _SIMPLE) and type(value) is type(default) and (
+        value == default
+    )
+
+
+def _encode(value, path):
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, nn.Module):
+        return _module_config(value, path)
+    if isinstance(value, (tuple, list)):
+        items = [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return {_TAG: type(value).__name__, "items": items}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _encode(v, f"{path}.{k}") for k, v in value.items()}
+        return {_TAG: "dict", "items": items}
+    if _is_dtype(value):
+        return {_TAG: "dtype", "name": jnp.dtype(value).name}
+    if isinstance(value, functools.partial):
+        return {
+            _TAG: "partial",
+            "func": _encode(value.func, f"{path}.func"),
+            "args": _encode(list(value.args), f"{path}.args"),
+            "keywords": _encode(dict(value.keywords), f"{path}.keywords"),
+        }
+    if callable(value):
+        return {_TAG: "object", "path": _import_path(value, path)}
+    raise UnserializableError(_unserializable(path, value))
+
+
+def _is_dtype(value):
+    if isinstance(value, np.dtype):
+        return True
+    try:
+        return isinstance(value, type) and jnp.dtype(value) is not None
+    except TypeError:
+        return False
+
+
+def _import_path(obj, path):
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if (
+        module is None
+        or qualname is None
+        or "<" in qualname
+        or _lookup(module, qualname) is not obj
+    ):
+        raise UnserializableError(_unserializable(path, obj))
+    return f"{module}:{qualname}"
+
+
+def _lookup(module_name, qualname):
+    obj = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _unserializable(path, value):
+    return (
+        f"The module field `{path}` cannot be saved: it is "
+        f"{value!r} ({type(value).__name__}), which has no import path. "
+        "Make the value importable (a function or class defined at the top "
+        "level of a module, or `functools.partial` of one), or define "
+        "`get_config()` on the module class (and `from_config` if its "
+        "constructor does not take that dict)."
+    )
+
+
+def _decode(config, path):
+    if isinstance(config, list):
+        return [_decode(v, path) for v in config]
+    if not isinstance(config, dict) or _TAG not in config:
+        return config
+    kind = config[_TAG]
+    if kind in ("tuple", "list"):
+        items = [_decode(v, path) for v in config["items"]]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "dict":
+        return {k: _decode(v, path) for k, v in config["items"].items()}
+    if kind == "dtype":
+        return jnp.dtype(config["name"])
+    if kind == "partial":
+        return functools.partial(
+            _decode(config["func"], path),
+            *_decode(config["args"], path),
+            **_decode(config["keywords"], path),
+        )
+    if kind == "object":
+        return resolve(config["path"])
+    if kind == "module":
+        return _decode_module(config, path)
+    raise ValueError(f"Unknown entry {kind!r} in the saved config of {path}.")
+
+
+def _decode_module(config, path):
+    cls = resolve(config["class"])
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(
+            f"The saved config of {path} names {config['class']}, which is "
+            "not a flax.linen.Module class. The file may be corrupted or "
+            "crafted; it was not loaded."
+        )
+    if config.get("custom"):
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config["config"])
+        return cls(**config["config"])
+    fields = {k: _decode(v, f"{path}.{k}") for k, v in config["config"].items()}
+    return cls(**fields)
+
+
+def _in_safe_mode():
+    from keras.src.saving import serialization_lib
+
+    return serialization_lib.in_safe_mode() is not False
+
+
+def resolve(import_path):
+    """The object at `module:qualname`, resolved safely.
+
+    In safe mode, the module must already be imported (the standard library
+    excepted), or the object registered with Keras.
+    """
+    registered = keras.saving.get_registered_object(import_path)
+    if registered is not None:
+        return registered
+    module_name, _, qualname = import_path.partition(":")
+    top = module_name.split(".")[0]
+    safe = _in_safe_mode()
+    if safe and (top in sys.stdlib_module_names or top == "builtins"):
+        raise ValueError(_refused(import_path, "is in the standard library"))
+    if module_name not in sys.modules:
+        if safe:
+            raise ValueError(_refused(import_path, "is not imported"))
+        importlib.import_module(module_name)
+    obj = _lookup(module_name, qualname)
+    if obj is None:
+        raise ValueError(
+            f"Cannot find {qualname} in module {module_name} while loading "
+            f"a saved layer. Received: {import_path}. Check that the code "
+            "that defines it is the same as when the model was saved."
+        )
+    return obj
+
+
+def _refused(import_path, why):
+    module_name = import_path.partition(":")[0]
+    return (
+        f"Loading refused to resolve {import_path}: the module "
+        f"{module_name} {why}, and safe mode resolves classes and functions "
+        "only from packages already imported or registered with Keras. If "
+        f"you trust this file, import {module_name} before loading, or pass "
+        "`safe_mode=False` to `keras.saving.load_model`."
+    )

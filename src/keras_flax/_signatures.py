@@ -1,0 +1,135 @@
+"""Checks of `call_fn` / `init_fn` / `method` signatures."""
+
+import dataclasses
+import inspect
+import warnings
+
+from keras_flax import _errors
+
+CALL_FN_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
+INIT_FN_ARGUMENTS = ("rng", "inputs", "training")
+TRAINING_LIKE_FLAGS = (
+    "deterministic",
+    "train",
+    "is_training",
+    "use_running_average",
+)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _parameters(fn, arg):
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as error:
+        raise TypeError(_errors.unsignable(arg, fn)) from error
+
+
+def function_arguments(fn, arg, allowed):
+    """The argument names of `fn` (`call_fn` or `init_fn`), in order.
+
+    Arguments are matched by name, as `keras.layers.JaxLayer` does: each
+    must be one of `allowed`, and `inputs` is required.
+    """
+    if not callable(fn):
+        raise TypeError(
+            _errors.not_callable(arg, fn, f"Pass a function `{arg}(...)`.")
+        )
+    names = [p.name for p in _parameters(fn, arg)]
+    for name in names:
+        if name not in allowed:
+            raise ValueError(
+                _errors.unsupported_argument(arg, fn, name, allowed)
+            )
+    if "inputs" not in names:
+        raise ValueError(_errors.missing_argument(arg, fn, "inputs", allowed))
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSignature:
+    """How a Flax forward method is called: inputs first, then `training`."""
+
+    takes_training: bool
+
+
+def method_signature(fn, method_name, skip_module):
+    """Checks a Flax forward method and tells how to call it.
+
+    The first argument after the module receives the inputs, whatever its
+    name (Flax passes it positionally); `training` is passed by name when
+    the method takes it. Any other argument must have a default.
+
+    Args:
+        fn: the method (bound, so without `self`) or free function.
+        method_name: how to name the method in messages.
+        skip_module: whether the first argument of `fn` is the module.
+    """
+    parameters = _parameters(fn, "method")
+    if skip_module:
+        parameters = parameters[1:]
+    positional = [
+        p
+        for p in parameters
+        if p.kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.VAR_POSITIONAL,
+        )
+    ]
+    if not positional or positional[0].name == "training":
+        raise ValueError(_errors.method_without_inputs(method_name))
+    rest = [p for p in parameters if p is not positional[0]]
+    names = {p.name for p in rest}
+    takes_training = "training" in names
+    example_args = _example_args(positional[0], rest)
+    for p in rest:
+        if p.name == "training" or p.kind in _VARIADIC:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise ValueError(
+                _errors.method_unfillable(
+                    method_name,
+                    p.name,
+                    _signature_text(fn, skip_module),
+                    example_args,
+                )
+            )
+    if not takes_training:
+        for flag in TRAINING_LIKE_FLAGS:
+            if flag in names:
+                warnings.warn(
+                    _errors.training_flag_warning(
+                        method_name, flag, example_args
+                    ),
+                    UserWarning,
+                    stacklevel=4,
+                )
+                break
+    return MethodSignature(takes_training=takes_training)
+
+
+def _example_args(inputs_parameter, rest):
+    """Arguments for the wrapper shown in messages, mapping `training`."""
+    args = ["inputs"]
+    for p in rest:
+        if p.kind in _VARIADIC or p.default is not inspect.Parameter.empty:
+            if p.name not in TRAINING_LIKE_FLAGS:
+                continue
+        value = {
+            "deterministic": "not training",
+            "use_running_average": "not training",
+            "train": "training",
+            "is_training": "training",
+        }.get(p.name, "...")
+        args.append(f"{p.name}={value}")
+    if inputs_parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+        args[0] = "*inputs"
+    return ", ".join(args)
+
+
+def _signature_text(fn, skip_module):
+    parameters = _parameters(fn, "method")
+    if skip_module:
+        parameters = parameters[1:]
+    return "(" + ", ".join(str(p) for p in parameters) + ")"
