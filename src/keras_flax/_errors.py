@@ -121,41 +121,48 @@ def unknown_method(module, name, available):
 
 _WRAPPER = (
     "def wrapper(module, inputs, training):\n"
-    "        return module.{call}\n"
+    "        return {call}\n"
     "    FlaxLayer(module, method=wrapper)"
 )
 
 
-def wrapper_example(method_name, call_args):
-    return _WRAPPER.format(call=f"{method_name}({call_args})")
+def wrapper_example(call_prefix, call_args):
+    """Example code mapping FlaxLayer's call onto the user's method.
+
+    `call_prefix` is how the method is called: "module(", "module.encode("
+    or "my_fn(module, ".
+    """
+    return _WRAPPER.format(call=f"{call_prefix}{call_args})")
 
 
-def method_without_inputs(method_name):
+def method_without_inputs(method_name, call_prefix):
     return (
         f"`method` must take the inputs as its first argument after the "
         f"module. Received: method={method_name} with no such argument. "
         "Give it one (`def __call__(self, inputs, training=False)`), or wrap "
-        "it:\n    " + wrapper_example(method_name, "")
+        "it:\n    " + wrapper_example(call_prefix, "")
     )
 
 
-def method_unfillable(method_name, parameter, signature, example_args):
+def method_unfillable(
+    method_name, call_prefix, parameter, signature, example_args
+):
     return (
         f"`method` has a required argument `{parameter}` that FlaxLayer "
         f"cannot fill: it passes the inputs as the first argument and "
         f"`training` by name. Received: method={method_name}{signature}. "
         "Give the argument a default, or wrap the method:\n    "
-        + wrapper_example(method_name, example_args)
+        + wrapper_example(call_prefix, example_args)
     )
 
 
-def training_flag_warning(method_name, flag, example_args):
+def training_flag_warning(method_name, call_prefix, flag, example_args):
     return (
         f"`method` {method_name} has a `{flag}` flag but no `training` "
         "argument, so FlaxLayer will not switch it in `fit`: the module "
         f"runs with the default `{flag}` in training too. Map `training` "
         "onto it with a wrapper:\n    "
-        + wrapper_example(method_name, example_args)
+        + wrapper_example(call_prefix, example_args)
     )
 
 

@@ -29,6 +29,27 @@ class Spec:
         return f"{_errors.format_shape(self.shape)} {jnp.dtype(self.dtype)}"
 
 
+class Specs:
+    """A PyTree of `Spec`s, held in an object that Keras does not track.
+
+    (Keras wraps dicts set as layer attributes into its own dict class,
+    which JAX would take for a leaf.)
+    """
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def leaves(self):
+        return jax.tree_util.tree_leaves(self.tree)
+
+    def __str__(self):
+        leaves, treedef = jax.tree_util.tree_flatten(self.tree)
+        if treedef.num_nodes == 1:
+            return str(leaves[0])
+        texts = [str(s) for s in leaves]
+        return str(jax.tree_util.tree_unflatten(treedef, texts))
+
+
 def _unknown_batch(shape):
     return (None, *shape[1:]) if shape else shape
 
@@ -49,33 +70,29 @@ def record(inputs, float_dtype):
             dtype = jax.dtypes.canonicalize_dtype(dtype)
         return Spec(_unknown_batch(tuple(np.shape(x))), dtype)
 
-    return jax.tree_util.tree_map(spec, inputs)
+    return Specs(jax.tree_util.tree_map(spec, inputs))
 
 
 def from_shape(input_shape, dtype):
     """The spec for a Keras `input_shape` (one shape or a structure)."""
-    return keras.tree.map_shape_structure(
-        lambda s: Spec(_unknown_batch(tuple(s)), jnp.dtype(dtype)), input_shape
+    return Specs(
+        keras.tree.map_shape_structure(
+            lambda s: Spec(_unknown_batch(tuple(s)), jnp.dtype(dtype)),
+            input_shape,
+        )
     )
 
 
-def describe(spec):
-    leaves, treedef = jax.tree_util.tree_flatten(spec)
-    if treedef == jax.tree_util.tree_structure(Spec((), None)):
-        return str(leaves[0])
-    return str(jax.tree_util.tree_unflatten(treedef, [str(s) for s in leaves]))
-
-
-def has_unknown(spec, skip_batch):
+def has_unknown(specs, skip_batch):
     return any(
         d is None
-        for s in jax.tree_util.tree_leaves(spec)
+        for s in specs.leaves()
         for d in (s.shape[1:] if skip_batch else s.shape)
     )
 
 
-def placeholders(spec, size, dtype=None):
-    """Arrays for `spec`, with `size` for unknown dimensions."""
+def placeholders(specs, size, dtype=None):
+    """Arrays for `specs`, with `size` for unknown dimensions."""
 
     def make(s):
         shape = tuple(size if d is None else d for d in s.shape)
@@ -83,10 +100,10 @@ def placeholders(spec, size, dtype=None):
         fill = jnp.ones if jnp.issubdtype(kind, jnp.floating) else jnp.zeros
         return fill(shape, kind)
 
-    return jax.tree_util.tree_map(make, spec)
+    return jax.tree_util.tree_map(make, specs.tree)
 
 
-def search(fn, spec, arg, dtype_guessed=False):
+def search(fn, specs, arg, dtype_guessed=False):
     """Calls `fn(placeholders)` with the first sizes the module accepts.
 
     Unknown dimensions are tried with each of `CANDIDATE_SIZES`; if the
@@ -94,29 +111,29 @@ def search(fn, spec, arg, dtype_guessed=False):
     placeholders are tried last. Raises a `ValueError` naming the inputs
     and how to give their shape when nothing works.
     """
-    sizes = CANDIDATE_SIZES if has_unknown(spec, skip_batch=False) else (1,)
+    sizes = CANDIDATE_SIZES if has_unknown(specs, skip_batch=False) else (1,)
     dtypes = (None, jnp.int32) if dtype_guessed else (None,)
     first_error = None
     for dtype in dtypes:
         for size in sizes:
             try:
-                return fn(placeholders(spec, size, dtype))
+                return fn(placeholders(specs, size, dtype))
             except Exception as error:  # any failure: try the next size
                 first_error = first_error or error
     raise ValueError(
-        _errors.cannot_initialize(arg, describe(spec), sizes, first_error)
+        _errors.cannot_initialize(arg, str(specs), sizes, first_error)
     ) from first_error
 
 
-def check(inputs, spec, layer_name):
-    """Raises if `inputs` do not fit the spec the layer was built for."""
+def check(inputs, specs, layer_name):
+    """Raises if `inputs` do not fit the specs the layer was built for."""
     given = jax.tree_util.tree_leaves(inputs)
-    built = jax.tree_util.tree_leaves(spec)
+    built = specs.leaves()
     if len(given) != len(built):
         raise ValueError(
             _errors.inputs_structure_changed(
                 layer_name,
-                describe(spec),
+                str(specs),
                 _structure_text(inputs),
             )
         )
@@ -131,7 +148,7 @@ def check(inputs, spec, layer_name):
                 _errors.inputs_misfit(
                     layer_name,
                     "shape",
-                    describe(spec),
+                    str(specs),
                     _errors.format_shape(shape),
                 )
             )
@@ -141,7 +158,7 @@ def check(inputs, spec, layer_name):
                 _errors.inputs_misfit(
                     layer_name,
                     "dtype",
-                    f"{_kind(s.dtype)} ({describe(spec)})",
+                    f"{_kind(s.dtype)} ({str(specs)})",
                     f"{_kind(dtype)} ({jnp.dtype(dtype)})",
                 )
             )

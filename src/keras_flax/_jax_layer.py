@@ -7,12 +7,10 @@ state -> assigned back. `FlaxLayer` only adapts a module to this protocol.
 
 import jax
 import keras
-from keras.saving import deserialize_keras_object
-from keras.saving import serialize_keras_object
-
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _rng
+from keras_flax import _serialization
 from keras_flax import _signatures
 from keras_flax import _variables
 
@@ -233,7 +231,7 @@ class JaxLayer(keras.layers.Layer):
                 raise ValueError(
                     _errors.variables_misfit(
                         arg,
-                        f"of {_inputs.describe(spec)}",
+                        f"of {spec}",
                         missing,
                         extra,
                         mismatched,
@@ -289,20 +287,29 @@ class JaxLayer(keras.layers.Layer):
 
     def get_config(self):
         config = {
-            "call_fn": serialize_keras_object(self.call_fn),
-            "init_fn": serialize_keras_object(self.init_fn),
             "seed": self.seed,
             "native_serialization_platforms": (
                 self.jax2tf_native_serialization_platforms
             ),
         }
-        return {**super().get_config(), **config}
+        return {**super().get_config(), **config, **self._model_config()}
+
+    def _model_config(self):
+        """The config entries that describe the wrapped model."""
+        return {
+            "call_fn": _serialization.serialize_function(
+                self.call_fn, "call_fn"
+            ),
+            "init_fn": _serialization.serialize_function(
+                self.init_fn, "init_fn"
+            ),
+        }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["call_fn"] = deserialize_keras_object(config["call_fn"])
-        config["init_fn"] = deserialize_keras_object(config["init_fn"])
+        for arg in ("call_fn", "init_fn"):
+            config[arg] = _serialization.deserialize_function(config[arg], arg)
         return cls(**config)
 
 

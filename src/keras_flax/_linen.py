@@ -114,8 +114,12 @@ def resolve_method(module, method):
         name = getattr(method, "__name__", repr(method))
     else:
         raise TypeError(_errors.bad_method_type(method))
-    label = f"{cls_name}.{name}" if not skip else name
-    signature = _signatures.method_signature(fn, label, skip_module=skip)
+    if skip:
+        label, prefix = name, f"{name}(module, "
+    else:
+        label = f"{cls_name}.{name}"
+        prefix = "module(" if name == "__call__" else f"module.{name}("
+    signature = _signatures.method_signature(fn, label, prefix, skip)
     return flax_method, signature
 
 
@@ -258,14 +262,11 @@ class FlaxLayer(JaxLayer):
             self._inference_rng = True
             return super().call(inputs, training)
 
-    def get_config(self):
-        config = super().get_config()
-        for key in ("call_fn", "init_fn"):
-            config.pop(key)
-        config["module"] = _serialization.serialize_module(self.module)
-        config["method"] = _serialization.serialize_method(
-            self.module, self.method
-        )
+    def _model_config(self):
+        config = {
+            "module": _serialization.serialize_module(self.module),
+            "method": _serialization.serialize_method(self.module, self.method),
+        }
         if self.rng_collections != _rng.CALL_STREAMS:
             config["rng_collections"] = list(self.rng_collections)
         return config

@@ -56,6 +56,22 @@ def deserialize_method(module, config):
     return _decode(config, "method")
 
 
+def serialize_function(fn, arg):
+    """A JSON-ready config of a function: Keras-registered, or by path."""
+    if fn is None:
+        return None
+    name = keras.saving.get_registered_name(fn)
+    if name != getattr(fn, "__name__", name):
+        return keras.saving.serialize_keras_object(fn)
+    return _encode(fn, arg)
+
+
+def deserialize_function(config, arg):
+    if isinstance(config, dict) and _TAG in config:
+        return _decode(config, arg)
+    return keras.saving.deserialize_keras_object(config)
+
+
 def _module_config(module, path):
     cls = type(module)
     if hasattr(module, "get_config"):
@@ -117,9 +133,11 @@ def _encode(value, path):
 def _is_dtype(value):
     if isinstance(value, np.dtype):
         return True
+    if not isinstance(value, type) or issubclass(value, nn.Module):
+        return False
     try:
-        return isinstance(value, type) and jnp.dtype(value) is not None
-    except TypeError:
+        return jnp.dtype(value) is not None
+    except (TypeError, ValueError):
         return False
 
 
@@ -145,12 +163,12 @@ def _lookup(module_name, qualname):
 
 def _unserializable(path, value):
     return (
-        f"The module field `{path}` cannot be saved: it is "
+        f"`{path}` cannot be saved: it is "
         f"{value!r} ({type(value).__name__}), which has no import path. "
         "Make the value importable (a function or class defined at the top "
-        "level of a module, or `functools.partial` of one), or define "
-        "`get_config()` on the module class (and `from_config` if its "
-        "constructor does not take that dict)."
+        "level of a module, or `functools.partial` of one). For a module "
+        "field, you can instead define `get_config()` on the module class "
+        "(and `from_config` if its constructor does not take that dict)."
     )
 
 

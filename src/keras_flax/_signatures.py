@@ -52,7 +52,7 @@ class MethodSignature:
     takes_training: bool
 
 
-def method_signature(fn, method_name, skip_module):
+def method_signature(fn, method_name, call_prefix, skip_module):
     """Checks a Flax forward method and tells how to call it.
 
     The first argument after the module receives the inputs, whatever its
@@ -62,6 +62,8 @@ def method_signature(fn, method_name, skip_module):
     Args:
         fn: the method (bound, so without `self`) or free function.
         method_name: how to name the method in messages.
+        call_prefix: how the method is called in example code, e.g.
+            "module(" or "module.encode(".
         skip_module: whether the first argument of `fn` is the module.
     """
     parameters = _parameters(fn, "method")
@@ -78,7 +80,9 @@ def method_signature(fn, method_name, skip_module):
         )
     ]
     if not positional or positional[0].name == "training":
-        raise ValueError(_errors.method_without_inputs(method_name))
+        raise ValueError(
+            _errors.method_without_inputs(method_name, call_prefix)
+        )
     rest = [p for p in parameters if p is not positional[0]]
     names = {p.name for p in rest}
     takes_training = "training" in names
@@ -90,6 +94,7 @@ def method_signature(fn, method_name, skip_module):
             raise ValueError(
                 _errors.method_unfillable(
                     method_name,
+                    call_prefix,
                     p.name,
                     _signature_text(fn, skip_module),
                     example_args,
@@ -100,7 +105,7 @@ def method_signature(fn, method_name, skip_module):
             if flag in names:
                 warnings.warn(
                     _errors.training_flag_warning(
-                        method_name, flag, example_args
+                        method_name, call_prefix, flag, example_args
                     ),
                     UserWarning,
                     stacklevel=4,

@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+def data(*shape, seed=0, dtype="float32"):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def keras_grads(layer, inputs, training=False):
+    """Gradients of sum(outputs**2) w.r.t. the layer's trainable weights."""
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable):
+        outputs, _ = layer.stateless_call(
+            trainable, non_trainable, inputs, training=training
+        )
+        return jnp.sum(outputs**2)
+
+    return jax.grad(loss)(trainable)
+
+
+def flax_grads(module, variables, inputs, **kwargs):
+    def loss(params):
+        outputs = module.apply({**variables, "params": params}, inputs, **kwargs)
+        return jnp.sum(outputs**2)
+
+    return jax.tree_util.tree_leaves(jax.grad(loss)(variables["params"]))
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    a_leaves, a_def = jax.tree_util.tree_flatten(a)
+    b_leaves, b_def = jax.tree_util.tree_flatten(b)
+    assert a_def == b_def, f"{a_def} != {b_def}"
+    for x, y in zip(a_leaves, b_leaves):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol, atol)

@@ -1,0 +1,283 @@
+"""FlaxLayer on linen modules, against plain module.init / apply / jax.grad."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
+
+from keras_flax import FlaxLayer
+from tests import modules
+from tests.conftest import assert_trees_close
+from tests.conftest import data
+from tests.conftest import flax_grads
+from tests.conftest import keras_grads
+
+
+def _flax_param_count(variables):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+
+
+def test_docs_cnn_in_functional_model_fits_and_matches_apply():
+    x = data(64, 28, 28, 3)
+    y = np.random.default_rng(1).integers(0, 10, 64)
+    inputs = keras.Input((28, 28, 3))
+    layer = FlaxLayer(modules.CNN(), seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    after = model.evaluate(x, y, verbose=0)
+    assert after < before
+    expected = modules.CNN().apply(layer.flax_variables, x[:8])
+    np.testing.assert_allclose(model.predict(x[:8], verbose=0), expected, 1e-5, 1e-6)
+
+
+def test_variables_from_init_give_module_apply_outputs_and_gradients():
+    module = modules.MLP()
+    x = data(5, 7)
+    variables = module.init(jax.random.key(3), x)
+    layer = FlaxLayer(module, variables=variables)
+    np.testing.assert_allclose(layer(x), module.apply(variables, x), 1e-6, 1e-6)
+    for got, want in zip(keras_grads(layer, x), flax_grads(module, variables, x)):
+        np.testing.assert_allclose(got, want, 1e-5, 1e-6)
+
+
+def test_weights_are_named_after_flax_paths_and_counted_by_summary():
+    module = modules.BatchNormDropout()
+    variables = module.init(jax.random.key(0), data(2, 5))
+    layer = FlaxLayer(module, variables=variables, name="bn")
+    paths = sorted(w.path for w in layer.weights)
+    assert "bn/Dense_0/kernel" in paths
+    assert "bn/batch_stats/BatchNorm_0/mean" in paths
+    assert not any("params" in p.split("/") for p in paths)
+    assert all("seed" not in p for p in paths)  # seed state: not a weight
+    model = keras.Sequential([keras.Input((5,)), layer])
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == _flax_param_count(variables["params"])
+    assert model.count_params() == _flax_param_count(variables)
+
+
+def test_flax_variables_go_back_to_plain_flax():
+    module = modules.BatchNormOnly()
+    layer = FlaxLayer(module, seed=1)
+    x = data(8, 5)
+    out = layer(x)
+    variables = layer.flax_variables
+    assert set(variables) == {"params", "batch_stats"}
+    np.testing.assert_allclose(out, module.apply(variables, x), 1e-6, 1e-6)
+    reference = module.init(jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(reference)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["encode", modules.MLP().encode, lambda module, inputs: module.encode(inputs)],
+    ids=["name", "bound", "function"],
+)
+def test_method_as_name_bound_or_function(method):
+    module = modules.MLP()
+    x = data(3, 6)
+    variables = module.init(jax.random.key(0), x)
+    layer = FlaxLayer(module, method=method, variables=variables)
+    want = module.apply(variables, x, method=modules.MLP.encode)
+    np.testing.assert_allclose(layer(x), want, 1e-6, 1e-6)
+
+
+def test_docs_two_input_example_with_wrapper_function():
+    module = modules.TwoInputs()
+    layer = FlaxLayer(module, method=modules.two_inputs_wrapper, seed=0)
+    a, b = data(4, 3), data(4, 2, seed=1)
+    inputs = (keras.Input((3,)), keras.Input((2,)))
+    model = keras.Model(inputs, layer(inputs))
+    variables = layer.flax_variables
+    want = module.apply(variables, a, b, True, method=modules.TwoInputs.forward)
+    np.testing.assert_allclose(model.predict((a, b), verbose=0), want, 1e-6, 1e-6)
+    model.compile("sgd", "mse")
+    model.fit((a, b), data(4, 3, seed=2), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (modules.MLP(), (7,)),
+        (modules.Rank3(), (4, 6)),
+        (modules.CNN(), (12, 12, 2)),
+    ],
+    ids=["rank2", "rank3", "rank4"],
+)
+def test_variables_none_builds_from_any_rank(module, shape):
+    inputs = keras.Input(shape)
+    layer = FlaxLayer(module, seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    x = data(3, *shape)
+    want = module.apply(layer.flax_variables, x)
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, 1e-5, 1e-6)
+
+
+def test_pytree_inputs_and_outputs():
+    module = modules.TreeInputs()
+    inputs = {
+        "pair": (keras.Input((3,)), keras.Input((2, 2))),
+        "single": keras.Input((1,), name="single"),
+    }
+    layer = FlaxLayer(module, seed=0)
+    outputs = layer(inputs)
+    model = keras.Model(inputs, outputs)
+    x = {"pair": (data(4, 3), data(4, 2, 2)), "single": data(4, 1)}
+    got = model.predict(x, verbose=0)
+    want = module.apply(layer.flax_variables, x)
+    assert_trees_close(tuple(got), want)
+
+
+def test_integer_token_ids_build_with_integer_placeholders():
+    inputs = keras.Input((10,), dtype="int32")
+    layer = FlaxLayer(modules.Embedder(), seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    ids = np.random.default_rng(0).integers(0, 50, (4, 10)).astype("int32")
+    want = modules.Embedder().apply(layer.flax_variables, ids)
+    np.testing.assert_allclose(model.predict(ids, verbose=0), want, 1e-6, 1e-6)
+
+
+def test_module_needing_a_minimum_size_builds_with_unknown_dims():
+    inputs = keras.Input((None, None, 3))
+    layer = FlaxLayer(modules.NeedsSize(), seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    x = data(2, 11, 13, 3)
+    want = modules.NeedsSize().apply(layer.flax_variables, x)
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, 1e-5, 1e-6)
+
+
+def test_sown_intermediates_are_not_weights_and_never_break_a_call():
+    layer = FlaxLayer(modules.Sower(), seed=0)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    assert {w.path.split("/")[-2] for w in layer.weights} == {"Dense_0", "Dense_1"}
+    model.compile("sgd", "mse")
+    model.fit(data(8, 3), data(8, 1), epochs=2, verbose=0)
+    want = modules.Sower().apply(layer.flax_variables, data(2, 3))
+    np.testing.assert_allclose(model.predict(data(2, 3), verbose=0), want, 1e-6)
+
+
+def test_batch_stats_updated_like_apply_with_mutable_state():
+    module = modules.BatchNormOnly()
+    x = data(8, 5)
+    variables = module.init(jax.random.key(0), x)
+    layer = FlaxLayer(module, variables=variables)
+    layer(x, training=True)
+    _, mutated = module.apply(
+        variables, x, training=True, mutable=nn.DenyList(["params"])
+    )
+    assert_trees_close(layer.flax_variables["batch_stats"], mutated["batch_stats"])
+    before = layer.flax_variables["batch_stats"]
+    layer(x, training=False)
+    assert_trees_close(layer.flax_variables["batch_stats"], before, 0, 0)
+
+
+def test_fit_matches_a_hand_written_optax_loop():
+    module = modules.BatchNormOnly()
+    xs = [data(16, 5, seed=i) for i in range(4)]
+    ys = [data(16, 1, seed=10 + i) for i in range(4)]
+    variables = module.init(jax.random.key(0), xs[0])
+    layer = FlaxLayer(module, variables=variables)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    for x, y in zip(xs, ys):
+        model.train_on_batch(x, y)
+
+    optimizer = optax.sgd(0.05)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        def loss(params):
+            out, mutated = module.apply(
+                {"params": params, "batch_stats": stats},
+                x,
+                training=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean((out - y) ** 2), mutated["batch_stats"]
+
+        grads, stats = jax.grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), stats, opt_state
+
+    for x, y in zip(xs, ys):
+        params, stats, opt_state = step(params, stats, opt_state, x, y)
+    got = layer.flax_variables
+    assert_trees_close(got["params"], params, 1e-4, 1e-5)
+    assert_trees_close(got["batch_stats"], stats, 1e-4, 1e-5)
+
+
+def test_fit_moves_batch_stats_predict_and_evaluate_do_not():
+    layer = FlaxLayer(modules.BatchNormDropout(), seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile("adam", "mse")
+    x, y = data(32, 5) * 3 + 1, data(32, 2)
+    stats = layer.flax_variables["batch_stats"]
+    model.predict(x, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    assert_trees_close(layer.flax_variables["batch_stats"], stats, 0, 0)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    moved = layer.flax_variables["batch_stats"]
+    assert not np.allclose(moved["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"])
+
+
+def test_state_mutated_in_inference_is_written_back():
+    module = modules.Counter()
+    variables = module.init(jax.random.key(0), data(2, 3))
+    layer = FlaxLayer(module, variables=variables)
+    for _ in range(2):
+        layer(data(2, 3))
+        _, mutated = module.apply(
+            variables, data(2, 3), mutable=nn.DenyList(["params"])
+        )
+        variables = {**variables, **mutated}
+    assert int(variables["counter"]["count"]) == 3  # init counts too
+    assert_trees_close(layer.flax_variables, variables, 0, 0)
+
+
+def test_arrays_passed_as_variables_stay_valid_after_fit():
+    module = modules.BatchNormOnly()
+    variables = module.init(jax.random.key(0), data(2, 5))
+    kernel = variables["params"]["Dense_0"]["kernel"]
+    snapshot = np.asarray(kernel).copy()
+    layer = FlaxLayer(module, variables=variables)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile("adam", "mse")
+    model.fit(data(16, 5), data(16, 1), epochs=2, batch_size=4, verbose=0)
+    assert not kernel.is_deleted()
+    np.testing.assert_array_equal(np.asarray(kernel), snapshot)
+    module.apply(variables, data(2, 5))  # still usable in plain Flax
+
+
+def test_mixed_precision_runs_module_in_bfloat16_with_float32_variables():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = data(64, 8, 8, 1)
+    y = np.random.default_rng(0).integers(0, 10, 64)
+    inputs = keras.Input((8, 8, 1))
+    layer = FlaxLayer(modules.CNN(), seed=0)
+    outputs = layer(inputs)
+    assert outputs.dtype == "bfloat16"
+    assert {w.dtype for w in layer.weights} == {"float32"}
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_eager_calls_compile_once_per_input_signature():
+    layer = FlaxLayer(modules.MLP(), seed=0)
+    layer(data(4, 7))
+    layer(data(4, 7, seed=1))
+    assert layer._forward_jit._cache_size() == 1
+    layer(data(9, 7))
+    assert layer._forward_jit._cache_size() == 2
+
+
+def test_training_flag_under_another_name_warns_with_the_fix():
+    with pytest.warns(UserWarning, match=r"(?s)`train` flag .*return module\(inputs, train=training\)"):
+        FlaxLayer(modules.TrainFlag())
