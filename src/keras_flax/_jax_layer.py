@@ -67,11 +67,11 @@ class JaxLayer(keras.layers.Layer):
     >>> def init_fn(rng, inputs):
     ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 2)),
     ...             "b": jnp.zeros((2,))}
-    >>> layer = JaxLayer(call_fn, init_fn, seed=0)
+    >>> layer = JaxLayer(call_fn, init_fn, seed=0, name="affine")
     >>> layer(jnp.ones((4, 3))).shape
     (4, 2)
     >>> [w.path for w in layer.weights]
-    ['jax_layer/b', 'jax_layer/w']
+    ['affine/b', 'affine/w']
     """
 
     def __init__(

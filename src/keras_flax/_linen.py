@@ -168,11 +168,11 @@ class FlaxLayer(JaxLayer):
     Example:
 
     >>> import flax.linen as nn, jax.numpy as jnp
-    >>> layer = FlaxLayer(nn.Dense(4), seed=0)
+    >>> layer = FlaxLayer(nn.Dense(4), seed=0, name="dense")
     >>> layer(jnp.ones((2, 3))).shape
     (2, 4)
     >>> sorted(w.path for w in layer.weights)
-    ['flax_layer/bias', 'flax_layer/kernel']
+    ['dense/bias', 'dense/kernel']
     >>> out = nn.Dense(4).apply(layer.flax_variables, jnp.ones((2, 3)))
     """
 
