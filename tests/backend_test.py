@@ -26,7 +26,8 @@ def test_importing_keras_flax_first_selects_jax_and_imports_no_tensorflow():
         import sys
         import keras_flax
         import keras, numpy as np, flax.linen as nn
-        model = keras.Sequential([keras.Input((3,)), keras_flax.FlaxLayer(nn.Dense(2))])
+        layer = keras_flax.FlaxLayer(nn.Dense(2))
+        model = keras.Sequential([keras.Input((3,)), layer])
         model.compile("sgd", "mse")
         model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
         print(keras.backend.backend(), "tensorflow" in sys.modules)

@@ -3,10 +3,12 @@
 import keras
 import numpy as np
 
-from keras_flax import FlaxLayer
-from keras_flax import JaxLayer
-from keras_flax import layer_flax_module_wrapper
-from keras_flax import layer_jax_model_wrapper
+from keras_flax import (
+    FlaxLayer,
+    JaxLayer,
+    layer_flax_module_wrapper,
+    layer_jax_model_wrapper,
+)
 from tests import modules
 from tests.conftest import data
 
@@ -42,8 +44,9 @@ def test_array_gives_the_layer_output():
 
 
 def test_none_gives_the_layer_with_its_arguments():
-    layer = layer_flax_module_wrapper(module=modules.MLP(), method="encode",
-                                      name="enc", seed=3)
+    layer = layer_flax_module_wrapper(
+        module=modules.MLP(), method="encode", name="enc", seed=3
+    )
     assert isinstance(layer, FlaxLayer)
     assert (layer.name, layer.method, layer.seed) == ("enc", "encode", 3)
 

@@ -5,8 +5,7 @@ import jax
 import keras
 import numpy as np
 
-from keras_flax import FlaxLayer
-from keras_flax import JaxLayer
+from keras_flax import FlaxLayer, JaxLayer
 from tests import modules
 from tests.conftest import data
 
@@ -98,7 +97,9 @@ def test_module_fields_of_every_kind_round_trip():
     clone = FlaxLayer.from_config(layer.get_config())
     norm = clone.module.norm
     assert (norm.func, norm.args, norm.keywords) == (
-        nn.BatchNorm, (), {"momentum": 0.5}
+        nn.BatchNorm,
+        (),
+        {"momentum": 0.5},
     )
     assert clone.module.clone(norm=module.norm) == module
     clone(x)

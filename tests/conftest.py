@@ -37,7 +37,9 @@ def keras_grads(layer, inputs, training=False):
 
 def flax_grads(module, variables, inputs, **kwargs):
     def loss(params):
-        outputs = module.apply({**variables, "params": params}, inputs, **kwargs)
+        outputs = module.apply(
+            {**variables, "params": params}, inputs, **kwargs
+        )
         return jnp.sum(outputs**2)
 
     return jax.tree_util.tree_leaves(jax.grad(loss)(variables["params"]))

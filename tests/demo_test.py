@@ -14,7 +14,16 @@ def test_demo_reaches_the_promised_accuracy():
 def test_console_command_runs_with_its_options():
     script = pathlib.Path(sys.executable).parent / "keras-flax"
     result = subprocess.run(
-        [str(script), "demo", "--epochs", "1", "--batch-size", "64", "--seed", "2"],
+        [
+            str(script),
+            "demo",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--seed",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

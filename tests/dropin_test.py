@@ -28,9 +28,7 @@ def test_flax_layer_code_for_the_builtin(FlaxLayer):
     assert isinstance(kernel, keras.Variable) and kernel.trainable
     assert isinstance(mean, keras.Variable) and not mean.trainable
     model = keras.Sequential([keras.Input((5,)), layer])
-    np.testing.assert_allclose(
-        model.predict(x, verbose=0), want, 1e-5, 1e-6
-    )
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, 1e-5, 1e-6)
     before = np.asarray(kernel.value).copy()
     model.compile("adam", "mse")
     model.fit(x, y, epochs=1, verbose=0)

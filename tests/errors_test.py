@@ -7,10 +7,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_flax import FlaxLayer
-from keras_flax import JaxLayer
-from keras_flax import layer_flax_module_wrapper
-from keras_flax import layer_jax_model_wrapper
+from keras_flax import (
+    FlaxLayer,
+    JaxLayer,
+    layer_flax_module_wrapper,
+    layer_jax_model_wrapper,
+)
 from tests import modules
 from tests.conftest import data
 
@@ -39,46 +41,101 @@ def _call_without_inputs(params, training):
 
 CONSTRUCTION_CASES = [
     # (id, constructor, exception type, regex that must be in the message)
-    ("function-as-module", lambda: FlaxLayer(modules.dense_call), TypeError,
-     r"`module` must be .* Received: module=.*function.*keras_flax.JaxLayer"),
-    ("class-as-module", lambda: FlaxLayer(modules.MLP), TypeError,
-     r"`module` must be .* Received: module=.*class.* FlaxLayer\(MLP\(\.\.\.\)\)"),
-    ("none-as-module", lambda: FlaxLayer(None), TypeError,
-     r"`module` must be .* Received: module=None"),
-    ("unknown-method-name", lambda: FlaxLayer(modules.MLP(), method="decode"),
-     ValueError, r"`method` names no method .* method='decode'.* 'encode'"),
-    ("method-wrong-type", lambda: FlaxLayer(modules.MLP(), method=3),
-     TypeError, r"`method` must be .* Received: method=3"),
-    ("method-without-inputs", lambda: FlaxLayer(NoInputs()), ValueError,
-     r"`method` must take the inputs .* method=NoInputs.__call__"),
-    ("method-unfillable-argument",
-     lambda: FlaxLayer(modules.TwoInputs(), method="forward"), ValueError,
-     r"(?s)required argument `input2` .* method=TwoInputs.forward.*"
-     r"module.forward\(inputs, input2=\.\.\., deterministic=not training\)"),
-    ("variables-not-a-dict",
-     lambda: FlaxLayer(modules.MLP(), variables=[1, 2]), TypeError,
-     r"`variables` must be a dict .* Received: variables=\[1, 2\]"),
-    ("call-fn-not-callable", lambda: JaxLayer("f", params={}), TypeError,
-     r"`call_fn` must be a callable. Received: call_fn='f'"),
-    ("call-fn-unknown-argument",
-     lambda: JaxLayer(_call_with_extra, params={}), ValueError,
-     r"`call_fn` has an argument `extra` .* \(params, inputs, extra\)"),
-    ("call-fn-without-inputs",
-     lambda: JaxLayer(_call_without_inputs, params={}), ValueError,
-     r"`call_fn` must take an argument named `inputs`"),
-    ("nothing-to-initialize", lambda: JaxLayer(modules.dense_call),
-     ValueError, r"`init_fn`, `params` and `state` cannot all be `None`"),
-    ("init-fn-unknown-argument",
-     lambda: JaxLayer(modules.dense_call, init_fn=_call_with_extra),
-     ValueError, r"`init_fn` has an argument `params`"),
-    ("compose-bad-object",
-     lambda: layer_flax_module_wrapper("model", module=modules.MLP()),
-     TypeError, r"`object` of layer_flax_module_wrapper\(\) must be .* "
-     r"Received: object='model'"),
-    ("compose-jax-bad-object",
-     lambda: layer_jax_model_wrapper(3, call_fn=modules.dense_call,
-                                     init_fn=modules.dense_init),
-     TypeError, r"`object` of layer_jax_model_wrapper\(\) .* object=3"),
+    (
+        "function-as-module",
+        lambda: FlaxLayer(modules.dense_call),
+        TypeError,
+        r"`module` must be .* Received: module=.*function.*keras_flax.JaxLayer",
+    ),
+    (
+        "class-as-module",
+        lambda: FlaxLayer(modules.MLP),
+        TypeError,
+        r"`module` must be .* Received: module=.*class.* "
+        r"FlaxLayer\(MLP\(\.\.\.\)\)",
+    ),
+    (
+        "none-as-module",
+        lambda: FlaxLayer(None),
+        TypeError,
+        r"`module` must be .* Received: module=None",
+    ),
+    (
+        "unknown-method-name",
+        lambda: FlaxLayer(modules.MLP(), method="decode"),
+        ValueError,
+        r"`method` names no method .* method='decode'.* 'encode'",
+    ),
+    (
+        "method-wrong-type",
+        lambda: FlaxLayer(modules.MLP(), method=3),
+        TypeError,
+        r"`method` must be .* Received: method=3",
+    ),
+    (
+        "method-without-inputs",
+        lambda: FlaxLayer(NoInputs()),
+        ValueError,
+        r"`method` must take the inputs .* method=NoInputs.__call__",
+    ),
+    (
+        "method-unfillable-argument",
+        lambda: FlaxLayer(modules.TwoInputs(), method="forward"),
+        ValueError,
+        r"(?s)required argument `input2` .* method=TwoInputs.forward.*"
+        r"module.forward\(inputs, input2=\.\.\., deterministic=not training\)",
+    ),
+    (
+        "variables-not-a-dict",
+        lambda: FlaxLayer(modules.MLP(), variables=[1, 2]),
+        TypeError,
+        r"`variables` must be a dict .* Received: variables=\[1, 2\]",
+    ),
+    (
+        "call-fn-not-callable",
+        lambda: JaxLayer("f", params={}),
+        TypeError,
+        r"`call_fn` must be a callable. Received: call_fn='f'",
+    ),
+    (
+        "call-fn-unknown-argument",
+        lambda: JaxLayer(_call_with_extra, params={}),
+        ValueError,
+        r"`call_fn` has an argument `extra` .* \(params, inputs, extra\)",
+    ),
+    (
+        "call-fn-without-inputs",
+        lambda: JaxLayer(_call_without_inputs, params={}),
+        ValueError,
+        r"`call_fn` must take an argument named `inputs`",
+    ),
+    (
+        "nothing-to-initialize",
+        lambda: JaxLayer(modules.dense_call),
+        ValueError,
+        r"`init_fn`, `params` and `state` cannot all be `None`",
+    ),
+    (
+        "init-fn-unknown-argument",
+        lambda: JaxLayer(modules.dense_call, init_fn=_call_with_extra),
+        ValueError,
+        r"`init_fn` has an argument `params`",
+    ),
+    (
+        "compose-bad-object",
+        lambda: layer_flax_module_wrapper("model", module=modules.MLP()),
+        TypeError,
+        r"`object` of layer_flax_module_wrapper\(\) must be .* "
+        r"Received: object='model'",
+    ),
+    (
+        "compose-jax-bad-object",
+        lambda: layer_jax_model_wrapper(
+            3, call_fn=modules.dense_call, init_fn=modules.dense_init
+        ),
+        TypeError,
+        r"`object` of layer_jax_model_wrapper\(\) .* object=3",
+    ),
 ]
 
 
@@ -94,15 +151,21 @@ def test_bad_construction_arguments(make, error, match):
 
 def test_unsupported_backend_is_refused_at_construction(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    with pytest.raises(ValueError, match=r"KERAS_BACKEND='torch'.*KERAS_BACKEND=jax"):
+    with pytest.raises(
+        ValueError, match=r"KERAS_BACKEND='torch'.*KERAS_BACKEND=jax"
+    ):
         FlaxLayer(modules.MLP())
 
 
 def test_variables_without_params_named_at_build():
     module = modules.BatchNormOnly()
     variables = module.init(jax.random.key(0), data(2, 5))
-    layer = FlaxLayer(module, variables={"batch_stats": variables["batch_stats"]})
-    with pytest.raises(ValueError, match=r"no 'params' collection.*batch_stats"):
+    layer = FlaxLayer(
+        module, variables={"batch_stats": variables["batch_stats"]}
+    )
+    with pytest.raises(
+        ValueError, match=r"no 'params' collection.*batch_stats"
+    ):
         layer(keras.Input((5,)))
 
 
@@ -155,7 +218,9 @@ def test_stateful_call_fn_must_return_a_pair():
         return inputs
 
     layer = JaxLayer(call_fn, params={}, state={"count": jnp.zeros(())})
-    with pytest.raises(ValueError, match=r"must return `\(outputs, new_state\)`"):
+    with pytest.raises(
+        ValueError, match=r"must return `\(outputs, new_state\)`"
+    ):
         layer(data(2, 3))
 
 
@@ -177,8 +242,9 @@ def test_inputs_of_wrong_dtype_after_build():
     layer = FlaxLayer(modules.Embedder(), seed=0)
     layer(np.zeros((2, 10), "int32"))
     with pytest.raises(
-        ValueError, match=r"built for dtype integer or bool .* Received: "
-        r"inputs with dtype floating \(float32\)"
+        ValueError,
+        match=r"built for dtype integer or bool .* Received: "
+        r"inputs with dtype floating \(float32\)",
     ):
         layer(data(2, 10))
 

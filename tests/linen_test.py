@@ -10,10 +10,7 @@ import pytest
 
 from keras_flax import FlaxLayer
 from tests import modules
-from tests.conftest import assert_trees_close
-from tests.conftest import data
-from tests.conftest import flax_grads
-from tests.conftest import keras_grads
+from tests.conftest import assert_trees_close, data, flax_grads, keras_grads
 
 
 def _flax_param_count(variables):
@@ -26,13 +23,17 @@ def test_docs_cnn_in_functional_model_fits_and_matches_apply():
     inputs = keras.Input((28, 28, 3))
     layer = FlaxLayer(modules.CNN(), seed=0)
     model = keras.Model(inputs, layer(inputs))
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy"
+    )
     before = model.evaluate(x, y, verbose=0)
     model.fit(x, y, epochs=3, batch_size=16, verbose=0)
     after = model.evaluate(x, y, verbose=0)
     assert after < before
     expected = modules.CNN().apply(layer.flax_variables, x[:8])
-    np.testing.assert_allclose(model.predict(x[:8], verbose=0), expected, 1e-5, 1e-6)
+    np.testing.assert_allclose(
+        model.predict(x[:8], verbose=0), expected, 1e-5, 1e-6
+    )
 
 
 def test_variables_from_init_give_module_apply_outputs_and_gradients():
@@ -41,7 +42,9 @@ def test_variables_from_init_give_module_apply_outputs_and_gradients():
     variables = module.init(jax.random.key(3), x)
     layer = FlaxLayer(module, variables=variables)
     np.testing.assert_allclose(layer(x), module.apply(variables, x), 1e-6, 1e-6)
-    for got, want in zip(keras_grads(layer, x), flax_grads(module, variables, x)):
+    for got, want in zip(
+        keras_grads(layer, x), flax_grads(module, variables, x)
+    ):
         np.testing.assert_allclose(got, want, 1e-5, 1e-6)
 
 
@@ -74,7 +77,11 @@ def test_flax_variables_go_back_to_plain_flax():
 
 @pytest.mark.parametrize(
     "method",
-    ["encode", modules.MLP().encode, lambda module, inputs: module.encode(inputs)],
+    [
+        "encode",
+        modules.MLP().encode,
+        lambda module, inputs: module.encode(inputs),
+    ],
     ids=["name", "bound", "function"],
 )
 def test_method_as_name_bound_or_function(method):
@@ -94,7 +101,9 @@ def test_docs_two_input_example_with_wrapper_function():
     model = keras.Model(inputs, layer(inputs))
     variables = layer.flax_variables
     want = module.apply(variables, a, b, True, method=modules.TwoInputs.forward)
-    np.testing.assert_allclose(model.predict((a, b), verbose=0), want, 1e-6, 1e-6)
+    np.testing.assert_allclose(
+        model.predict((a, b), verbose=0), want, 1e-6, 1e-6
+    )
     model.compile("sgd", "mse")
     model.fit((a, b), data(4, 3, seed=2), epochs=1, verbose=0)
 
@@ -153,7 +162,10 @@ def test_module_needing_a_minimum_size_builds_with_unknown_dims():
 def test_sown_intermediates_are_not_weights_and_never_break_a_call():
     layer = FlaxLayer(modules.Sower(), seed=0)
     model = keras.Sequential([keras.Input((3,)), layer])
-    assert {w.path.split("/")[-2] for w in layer.weights} == {"Dense_0", "Dense_1"}
+    assert {w.path.split("/")[-2] for w in layer.weights} == {
+        "Dense_0",
+        "Dense_1",
+    }
     model.compile("sgd", "mse")
     model.fit(data(8, 3), data(8, 1), epochs=2, verbose=0)
     want = modules.Sower().apply(layer.flax_variables, data(2, 3))
@@ -169,7 +181,9 @@ def test_batch_stats_updated_like_apply_with_mutable_state():
     _, mutated = module.apply(
         variables, x, training=True, mutable=nn.DenyList(["params"])
     )
-    assert_trees_close(layer.flax_variables["batch_stats"], mutated["batch_stats"])
+    assert_trees_close(
+        layer.flax_variables["batch_stats"], mutated["batch_stats"]
+    )
     before = layer.flax_variables["batch_stats"]
     layer(x, training=False)
     assert_trees_close(layer.flax_variables["batch_stats"], before, 0, 0)
@@ -223,7 +237,9 @@ def test_fit_moves_batch_stats_predict_and_evaluate_do_not():
     assert_trees_close(layer.flax_variables["batch_stats"], stats, 0, 0)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     moved = layer.flax_variables["batch_stats"]
-    assert not np.allclose(moved["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"])
+    assert not np.allclose(
+        moved["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"]
+    )
 
 
 def test_state_mutated_in_inference_is_written_back():
@@ -264,7 +280,9 @@ def test_mixed_precision_runs_module_in_bfloat16_with_float32_variables():
     assert outputs.dtype == "bfloat16"
     assert {w.dtype for w in layer.weights} == {"float32"}
     model = keras.Model(inputs, outputs)
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.compile(
+        keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy"
+    )
     history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
 
@@ -279,5 +297,8 @@ def test_eager_calls_compile_once_per_input_signature():
 
 
 def test_training_flag_under_another_name_warns_with_the_fix():
-    with pytest.warns(UserWarning, match=r"(?s)`train` flag .*return module\(inputs, train=training\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"(?s)`train` flag .*return module\(inputs, train=training\)",
+    ):
         FlaxLayer(modules.TrainFlag())

@@ -1,28 +1,14 @@
 """Flax modules and JAX functions shared by the tests."""
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-class CNN(nn.Module):
-    """The CNN of the Keras docs' FlaxLayer example, exactly as written."""
-
-    @nn.compact
-    def __call__(self, inputs):
-        x = inputs
-        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))  # flatten
-        x = nn.Dense(features=200)(x)
-        x = nn.relu(x)
-        x = nn.Dense(features=10)(x)
-        x = nn.softmax(x)
-        return x
+from keras_flax.demo import CNN  # noqa: F401  (the docs' CNN)
 
 
 class TwoInputs(nn.Module):
@@ -149,7 +135,9 @@ class Counter(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        count = self.variable("counter", "count", lambda: jnp.zeros((), "int32"))
+        count = self.variable(
+            "counter", "count", lambda: jnp.zeros((), "int32")
+        )
         count.value += 1
         return nn.Dense(2)(x)
 
@@ -208,8 +196,9 @@ class Configured(nn.Module):
 
     @nn.compact
     def __call__(self, x, training=False):
-        x = nn.Dense(self.features, dtype=self.dtype,
-                     kernel_init=self.kernel_init)(x)
+        x = nn.Dense(
+            self.features, dtype=self.dtype, kernel_init=self.kernel_init
+        )(x)
         x = self.norm(use_running_average=not training)(x)
         x = self.act(x)
         for size in self.sizes:

@@ -82,8 +82,14 @@ def _train_run(seed):
     model = keras.Sequential([keras.Input((5,)), layer])
     model.compile(keras.optimizers.Adam(1e-2), "mse")
     initial = layer.flax_variables
-    model.fit(data(32, 5), data(32, 2), batch_size=8, epochs=2,
-              shuffle=False, verbose=0)
+    model.fit(
+        data(32, 5),
+        data(32, 2),
+        batch_size=8,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+    )
     return initial, layer.flax_variables
 
 

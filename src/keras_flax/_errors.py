@@ -22,7 +22,11 @@ def describe(value):
 
 
 def format_shape(shape):
-    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+    return (
+        "("
+        + ", ".join(str(d) for d in shape)
+        + (",)" if len(shape) == 1 else ")")
+    )
 
 
 # Backends.
@@ -41,7 +45,9 @@ def unsupported_backend(cls_name, backend_name):
 
 
 def not_callable(arg, value, fix):
-    return f"`{arg}` must be a callable. Received: {arg}={describe(value)}. {fix}"
+    return (
+        f"`{arg}` must be a callable. Received: {arg}={describe(value)}. {fix}"
+    )
 
 
 def missing_argument(arg, fn, name, allowed):

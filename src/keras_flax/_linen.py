@@ -15,10 +15,7 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from keras_flax import _errors
-from keras_flax import _rng
-from keras_flax import _serialization
-from keras_flax import _signatures
+from keras_flax import _errors, _rng, _serialization, _signatures
 from keras_flax._jax_layer import JaxLayer
 
 # Collections never held as state: what modules `sow`.
@@ -52,7 +49,9 @@ class LinenModel:
         """
         variables = dict(nn.meta.unbox(flax.core.unfreeze(variables)))
         self.sown |= {k for k, v in variables.items() if _is_sown(v)}
-        params = {"params": variables["params"]} if "params" in variables else {}
+        params = (
+            {"params": variables["params"]} if "params" in variables else {}
+        )
         state = {
             k: v
             for k, v in variables.items()
@@ -86,7 +85,8 @@ def _defined_methods(module):
     names = [
         name
         for name in dir(type(module))
-        if name not in base and not name.startswith("_")
+        if name not in base
+        and not name.startswith("_")
         and callable(getattr(type(module), name, None))
     ]
     if type(module).__call__ is not nn.Module.__call__:
@@ -104,7 +104,12 @@ def resolve_method(module, method):
             raise ValueError(
                 _errors.unknown_method(module, method, _defined_methods(module))
             )
-        fn, flax_method, name, skip = getattr(module, method), method, method, False
+        fn, flax_method, name, skip = (
+            getattr(module, method),
+            method,
+            method,
+            False,
+        )
     elif inspect.ismethod(method) and isinstance(method.__self__, nn.Module):
         fn, name, skip = method, method.__name__, False
         on_class = getattr(type(module), name, None) is method.__func__
@@ -213,7 +218,9 @@ class FlaxLayer(JaxLayer):
         values = {}
         for tree in (self._params_tree, self._state_tree):
             if tree is not None:
-                values.update(tree.rebuild([jnp.copy(v) for v in tree.values()]))
+                values.update(
+                    tree.rebuild([jnp.copy(v) for v in tree.values()])
+                )
         return values
 
     def _uses_rng(self):

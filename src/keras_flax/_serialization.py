@@ -45,7 +45,10 @@ def serialize_method(module, method):
     if method is None or isinstance(method, str):
         return method
     func = getattr(method, "__func__", None)
-    if func is not None and getattr(type(module), method.__name__, None) is func:
+    if (
+        func is not None
+        and getattr(type(module), method.__name__, None) is func
+    ):
         return method.__name__  # a method of the module's class, by name
     return _encode(method, "method")
 
@@ -100,8 +103,10 @@ def _is_default(value, field):
         default = field.default_factory()
     if value is default:
         return True
-    return isinstance(value, _SIMPLE) and type(value) is type(default) and (
-        value == default
+    return (
+        isinstance(value, _SIMPLE)
+        and type(value) is type(default)
+        and (value == default)
     )
 
 

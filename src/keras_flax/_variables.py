@@ -211,8 +211,7 @@ def check_state_structure(arg, new_state, state_tree):
         leaves = state_tree.leaves_of(new_state)
         held = state_tree.variables
         if all(
-            np.shape(new) == tuple(var.shape)
-            for new, var in zip(leaves, held)
+            np.shape(new) == tuple(var.shape) for new, var in zip(leaves, held)
         ):
             return
     missing, extra, mismatched = compare(new_state, state_tree.tree)

@@ -12,25 +12,24 @@ import os
 import tempfile
 import time
 
+import flax.linen as nn
 
-def _cnn_class():
-    import flax.linen as nn
 
-    class CNN(nn.Module):
-        """The CNN of the Keras docs' FlaxLayer example."""
+class CNN(nn.Module):
+    """The CNN of the Keras docs' FlaxLayer example, exactly as written."""
 
-        @nn.compact
-        def __call__(self, inputs):
-            x = nn.Conv(features=32, kernel_size=(3, 3))(inputs)
-            x = nn.relu(x)
-            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-            x = x.reshape((x.shape[0], -1))  # flatten
-            x = nn.Dense(features=200)(x)
-            x = nn.relu(x)
-            x = nn.Dense(features=10)(x)
-            return nn.softmax(x)
-
-    return CNN
+    @nn.compact
+    def __call__(self, inputs):
+        x = inputs
+        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # flatten
+        x = nn.Dense(features=200)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        x = nn.softmax(x)
+        return x
 
 
 def load_digits_split(seed):
@@ -58,7 +57,7 @@ def build_model(seed, compile=True):
     from keras_flax import FlaxLayer
 
     inputs = keras.Input((8, 8, 1))
-    outputs = FlaxLayer(_cnn_class()(), seed=seed, name="cnn")(inputs)
+    outputs = FlaxLayer(CNN(), seed=seed, name="cnn")(inputs)
     model = keras.Model(inputs, outputs)
     if not compile:
         return model
