@@ -115,3 +115,21 @@ def test_haiku_transform_with_state_pair():
     model = keras.Sequential([keras.Input((4,)), layer])
     model.compile("adam", "mse")
     model.fit(data(32, 4), data(32, 2), epochs=1, verbose=0)
+
+
+def test_rng_without_training_argument_gets_a_key_in_fit_only():
+    def call_fn(params, rng, inputs):
+        y = modules.dense_call(params, inputs)
+        if rng is None:
+            return y
+        return jnp.where(jax.random.bernoulli(rng, 0.5, y.shape), y, 0.0)
+
+    layer = JaxLayer(call_fn, modules.dense_init, seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = data(16, 5), data(16, 3)
+    losses = {float(model.train_on_batch(x, y)) for _ in range(3)}
+    assert len(losses) == 3  # a fresh key at every step
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), model.predict(x, verbose=0)
+    )

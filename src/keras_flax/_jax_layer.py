@@ -249,14 +249,14 @@ class JaxLayer(keras.layers.Layer):
         )
 
     def call(self, inputs, training=False):
-        training = bool(training) and "training" in self.call_fn_arguments
-        seed = self._call_seed(training)
+        seed = self._call_seed(bool(training))
         outputs, new_state = self._forward_jit(
             _values(self._params_tree),
             _values(self._state_tree),
             seed,
             inputs,
-            training=training,
+            # Static: one trace per mode only if `call_fn` sees the mode.
+            training=bool(training) and "training" in self.call_fn_arguments,
         )
         if new_state is not None:
             self._state_tree.assign(new_state)
