@@ -5,7 +5,8 @@ import jax
 import keras
 import numpy as np
 
-from keras_flax import FlaxLayer, JaxLayer
+from keras_flax import FlaxLayer
+from keras_flax import JaxLayer
 from tests import modules
 from tests.conftest import data
 

@@ -7,12 +7,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_flax import (
-    FlaxLayer,
-    JaxLayer,
-    layer_flax_module_wrapper,
-    layer_jax_model_wrapper,
-)
+from keras_flax import FlaxLayer
+from keras_flax import JaxLayer
+from keras_flax import layer_flax_module_wrapper
+from keras_flax import layer_jax_model_wrapper
 from tests import modules
 from tests.conftest import data
 

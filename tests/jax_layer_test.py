@@ -8,7 +8,8 @@ import numpy as np
 
 from keras_flax import JaxLayer
 from tests import modules
-from tests.conftest import assert_trees_close, data
+from tests.conftest import assert_trees_close
+from tests.conftest import data
 
 
 def _values(tree):

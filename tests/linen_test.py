@@ -10,7 +10,10 @@ import pytest
 
 from keras_flax import FlaxLayer
 from tests import modules
-from tests.conftest import assert_trees_close, data, flax_grads, keras_grads
+from tests.conftest import assert_trees_close
+from tests.conftest import data
+from tests.conftest import flax_grads
+from tests.conftest import keras_grads
 
 
 def _flax_param_count(variables):

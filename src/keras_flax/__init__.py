@@ -11,12 +11,10 @@ import sys as _sys
 if "keras" not in _sys.modules:
     _os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from keras_flax._compose import (
-    layer_flax_module_wrapper,  # noqa: E402
-    layer_jax_model_wrapper,  # noqa: E402
-)
+from keras_flax._compose import layer_flax_module_wrapper  # noqa: E402
+from keras_flax._compose import layer_jax_model_wrapper  # noqa: E402
+from keras_flax._flax_layer import FlaxLayer  # noqa: E402
 from keras_flax._jax_layer import JaxLayer  # noqa: E402
-from keras_flax._linen import FlaxLayer  # noqa: E402
 
 __version__ = "0.1.0"
 

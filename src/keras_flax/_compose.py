@@ -9,8 +9,8 @@ import keras
 import numpy as np
 
 from keras_flax import _errors
+from keras_flax._flax_layer import FlaxLayer
 from keras_flax._jax_layer import JaxLayer
-from keras_flax._linen import FlaxLayer
 
 
 def _compose(obj, layer):

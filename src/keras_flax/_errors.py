@@ -89,7 +89,12 @@ def nothing_to_initialize():
 
 
 def not_a_module(module):
-    if isinstance(module, type):
+    if isinstance(module, type) and hasattr(module, "__nnx_repr__"):
+        fix = (
+            "To wrap an NNX Module class, instantiate it: "
+            f"FlaxLayer({module.__name__}(..., rngs=nnx.Rngs(0)))."
+        )
+    elif isinstance(module, type):
         fix = (
             "To wrap a Module class, instantiate it: "
             f"FlaxLayer({module.__name__}(...))."
@@ -229,6 +234,48 @@ def state_structure_changed(arg, missing, extra, mismatched):
         "as growing caches, outside the state."
     )
     return " ".join(lines)
+
+
+# NNX.
+
+
+def nnx_with_variables(variables):
+    return (
+        "`variables` is for linen modules: an NNX module carries its own "
+        f"variables. Received: variables={describe(variables)} with an "
+        "nnx.Module. Put the values into the module first "
+        "(`nnx.update(module, state)`) and pass variables=None."
+    )
+
+
+def nnx_with_rng_collections(rng_collections):
+    return (
+        "`rng_collections` is for linen modules: an NNX module draws from "
+        "its own `nnx.Rngs`. Received: "
+        f"rng_collections={rng_collections!r} with an nnx.Module. Leave it "
+        "out; give the module the streams it needs when you build it, e.g. "
+        "`nnx.Rngs(0, noise=1)`, or pass `seed=` to reseed them."
+    )
+
+
+def lazy_nnx_module(cls_name, created):
+    listed = ", ".join(created[:6]) + _more(created, 6)
+    return (
+        f"`module` {cls_name} creates variables when it is called ({listed}), "
+        "so their shapes are unknown until the first call. Received: an "
+        "NNX module built lazily. Build it with explicit sizes, e.g. "
+        "`nnx.Linear(in_features, out_features, rngs=rngs)`, or create its "
+        "variables before wrapping it (`nnx.bridge.lazy_init(module, x)`)."
+    )
+
+
+def nnx_not_serializable(module):
+    return (
+        "Saving the config of a FlaxLayer that wraps an NNX module is not "
+        f"supported. Received: module={type(module).__name__} (an "
+        "nnx.Module). Use `model.save_weights(...)` / `load_weights(...)` "
+        "with a model built by your own code."
+    )
 
 
 # Build and call.

@@ -8,14 +8,12 @@ state -> assigned back. `FlaxLayer` only adapts a module to this protocol.
 import jax
 import keras
 
-from keras_flax import (
-    _errors,
-    _inputs,
-    _rng,
-    _serialization,
-    _signatures,
-    _variables,
-)
+from keras_flax import _errors
+from keras_flax import _inputs
+from keras_flax import _rng
+from keras_flax import _serialization
+from keras_flax import _signatures
+from keras_flax import _variables
 
 
 def check_backend(cls_name):

@@ -29,10 +29,10 @@ def key_from_seed(seed):
     return jax.random.key_data(jax.random.key(seed))
 
 
-def _stream_id(name):
+def stream_id(name):
     return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
 def stream_keys(key, streams):
     """One independent key for each named stream, derived from `key`."""
-    return {name: jax.random.fold_in(key, _stream_id(name)) for name in streams}
+    return {name: jax.random.fold_in(key, stream_id(name)) for name in streams}

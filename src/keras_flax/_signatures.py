@@ -138,3 +138,60 @@ def _signature_text(fn, skip_module):
     if skip_module:
         parameters = parameters[1:]
     return "(" + ", ".join(str(p) for p in parameters) + ")"
+
+
+def _defined_methods(module, base):
+    names = [
+        name
+        for name in dir(type(module))
+        if name not in set(dir(base))
+        and not name.startswith("_")
+        and callable(getattr(type(module), name, None))
+    ]
+    own = [c for c in type(module).__mro__ if c not in base.__mro__]
+    if any("__call__" in vars(c) for c in own):
+        names.insert(0, "__call__")
+    return names
+
+
+def resolve_method(module, method, base):
+    """Checks `method` of a Flax module and tells how to call it.
+
+    Args:
+        module: the module instance.
+        method: None (`__call__`), a method name, a method of the module,
+            or a function whose first argument is the module.
+        base: the module base class (`flax.linen.Module` or
+            `flax.nnx.Module`).
+
+    Returns:
+        `(target, signature)`: `target` is None, a method name or a
+        function taking the module first (what `Module.apply` takes as
+        `method`); `signature` a `MethodSignature`.
+    """
+    cls_name = type(module).__name__
+    if method is None:
+        fn, target, name, skip = module.__call__, None, "__call__", False
+    elif isinstance(method, str):
+        if not callable(getattr(type(module), method, None)):
+            raise ValueError(
+                _errors.unknown_method(
+                    module, method, _defined_methods(module, base)
+                )
+            )
+        fn, target, name, skip = getattr(module, method), method, method, False
+    elif inspect.ismethod(method) and isinstance(method.__self__, base):
+        fn, name, skip = method, method.__name__, False
+        on_class = getattr(type(module), name, None) is method.__func__
+        target = name if on_class else method.__func__
+    elif callable(method):
+        fn, target, skip = method, method, True
+        name = getattr(method, "__name__", repr(method))
+    else:
+        raise TypeError(_errors.bad_method_type(method))
+    if skip:
+        label, prefix = name, f"{name}(module, "
+    else:
+        label = f"{cls_name}.{name}"
+        prefix = "module(" if name == "__call__" else f"module.{name}("
+    return target, method_signature(fn, label, prefix, skip)

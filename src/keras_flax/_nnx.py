@@ -1,0 +1,95 @@
+"""A Flax NNX module as `call_fn`, through `nnx.split` / `nnx.merge`.
+
+An NNX module is built eagerly, so its variables exist before the layer
+does. `NNXModel` splits them into `params` (every `nnx.Param`) and `state`
+(every other `nnx.Variable`: batch statistics, RNG keys and counts, caches,
+user variable types) for `JaxLayer` to hold; `call_fn` merges them into a
+module in train or eval mode, calls it, and splits the new state out.
+"""
+
+import jax
+from flax import nnx
+
+from keras_flax import _rng
+
+
+class NNXModel:
+    """An NNX module and method as `call_fn`.
+
+    Args:
+        module: the `flax.nnx.Module` instance (left as it is).
+        method: None, a method name, or a function taking the module first.
+        takes_training: whether the method takes `training`.
+        seed: if not None, every RNG stream of the module is reseeded from
+            it (in the layer's copy of the module).
+    """
+
+    def __init__(self, module, method, takes_training, seed=None):
+        copy = nnx.merge(*nnx.split(module))
+        if seed is not None:
+            _reseed(copy, seed)
+        _, self.params, self.state = nnx.split(copy, nnx.Param, ...)
+        self._graphdefs = {
+            training: _graphdef_in_mode(copy, training)
+            for training in (False, True)
+        }
+        self.method = method
+        self.takes_training = takes_training
+
+    def apply(self, params, state, rng, inputs, training):
+        module = nnx.merge(self._graphdefs[bool(training)], params, state)
+        kwargs = {"training": training} if self.takes_training else {}
+        outputs = invoke(module, self.method, inputs, kwargs)
+        _, _, new_state = nnx.split(module, nnx.Param, ...)
+        return outputs, new_state
+
+
+def invoke(module, method, inputs, kwargs):
+    """Calls `method` (None, a name, or a function) of `module`."""
+    if method is None:
+        return module(inputs, **kwargs)
+    if isinstance(method, str):
+        return getattr(module, method)(inputs, **kwargs)
+    return method(module, inputs, **kwargs)
+
+
+def _graphdef_in_mode(module, training):
+    """The graph of `module` in train or eval mode (a copy is switched).
+
+    `train()` / `eval()` set `deterministic` and `use_running_average` on
+    every submodule having them; they are static, part of the graph.
+    """
+    copy = nnx.merge(*nnx.split(module))
+    if training:
+        copy.train()
+    else:
+        copy.eval()
+    return nnx.split(copy, nnx.Param, ...)[0]
+
+
+def _reseed(module, seed):
+    streams = {
+        node.tag
+        for _, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.RngStream)
+    }
+    key = jax.random.key(seed)
+    nnx.reseed(
+        module,
+        **{s: jax.random.fold_in(key, _rng.stream_id(s)) for s in streams},
+    )
+
+
+def variable_name(parts):
+    """NNX state paths end in the Variable's `value`: drop it."""
+    return parts[:-1] if parts and parts[-1] == "value" else parts
+
+
+def lazy_variables(held, returned):
+    """Paths of variables a call created that the module did not have."""
+    held_paths = {path for path, _ in nnx.to_flat_state(held)}
+    return [
+        "/".join(str(p) for p in path)
+        for path, _ in nnx.to_flat_state(returned)
+        if path not in held_paths
+    ]
