@@ -4,11 +4,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from keras_flax import demo
 
 
-def test_demo_reaches_the_promised_accuracy():
-    assert demo.run(epochs=15, batch_size=32, seed=0) > 0.95
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_demo_reaches_the_promised_accuracy(api):
+    assert demo.run(epochs=15, batch_size=32, seed=0, api=api) > 0.95
 
 
 def test_console_command_runs_with_its_options():

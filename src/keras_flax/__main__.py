@@ -6,7 +6,10 @@ import sys
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: keras-flax demo [--epochs N] [--batch-size N] [--seed N]")
+        print(
+            "usage: keras-flax demo [--epochs N] [--batch-size N] [--seed N] "
+            "[--api linen|nnx]"
+        )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command != "demo":

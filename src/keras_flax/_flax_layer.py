@@ -121,6 +121,25 @@ class FlaxLayer(JaxLayer):
     # The module, and its variables in Flax's own format.
 
     @property
+    def params(self):
+        """The trainable weights: a nested dict of Keras variables.
+
+        For linen, `{"params": {...}}` as `keras.layers.FlaxLayer` has it;
+        for NNX, the module's `nnx.Param`s by path.
+        """
+        return self._pure(super().params)
+
+    @property
+    def state(self):
+        """The non-trainable weights: a nested dict of Keras variables."""
+        return self._pure(super().state)
+
+    def _pure(self, tree):
+        if self._is_nnx and tree is not None:
+            return nnx.to_pure_dict(tree)
+        return tree
+
+    @property
     def module(self):
         """The wrapped module; for NNX, holding the layer's current values."""
         if self._is_nnx and self._params_tree is not None:
@@ -194,22 +213,20 @@ class FlaxLayer(JaxLayer):
 
     def _refuse_lazy_nnx(self, spec):
         """Refuses NNX modules that create variables when first called."""
+        name = type(self._module).__name__
         try:
-            _, new_state = jax.eval_shape(
-                lambda: self._model.apply(
-                    *self._current_values(),
-                    None,
-                    _inputs.placeholders(spec, 1),
-                    True,
-                )
+            created = self._model.created_variables(
+                *self._current_values(), _inputs.placeholders(spec, 1)
             )
-        except Exception:
+        except Exception as error:
+            if _nnx.has_linen_bridge(self._module):
+                # A linen module inside that was never initialised.
+                raise ValueError(
+                    _errors.lazy_nnx_module(name, ["its linen variables"])
+                ) from error
             return  # the call will raise the module's own error
-        created = _nnx.lazy_variables(self._model.state, new_state)
         if created:
-            raise ValueError(
-                _errors.lazy_nnx_module(type(self._module).__name__, created)
-            )
+            raise ValueError(_errors.lazy_nnx_module(name, created))
 
     def _init_rng(self):
         key = _rng.key_from_seed(self.seed)

@@ -205,15 +205,15 @@ class JaxLayer(keras.layers.Layer):
                     self._run_init_fn, spec, "init_fn", guessed
                 )
                 self._create_weights(params, state)
-        elif self.init_fn is not None:
+        else:
             self._check_given_weights(spec)
         self._built_spec = spec
         self._input_record = None
 
     def _check_given_weights(self, spec):
         """Compares the given weights with what `init_fn` creates."""
-        if _inputs.has_unknown(spec, skip_batch=True):
-            return  # sizes the weights depend on are unknown
+        if self.init_fn is None or _inputs.has_unknown(spec, skip_batch=True):
+            return  # nothing to compare with, or sizes unknown
         try:
             expected = jax.eval_shape(
                 lambda: self._run_init_fn(_inputs.placeholders(spec, 1))

@@ -37,11 +37,25 @@ class NNXModel:
         self.takes_training = takes_training
 
     def apply(self, params, state, rng, inputs, training):
+        outputs, _, new_state = self._run(params, state, inputs, training)
+        return outputs, new_state
+
+    def _run(self, params, state, inputs, training):
         module = nnx.merge(self._graphdefs[bool(training)], params, state)
         kwargs = {"training": training} if self.takes_training else {}
         outputs = invoke(module, self.method, inputs, kwargs)
-        _, _, new_state = nnx.split(module, nnx.Param, ...)
-        return outputs, new_state
+        _, new_params, new_state = nnx.split(module, nnx.Param, ...)
+        return outputs, new_params, new_state
+
+    def created_variables(self, params, state, inputs):
+        """Paths of variables that a call creates (a lazily built module).
+
+        Traced abstractly; raises what the module raises.
+        """
+        _, new_params, new_state = jax.eval_shape(
+            lambda p, s, x: self._run(p, s, x, True), params, state, inputs
+        )
+        return _new_paths(params, new_params) + _new_paths(state, new_state)
 
 
 def invoke(module, method, inputs, kwargs):
@@ -85,11 +99,17 @@ def variable_name(parts):
     return parts[:-1] if parts and parts[-1] == "value" else parts
 
 
-def lazy_variables(held, returned):
-    """Paths of variables a call created that the module did not have."""
+def _new_paths(held, returned):
     held_paths = {path for path, _ in nnx.to_flat_state(held)}
     return [
         "/".join(str(p) for p in path)
         for path, _ in nnx.to_flat_state(returned)
         if path not in held_paths
     ]
+
+
+def has_linen_bridge(module):
+    """Whether `module` holds `nnx.bridge.ToNNX` modules (linen inside)."""
+    return any(
+        isinstance(node, nnx.bridge.ToNNX) for _, node in nnx.iter_graph(module)
+    )

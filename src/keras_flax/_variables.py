@@ -77,18 +77,24 @@ class VariableTree:
                 _new_variable(layer, parts, leaf, trainable, autocast)
             )
             self.names.append(path_text(parts))
-        self.tree = self.rebuild(self.variables)
+        self.tree = self._unflatten(self.variables)
 
     def values(self):
         """The current values of the variables, in leaf order."""
         return [variable.value for variable in self.variables]
 
     def rebuild(self, values):
-        """The PyTree with `values` in place of the variables."""
-        values = iter(
+        """The PyTree with `values` in place of the variables.
+
+        Key data held for typed PRNG keys is wrapped back into keys.
+        """
+        return self._unflatten(
             jax.random.wrap_key_data(v, impl=impl) if impl else v
             for v, impl in zip(values, self._key_impls)
         )
+
+    def _unflatten(self, values):
+        values = iter(values)
         leaves = [next(values) if s is _VARIABLE else s for s in self._static]
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 

@@ -4,7 +4,7 @@ Trains the CNN of the `keras.layers.FlaxLayer` documentation, adapted to
 8x8x1 images, on scikit-learn's bundled digits data set (no download), with
 Keras' progress bar; prints the held-out accuracy, saves the weights,
 reloads them into a fresh model and checks that its predictions are
-identical.
+identical. `--api nnx` runs the same CNN written with Flax NNX.
 """
 
 import argparse
@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import flax.linen as nn
+from flax import nnx
 
 
 class CNN(nn.Module):
@@ -30,6 +31,28 @@ class CNN(nn.Module):
         x = nn.Dense(features=10)(x)
         x = nn.softmax(x)
         return x
+
+
+class NNXCNN(nnx.Module):
+    """The same CNN in Flax NNX, for 8x8x1 images."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
+        self.dense1 = nnx.Linear(4 * 4 * 32, 200, rngs=rngs)
+        self.dense2 = nnx.Linear(200, 10, rngs=rngs)
+
+    def __call__(self, inputs):
+        x = nnx.relu(self.conv(inputs))
+        x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # flatten
+        x = nnx.relu(self.dense1(x))
+        return nnx.softmax(self.dense2(x))
+
+
+def make_module(api, seed):
+    if api == "nnx":
+        return NNXCNN(nnx.Rngs(seed))
+    return CNN()
 
 
 def load_digits_split(seed):
@@ -51,13 +74,13 @@ def load_digits_split(seed):
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-def build_model(seed, compile=True):
+def build_model(seed, api="linen", compile=True):
     import keras
 
     from keras_flax import FlaxLayer
 
     inputs = keras.Input((8, 8, 1))
-    outputs = FlaxLayer(CNN(), seed=seed, name="cnn")(inputs)
+    outputs = FlaxLayer(make_module(api, seed), seed=seed, name="cnn")(inputs)
     model = keras.Model(inputs, outputs)
     if not compile:
         return model
@@ -69,7 +92,7 @@ def build_model(seed, compile=True):
     return model
 
 
-def run(epochs=15, batch_size=32, seed=0):
+def run(epochs=15, batch_size=32, seed=0, api="linen"):
     """Trains, evaluates, saves and reloads; returns the test accuracy."""
     import keras
     import numpy as np
@@ -78,9 +101,9 @@ def run(epochs=15, batch_size=32, seed=0):
     (x_train, y_train), (x_test, y_test) = load_digits_split(seed)
     print(
         f"digits: {len(x_train)} training and {len(x_test)} test images "
-        f"of 8x8x1, Keras backend: {keras.backend.backend()}"
+        f"of 8x8x1, Flax API: {api}, Keras backend: {keras.backend.backend()}"
     )
-    model = build_model(seed)
+    model = build_model(seed, api)
     model.summary()
     start = time.perf_counter()
     model.fit(x_train, y_train, epochs=epochs, batch_size=batch_size)
@@ -91,7 +114,7 @@ def run(epochs=15, batch_size=32, seed=0):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "cnn.weights.h5")
         model.save_weights(path)
-        fresh = build_model(seed + 1, compile=False)
+        fresh = build_model(seed + 1, api, compile=False)
         fresh.load_weights(path)
     same = np.array_equal(
         model.predict(x_test, verbose=0), fresh.predict(x_test, verbose=0)
@@ -109,5 +132,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api", choices=("linen", "nnx"), default="linen")
     args = parser.parse_args(argv)
-    run(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    run(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        api=args.api,
+    )
