@@ -172,13 +172,32 @@ def test_module_holds_the_trained_values_after_fit():
     model.compile("adam", "mse")
     x = data(32, *shape)
     model.fit(x, data(32, 3), epochs=2, batch_size=8, verbose=0)
-    assert layer.module is module
+    # The user's own reference, never read through the layer.
     module.eval()
     np.testing.assert_allclose(
         module(x), model.predict(x, verbose=0), 1e-5, 1e-6
     )
     kernel = layer.state["bn"]["mean"].value
     np.testing.assert_array_equal(module.bn.mean[...], kernel)
+    assert layer.module is module
+    model.fit(x, data(32, 3), epochs=1, verbose=0)  # module arrays: copies
+    assert not module.bn.mean[...].is_deleted()
+
+
+def test_load_weights_and_sync_module_update_the_module(tmp_path):
+    module, shape = _make("conv-bn-dropout")
+    layer = FlaxLayer(module)
+    model = keras.Sequential([keras.Input(shape), layer])
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    kernel = np.asarray(module.conv.kernel[...]).copy()
+    layer.params["conv"]["kernel"].assign(np.zeros_like(kernel))
+    np.testing.assert_array_equal(module.conv.kernel[...], 0.0)
+    model.load_weights(path)
+    np.testing.assert_array_equal(module.conv.kernel[...], kernel)
+    module.conv.kernel[...] = jnp.ones_like(kernel)
+    layer.sync_module()  # back to the layer's values
+    np.testing.assert_array_equal(module.conv.kernel[...], kernel)
 
 
 def test_training_maps_onto_train_and_eval_modes_without_user_calls():

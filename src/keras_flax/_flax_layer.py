@@ -141,22 +141,27 @@ class FlaxLayer(JaxLayer):
 
     @property
     def module(self):
-        """The wrapped module; for NNX, holding the layer's current values."""
-        if self._is_nnx and self._params_tree is not None:
-            self.sync_module()
+        """The wrapped module.
+
+        An NNX module holds the layer's values: every value Keras writes
+        into the layer's variables (after `fit`, `evaluate`, `predict`, an
+        eager call, `load_weights`) is copied into it, so it can be used in
+        plain NNX at any point.
+        """
         return self._module
 
     def sync_module(self):
-        """Writes the layer's current values into the wrapped NNX module.
+        """Writes all the layer's current values into the NNX module.
 
-        Runs when `layer.module` is read, so after `fit` the module can be
-        used in plain NNX. A no-op for linen modules (they hold no values)
-        and inside traced computations.
+        Needed only after changing the variables' values by other means
+        than Keras' `assign`; a no-op for linen modules, which hold no
+        values, and inside traced computations.
         """
         if not self._is_nnx or _tracing(self.variables):
             return
-        params, state = self._current_values()
-        nnx.update(self._module, params, state)
+        for variable in self.variables:
+            if isinstance(variable, _nnx.MirroredVariable):
+                variable.mirror()
 
     @property
     def flax_variables(self):
@@ -183,6 +188,11 @@ class FlaxLayer(JaxLayer):
 
     def _uses_rng(self):
         return not self._is_nnx
+
+    def _variable_factory(self, parts):
+        if self._is_nnx:
+            return self._model.variable_factory(parts)
+        return super()._variable_factory(parts)
 
     def _variable_name(self, trainable, parts):
         if self._is_nnx:

@@ -140,6 +140,10 @@ class JaxLayer(keras.layers.Layer):
         """Name parts of a variable from its path in `params` / `state`."""
         return parts if trainable else ("state", *parts)
 
+    def _variable_factory(self, parts):
+        """The class (or factory) of the variable named `parts`."""
+        return keras.Variable
+
     def _init_rng(self):
         return _rng.key_from_seed(self.seed)
 
@@ -172,6 +176,7 @@ class JaxLayer(keras.layers.Layer):
             trainable=trainable,
             name_fn=lambda parts: self._variable_name(trainable, parts),
             autocast=trainable,
+            factory_fn=self._variable_factory,
         )
 
     def _split_init_result(self, result):

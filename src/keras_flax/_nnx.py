@@ -7,7 +7,11 @@ user variable types) for `JaxLayer` to hold; `call_fn` merges them into a
 module in train or eval mode, calls it, and splits the new state out.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
+import keras
 from flax import nnx
 
 from keras_flax import _rng
@@ -25,6 +29,10 @@ class NNXModel:
     """
 
     def __init__(self, module, method, takes_training, seed=None):
+        self._targets = {
+            "/".join(str(k) for k in path): variable
+            for path, variable in nnx.to_flat_state(nnx.state(module))
+        }
         copy = nnx.merge(*nnx.split(module))
         if seed is not None:
             _reseed(copy, seed)
@@ -46,6 +54,13 @@ class NNXModel:
         outputs = invoke(module, self.method, inputs, kwargs)
         _, new_params, new_state = nnx.split(module, nnx.Param, ...)
         return outputs, new_params, new_state
+
+    def variable_factory(self, parts):
+        """Keras variables mirrored into the user's module's Variables."""
+        target = self._targets.get("/".join(parts))
+        if target is None:
+            return keras.Variable
+        return functools.partial(MirroredVariable, mirror=target)
 
     def created_variables(self, params, state, inputs):
         """Paths of variables that a call creates (a lazily built module).
@@ -113,3 +128,40 @@ def has_linen_bridge(module):
     return any(
         isinstance(node, nnx.bridge.ToNNX) for _, node in nnx.iter_graph(module)
     )
+
+
+class MirroredVariable(keras.Variable):
+    """A Keras variable that copies each value it is given into an NNX one.
+
+    Keras writes the trained values back into its variables (`assign`) at
+    the end of each epoch and of `fit`, `evaluate` and `predict`, and when
+    weights are loaded; each such value is copied into the user's module,
+    which therefore holds the trained values without being asked. Values
+    inside traced computations are not copied.
+    """
+
+    def __init__(self, *args, mirror, **kwargs):
+        self._mirror = None  # not while Keras sets the initial value
+        super().__init__(*args, **kwargs)
+        self._mirror = mirror
+
+    def _direct_assign(self, value):
+        super()._direct_assign(value)
+        if self._mirror is not None and not isinstance(value, jax.core.Tracer):
+            _write(self._mirror, value)
+
+    def mirror(self):
+        """Copies the current value into the NNX Variable."""
+        _write(self._mirror, self.value)
+
+
+def _write(target, value):
+    """Writes a copy of `value` into the NNX Variable `target`."""
+    current = target.get_value()
+    if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
+        value = jax.random.wrap_key_data(
+            jnp.array(value, copy=True), impl=jax.random.key_impl(current)
+        )
+    else:
+        value = jnp.array(value, dtype=current.dtype, copy=True)
+    target.set_value(value)

@@ -58,7 +58,9 @@ class VariableTree:
         names: the path of each variable inside the tree, as a string.
     """
 
-    def __init__(self, layer, values, trainable, name_fn, autocast=True):
+    def __init__(
+        self, layer, values, trainable, name_fn, autocast=True, factory_fn=None
+    ):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
         self._static = []
         self._key_impls = []
@@ -73,8 +75,9 @@ class VariableTree:
             self._key_impls.append(
                 jax.random.key_impl(leaf) if _is_typed_key(leaf) else None
             )
+            factory = factory_fn(parts) if factory_fn else keras.Variable
             self.variables.append(
-                _new_variable(layer, parts, leaf, trainable, autocast)
+                _new_variable(layer, parts, leaf, trainable, autocast, factory)
             )
             self.names.append(path_text(parts))
         self.tree = self._unflatten(self.variables)
@@ -131,7 +134,7 @@ def _key_data(value):
     return value
 
 
-def _new_variable(layer, parts, value, trainable, autocast):
+def _new_variable(layer, parts, value, trainable, autocast, factory):
     """Creates a variable named `parts` in the layer's scope and tracks it.
 
     `Layer.add_weight` takes a single name, so the scopes for the Flax path
@@ -153,7 +156,7 @@ def _new_variable(layer, parts, value, trainable, autocast):
         scopes.enter_context(keras.name_scope(layer.name, caller=layer))
         for part in parts[:-1]:
             scopes.enter_context(keras.name_scope(part))
-        variable = keras.Variable(
+        variable = factory(
             initializer=initial,
             dtype=dtype,
             trainable=trainable,
