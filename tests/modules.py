@@ -204,3 +204,30 @@ class Configured(nn.Module):
         for size in self.sizes:
             x = nn.Dense(size)(x)
         return self.head(x) if self.head is not None else x
+
+
+class WithOwnConfig(nn.Module):
+    """A module whose class defines its own get_config / from_config."""
+
+    sizes: tuple = (3,)
+
+    def get_config(self):
+        return {"widths": list(self.sizes)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(sizes=tuple(config["widths"]))
+
+    @nn.compact
+    def __call__(self, x):
+        for size in self.sizes:
+            x = nn.Dense(size)(x)
+        return x
+
+
+def encode_wrapper(module, inputs, training):
+    return module.encode(inputs)
+
+
+def stateful_init_importable(rng, inputs):
+    return stateful_init(rng, inputs)

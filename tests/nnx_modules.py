@@ -116,3 +116,22 @@ class TrainingArgument(nnx.Module):
 
     def __call__(self, x, training=False):
         return self.linear(x) * (2.0 if training else 1.0)
+
+
+class Configurable(nnx.Module):
+    """An NNX module with its own get_config / from_config."""
+
+    def __init__(self, features, *, rngs):
+        self.features = features
+        self.linear = nnx.Linear(4, features, rngs=rngs)
+        self.bn = nnx.BatchNorm(features, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.linear(x))
+
+    def get_config(self):
+        return {"features": self.features}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["features"], rngs=nnx.Rngs(0))

@@ -270,11 +270,24 @@ def lazy_nnx_module(cls_name, created):
 
 
 def nnx_not_serializable(module):
+    name = type(module).__name__
     return (
-        "Saving the config of a FlaxLayer that wraps an NNX module is not "
-        f"supported. Received: module={type(module).__name__} (an "
-        "nnx.Module). Use `model.save_weights(...)` / `load_weights(...)` "
-        "with a model built by your own code."
+        "A FlaxLayer wrapping an NNX module can be saved when the module "
+        "class defines `get_config()` / `from_config()`, or when the layer "
+        "was made with `FlaxLayer.from_nnx(cls, *args, **kwargs)`, which "
+        f"records the constructor call. Received: module={name}, with "
+        f"neither. Build the layer with FlaxLayer.from_nnx({name}, ..., "
+        f"rngs=nnx.Rngs(0)), or define get_config/from_config on {name}; "
+        "`model.save_weights(...)` works in any case."
+    )
+
+
+def not_an_nnx_class(module_class):
+    return (
+        "`module_class` of FlaxLayer.from_nnx must be a flax.nnx.Module "
+        f"class. Received: module_class={describe(module_class)}. Pass the "
+        "class and its constructor arguments: "
+        "FlaxLayer.from_nnx(MLP, 784, 10, rngs=nnx.Rngs(0))."
     )
 
 

@@ -110,6 +110,7 @@ class FlaxLayer(JaxLayer):
         )
         self._model = model
         self._inference_rng = False
+        self._recorded_call = None
         super().__init__(
             call_fn=model.apply,
             init_fn=init_fn,
@@ -117,6 +118,41 @@ class FlaxLayer(JaxLayer):
             state=model.state,
             **kwargs,
         )
+
+    @classmethod
+    def from_nnx(cls, module_class, *args, layer_kwargs=None, **kwargs):
+        """Builds `module_class(*args, **kwargs)` and wraps it, saveably.
+
+        The constructor call is recorded, so that `model.save("m.keras")`
+        and `keras.saving.load_model` rebuild the module (its values come
+        from the file). `nnx.Rngs` arguments are saved by their stream
+        names; other arguments as in linen module fields.
+
+        Args:
+            module_class: a `flax.nnx.Module` class.
+            *args: positional arguments of the constructor.
+            layer_kwargs: a dict of `FlaxLayer` arguments (`method`,
+                `name`, `seed`, ...).
+            **kwargs: keyword arguments of the constructor.
+
+        Returns:
+            The `FlaxLayer`.
+
+        Example:
+
+        >>> from flax import nnx
+        >>> layer = FlaxLayer.from_nnx(nnx.Linear, 3, 4, rngs=nnx.Rngs(0))
+        >>> layer.get_config()["module"]["class"]
+        'flax.nnx.nn.linear:Linear'
+        """
+        if not (
+            isinstance(module_class, type)
+            and issubclass(module_class, nnx.Module)
+        ):
+            raise TypeError(_errors.not_an_nnx_class(module_class))
+        layer = cls(module_class(*args, **kwargs), **(layer_kwargs or {}))
+        layer._recorded_call = _serialization.RecordedCall(args, kwargs)
+        return layer
 
     # The module, and its variables in Flax's own format.
 
@@ -268,9 +304,11 @@ class FlaxLayer(JaxLayer):
 
     def _model_config(self):
         if self._is_nnx:
-            raise TypeError(_errors.nnx_not_serializable(self._module))
+            module = self._serialize_nnx()
+        else:
+            module = _serialization.serialize_module(self._module)
         config = {
-            "module": _serialization.serialize_module(self._module),
+            "module": module,
             "method": _serialization.serialize_method(
                 self._module, self.method
             ),
@@ -279,13 +317,26 @@ class FlaxLayer(JaxLayer):
             config["rng_collections"] = list(self.rng_collections)
         return config
 
+    def _serialize_nnx(self):
+        if self._recorded_call is None and not hasattr(
+            type(self._module), "get_config"
+        ):
+            raise TypeError(_errors.nnx_not_serializable(self._module))
+        return _serialization.serialize_nnx(self._module, self._recorded_call)
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        module = _serialization.deserialize_module(config.pop("module"))
-        method = _serialization.deserialize_method(
-            module, config.pop("method", None)
-        )
+        module_config = config.pop("module")
+        method = _serialization.deserialize_method(config.pop("method", None))
+        call = _serialization.nnx_call(module_config)
+        if call is not None:
+            module_class, args, kwargs = call
+            layer_kwargs = {**config, "method": method}
+            return cls.from_nnx(
+                module_class, *args, layer_kwargs=layer_kwargs, **kwargs
+            )
+        module = _serialization.deserialize_module(module_config)
         return cls(module=module, method=method, **config)
 
 

@@ -17,12 +17,14 @@ unpickled.
 import dataclasses
 import functools
 import importlib
+import inspect
 import sys
 
 import flax.linen as nn
 import jax.numpy as jnp
 import keras
 import numpy as np
+from flax import nnx
 
 _TAG = "__keras_flax__"
 _SIMPLE = (type(None), bool, int, float, str)
@@ -38,7 +40,18 @@ def serialize_module(module):
 
 
 def deserialize_module(config):
+    """A linen or NNX module (from its own config) from a saved config."""
+    if config.get(_TAG) == "nnx_config":
+        return deserialize_nnx(config)
     return _decode(config, "module")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedCall:
+    """The constructor arguments of an NNX module."""
+
+    args: tuple
+    kwargs: dict
 
 
 def serialize_method(module, method):
@@ -53,7 +66,7 @@ def serialize_method(module, method):
     return _encode(method, "method")
 
 
-def deserialize_method(module, config):
+def deserialize_method(config):
     if config is None or isinstance(config, str):
         return config
     return _decode(config, "method")
@@ -73,6 +86,46 @@ def deserialize_function(config, arg):
     if isinstance(config, dict) and _TAG in config:
         return _decode(config, arg)
     return keras.saving.deserialize_keras_object(config)
+
+
+def serialize_nnx(module, recorded_call):
+    """The config of an NNX module.
+
+    Its recorded constructor call when there is one, else its class's own
+    `get_config()`.
+    """
+    cls_path = _import_path(type(module), "module")
+    if recorded_call is not None:
+        return {
+            _TAG: "nnx_call",
+            "class": cls_path,
+            "args": _encode(list(recorded_call.args), "module.<args>"),
+            "kwargs": _encode(dict(recorded_call.kwargs), "module.<kwargs>"),
+        }
+    return {
+        _TAG: "nnx_config",
+        "class": cls_path,
+        "config": module.get_config(),
+    }
+
+
+def _nnx_class(config):
+    cls = resolve(config["class"])
+    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+        raise ValueError(_not_a_module_class(config["class"], "flax.nnx"))
+    return cls
+
+
+def deserialize_nnx(config):
+    return _nnx_class(config).from_config(config["config"])
+
+
+def nnx_call(config):
+    """`(class, args, kwargs)` of a recorded NNX constructor call, or None."""
+    if config.get(_TAG) != "nnx_call":
+        return None
+    args = _decode(config["args"], "module")
+    return _nnx_class(config), args, _decode(config["kwargs"], "module")
 
 
 def _module_config(module, path):
@@ -130,9 +183,59 @@ def _encode(value, path):
             "args": _encode(list(value.args), f"{path}.args"),
             "keywords": _encode(dict(value.keywords), f"{path}.keywords"),
         }
+    if isinstance(value, nnx.Rngs):
+        return {_TAG: "nnx_rngs", "streams": sorted(_rng_streams(value))}
+    if _is_factory_closure(value):
+        return _closure_config(value, path)
     if callable(value):
         return {_TAG: "object", "path": _import_path(value, path)}
     raise UnserializableError(_unserializable(path, value))
+
+
+def _rng_streams(rngs):
+    return {
+        node.tag
+        for _, node in nnx.iter_graph(rngs)
+        if isinstance(node, nnx.RngStream)
+    }
+
+
+def _is_factory_closure(fn):
+    """A function made by a factory, `factory.<locals>.inner`."""
+    qualname = getattr(fn, "__qualname__", "")
+    return (
+        getattr(fn, "__closure__", None) is not None
+        and qualname.count(".<locals>.") == 1
+        and not qualname.startswith("<")
+    )
+
+
+def _closure_config(fn, path):
+    """`factory(**captured)` for a closure such as `normal(0.02)`.
+
+    Saved when the factory can be imported and every variable the closure
+    captures is a parameter of the factory, as for JAX's and Flax's
+    initializers (`variance_scaling(...)`, `normal(stddev)`, ...).
+    """
+    factory_name = fn.__qualname__.split(".<locals>.")[0]
+    factory = _lookup(fn.__module__, factory_name)
+    captured = dict(
+        zip(
+            fn.__code__.co_freevars,
+            (cell.cell_contents for cell in fn.__closure__),
+        )
+    )
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if factory is None or not set(captured) <= set(parameters):
+        raise UnserializableError(_unserializable(path, fn))
+    return {
+        _TAG: "closure",
+        "factory": _import_path(factory, path),
+        "kwargs": _encode(captured, f"{path}.<captured>"),
+    }
 
 
 def _is_dtype(value):
@@ -198,6 +301,12 @@ def _decode(config, path):
         )
     if kind == "object":
         return resolve(config["path"])
+    if kind == "closure":
+        factory = resolve(config["factory"], call=True)
+        return factory(**_decode(config["kwargs"], path))
+    if kind == "nnx_rngs":
+        # The values come from the weights file; any key builds the module.
+        return nnx.Rngs(**{stream: 0 for stream in config["streams"]})
     if kind == "module":
         return _decode_module(config, path)
     raise ValueError(f"Unknown entry {kind!r} in the saved config of {path}.")
@@ -206,11 +315,7 @@ def _decode(config, path):
 def _decode_module(config, path):
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(
-            f"The saved config of {path} names {config['class']}, which is "
-            "not a flax.linen.Module class. The file may be corrupted or "
-            "crafted; it was not loaded."
-        )
+        raise ValueError(_not_a_module_class(config["class"], "flax.linen"))
     if config.get("custom"):
         if hasattr(cls, "from_config"):
             return cls.from_config(config["config"])
@@ -219,17 +324,36 @@ def _decode_module(config, path):
     return cls(**fields)
 
 
+def _not_a_module_class(import_path, api):
+    return (
+        f"The saved layer config names {import_path} as its module class, "
+        f"which is not a {api}.Module class. The file may be corrupted or "
+        "crafted; it was not loaded."
+    )
+
+
 def _in_safe_mode():
     from keras.src.saving import serialization_lib
 
     return serialization_lib.in_safe_mode() is not False
 
 
-def resolve(import_path):
+# Modules whose factories a file may call in safe mode: initializers.
+_CALLABLE_FACTORIES = (
+    "jax._src.nn.initializers",
+    "jax.nn.initializers",
+    "flax.linen.initializers",
+    "flax.nnx.initializers",
+)
+
+
+def resolve(import_path, call=False):
     """The object at `module:qualname`, resolved safely.
 
     In safe mode, the module must already be imported (the standard library
-    excepted), or the object registered with Keras.
+    excepted), or the object registered with Keras; a factory that loading
+    calls (`call=True`) must be one of JAX's or Flax's initializers, or
+    registered.
     """
     registered = keras.saving.get_registered_object(import_path)
     if registered is not None:
@@ -239,6 +363,10 @@ def resolve(import_path):
     safe = _in_safe_mode()
     if safe and (top in sys.stdlib_module_names or top == "builtins"):
         raise ValueError(_refused(import_path, "is in the standard library"))
+    if safe and call and module_name not in _CALLABLE_FACTORIES:
+        raise ValueError(
+            _refused(import_path, "is not a JAX or Flax initializer module")
+        )
     if module_name not in sys.modules:
         if safe:
             raise ValueError(_refused(import_path, "is not imported"))
