@@ -20,6 +20,7 @@ from keras_flax import _nnx
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _signatures
+from keras_flax import _variables
 from keras_flax._jax_layer import JaxLayer
 
 
@@ -196,7 +197,7 @@ class FlaxLayer(JaxLayer):
         if not self._is_nnx or _tracing(self.variables):
             return
         for variable in self.variables:
-            if isinstance(variable, _nnx.MirroredVariable):
+            if isinstance(variable, _variables.FlaxVariable):
                 variable.mirror()
 
     @property
@@ -226,9 +227,7 @@ class FlaxLayer(JaxLayer):
         return not self._is_nnx
 
     def _variable_factory(self, parts):
-        if self._is_nnx:
-            return self._model.variable_factory(parts)
-        return super()._variable_factory(parts)
+        return self._model.variable_factory(parts)
 
     def _variable_name(self, trainable, parts):
         if self._is_nnx:

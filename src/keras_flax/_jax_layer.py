@@ -141,7 +141,7 @@ class JaxLayer(keras.layers.Layer):
         return parts if trainable else ("state", *parts)
 
     def _variable_factory(self, parts):
-        """The class (or factory) of the variable named `parts`."""
+        """The class (or factory) of the variable at path `parts`."""
         return keras.Variable
 
     def _init_rng(self):

@@ -7,12 +7,14 @@ adds what is Flax-specific on top of `JaxLayer`: names without the implied
 """
 
 import collections.abc
+import functools
 
 import flax
 import flax.linen as nn
 import jax
 
 from keras_flax import _errors
+from keras_flax import _variables
 
 # Collections never held as state: what modules `sow`.
 _NEVER_STATE = ("params", "intermediates")
@@ -42,6 +44,8 @@ class LinenModel:
         self.method = method
         self.takes_training = takes_training
         self.sown = set()
+        self.axes = {}  # variable path -> mesh axes, from partitioning boxes
+        self._rules = tuple(nn.get_logical_axis_rules())
         self.params = self.state = None
         if variables is not None:
             self.params, self.state = self.split(_checked(variables))
@@ -53,7 +57,9 @@ class LinenModel:
         `keras.layers.FlaxLayer` does; boxed partitioning metadata is
         unwrapped and sown collections are dropped.
         """
-        variables = dict(nn.meta.unbox(flax.core.unfreeze(variables)))
+        variables = flax.core.unfreeze(variables)
+        self.axes.update(self._partitioning(variables))
+        variables = dict(nn.meta.unbox(variables))
         self.sown |= {k for k, v in variables.items() if _is_sown(v)}
         params = (
             {"params": variables["params"]} if "params" in variables else {}
@@ -64,6 +70,34 @@ class LinenModel:
             if k not in _NEVER_STATE and k not in self.sown
         }
         return params, state
+
+    def _partitioning(self, variables):
+        """Mesh axes of each boxed variable, by path.
+
+        Logical axis names are mapped with the box's rules, else the rules
+        in force (`nn.logical_axis_rules`) when the layer was made or is
+        built.
+        """
+        rules = tuple(nn.get_logical_axis_rules()) or self._rules
+        boxes = jax.tree_util.tree_flatten_with_path(
+            variables, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+        )[0]
+        axes = {}
+        for path, box in boxes:
+            if isinstance(box, nn.LogicallyPartitioned):
+                names = nn.logical_to_mesh_axes(box.names, box.rules or rules)
+            elif isinstance(box, nn.Partitioned):
+                names = box.names
+            else:
+                continue
+            axes["/".join(_variables.path_parts(path))] = tuple(names)
+        return axes
+
+    def variable_factory(self, parts):
+        """Keras variables laid out after the module's partitioning."""
+        return functools.partial(
+            _variables.FlaxVariable, axes=self.axes.get("/".join(parts))
+        )
 
     def _training_kwargs(self, training):
         return {"training": training} if self.takes_training else {}

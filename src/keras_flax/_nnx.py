@@ -11,10 +11,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import keras
 from flax import nnx
 
 from keras_flax import _rng
+from keras_flax import _variables
+
+# NNX metadata keys naming a Variable's mesh axes, newest first.
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
 class NNXModel:
@@ -56,11 +59,17 @@ class NNXModel:
         return outputs, new_params, new_state
 
     def variable_factory(self, parts):
-        """Keras variables mirrored into the user's module's Variables."""
-        target = self._targets.get("/".join(parts))
-        if target is None:
-            return keras.Variable
-        return functools.partial(MirroredVariable, mirror=target)
+        """Keras variables mirrored into the user's module's Variables,
+        laid out after their sharding metadata."""
+        key = "/".join(variable_name(parts))
+        target = self._targets.get(key)
+        return functools.partial(
+            _variables.FlaxVariable,
+            axes=_sharding(target),
+            mirror=None
+            if target is None
+            else functools.partial(_write, target),
+        )
 
     def created_variables(self, params, state, inputs):
         """Paths of variables that a call creates (a lazily built module).
@@ -109,6 +118,17 @@ def _reseed(module, seed):
     )
 
 
+def _sharding(variable):
+    if variable is None:
+        return None
+    metadata = variable.get_metadata()
+    for key in _SHARDING_KEYS:
+        axes = metadata.get(key)
+        if axes is not None:
+            return tuple(axes)
+    return None
+
+
 def variable_name(parts):
     """NNX state paths end in the Variable's `value`: drop it."""
     return parts[:-1] if parts and parts[-1] == "value" else parts
@@ -130,33 +150,15 @@ def has_linen_bridge(module):
     )
 
 
-class MirroredVariable(keras.Variable):
-    """A Keras variable that copies each value it is given into an NNX one.
-
-    Keras writes the trained values back into its variables (`assign`) at
-    the end of each epoch and of `fit`, `evaluate` and `predict`, and when
-    weights are loaded; each such value is copied into the user's module,
-    which therefore holds the trained values without being asked. Values
-    inside traced computations are not copied.
-    """
-
-    def __init__(self, *args, mirror, **kwargs):
-        self._mirror = None  # not while Keras sets the initial value
-        super().__init__(*args, **kwargs)
-        self._mirror = mirror
-
-    def _direct_assign(self, value):
-        super()._direct_assign(value)
-        if self._mirror is not None and not isinstance(value, jax.core.Tracer):
-            _write(self._mirror, value)
-
-    def mirror(self):
-        """Copies the current value into the NNX Variable."""
-        _write(self._mirror, self.value)
-
-
 def _write(target, value):
-    """Writes a copy of `value` into the NNX Variable `target`."""
+    """Writes a copy of `value` into the NNX Variable `target`.
+
+    Keras writes the trained values back into its variables at the end of
+    each epoch and of `fit`, `evaluate` and `predict`, and when weights are
+    loaded; each such value is copied into the user's module, which
+    therefore holds the trained values without being asked. A copy, so that
+    Keras donating its own buffers never invalidates the module's arrays.
+    """
     current = target.get_value()
     if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
         value = jax.random.wrap_key_data(

@@ -75,7 +75,7 @@ class VariableTree:
             self._key_impls.append(
                 jax.random.key_impl(leaf) if _is_typed_key(leaf) else None
             )
-            factory = factory_fn(parts) if factory_fn else keras.Variable
+            factory = factory_fn(path_parts(keypath)) if factory_fn else None
             self.variables.append(
                 _new_variable(layer, parts, leaf, trainable, autocast, factory)
             )
@@ -134,7 +134,7 @@ def _key_data(value):
     return value
 
 
-def _new_variable(layer, parts, value, trainable, autocast, factory):
+def _new_variable(layer, parts, value, trainable, autocast, factory=None):
     """Creates a variable named `parts` in the layer's scope and tracks it.
 
     `Layer.add_weight` takes a single name, so the scopes for the Flax path
@@ -156,7 +156,7 @@ def _new_variable(layer, parts, value, trainable, autocast, factory):
         scopes.enter_context(keras.name_scope(layer.name, caller=layer))
         for part in parts[:-1]:
             scopes.enter_context(keras.name_scope(part))
-        variable = factory(
+        variable = (factory or keras.Variable)(
             initializer=initial,
             dtype=dtype,
             trainable=trainable,
@@ -227,3 +227,57 @@ def check_state_structure(arg, new_state, state_tree):
     raise ValueError(
         _errors.state_structure_changed(arg, missing, extra, mismatched)
     )
+
+
+class FlaxVariable(keras.Variable):
+    """A Keras variable that keeps what Flax knows about it.
+
+    Args:
+        axes: Flax's partitioning of the variable (mesh axis names, None for
+            replicated dimensions), from `nn.with_partitioning` or NNX
+            sharding metadata. Under a `keras.distribution` whose device mesh
+            has these axes it is the variable's layout, unless an entry of
+            the distribution's `LayoutMap` matches the variable's path.
+        mirror: an `nnx.Variable` into which every concrete value the
+            variable is given is copied (see `_nnx`).
+    """
+
+    def __init__(self, *args, axes=None, mirror=None, **kwargs):
+        self._axes = axes
+        self._mirror = None  # not while Keras sets the initial value
+        super().__init__(*args, **kwargs)
+        self._mirror = mirror
+
+    def _initialize_layout(self):
+        if self._layout is None and self._axes is not None:
+            self._layout = flax_layout(self.path, self._axes)
+        super()._initialize_layout()
+
+    def _direct_assign(self, value):
+        super()._direct_assign(value)
+        if self._mirror is not None and not isinstance(value, jax.core.Tracer):
+            self._mirror(value)
+
+    def mirror(self):
+        """Copies the current value into the mirror, if any."""
+        if self._mirror is not None:
+            self._mirror(self.value)
+
+
+def flax_layout(path, axes):
+    """The layout for Flax partitioning `axes`, or None to let Keras choose.
+
+    None when no distribution is set, when the distribution's `LayoutMap`
+    has an entry for `path` (the user's choice wins), or when an axis is
+    not in its device mesh.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    layout_map = getattr(distribution, "_layout_map", None)
+    if layout_map is not None and layout_map[path] is not None:
+        return None
+    mesh = distribution.device_mesh
+    if not all(a is None or a in mesh.axis_names for a in axes):
+        return None
+    return keras.distribution.TensorLayout(axes, mesh)

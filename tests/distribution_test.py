@@ -1,0 +1,117 @@
+"""keras.distribution on 8 virtual CPU devices, and across two processes.
+
+Each scenario runs in its own process (the device count is fixed when JAX
+starts); see tests/distributed/.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = "--xla_force_host_platform_device_count=8"
+
+
+def _scenario(name):
+    env = {**os.environ, "XLA_FLAGS": DEVICES}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.distributed.scenarios", name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return _scenario("data_parallel")
+
+
+def test_data_parallel_matches_one_device(data_parallel):
+    result = data_parallel
+    assert result["devices"] == 8
+    np.testing.assert_allclose(result["losses"], result["single"], rtol=1e-6)
+    assert result["max_output_diff"] < 1e-5
+    # Inside the compiled train step, the batch is split along its axis.
+    assert "P('batch',)" in result["input_shardings"]
+    assert all(w["replicated"] for w in result["weights"].values())
+
+
+def test_model_parallel_layout_map_on_flax_path_names():
+    result = _scenario("model_parallel")
+    np.testing.assert_allclose(result["losses"], result["single"], rtol=1e-6)
+    kernel = result["weights"]["Dense_0/kernel"]
+    assert kernel["spec"] == "P(None, 'model')"
+    assert kernel["shard"] == [8, 4]  # a quarter of (8, 16) per device
+    others = {
+        k: w for k, w in result["weights"].items() if k != "Dense_0/kernel"
+    }
+    assert all(w["replicated"] for w in others.values())
+
+
+def test_flax_partitioning_metadata_becomes_the_layout():
+    result = _scenario("metadata")
+    for case in ("linen", "logical", "given"):
+        kernel = result[case]["Dense_0/kernel"]
+        assert (kernel["spec"], kernel["shard"]) == ("P(None, 'model')", [8, 4])
+        assert result[case]["Dense_1/kernel"]["replicated"]
+    assert result["nnx"]["kernel"]["shard"] == [8, 4]
+    assert result["given_diff"] == 0.0 and result["nnx_diff"] < 1e-6
+    # A LayoutMap entry overrides the metadata.
+    assert result["overridden"]["Dense_0/kernel"]["replicated"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_data_parallel_model(tmp_path, data_parallel):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    outs = [tmp_path / f"process{i}.npz" for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.distributed.multiprocess",
+                str(i),
+                str(port),
+                str(outs[i]),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], logs
+    first, second = (np.load(out) for out in outs)
+    assert sorted(first.files) == sorted(second.files)
+    for name in first.files:
+        np.testing.assert_array_equal(first[name], second[name])
+    np.testing.assert_allclose(
+        first["losses"], data_parallel["single"][:2], rtol=1e-6
+    )
