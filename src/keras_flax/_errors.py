@@ -190,6 +190,15 @@ def variables_not_mapping(variables):
     )
 
 
+def variables_not_arrays(bad):
+    listed = ", ".join(f"{p} = {describe(v)}" for p, v in bad[:4])
+    return (
+        "`variables` must hold arrays only, as `module.init(...)` returns. "
+        f"Received: variables with non-array leaves at {listed}. Pass the "
+        "output of `module.init(rng, x)` (or arrays of the same structure)."
+    )
+
+
 def variables_without_params(collections):
     return (
         "`variables` has no 'params' collection, but the module creates "
@@ -199,12 +208,19 @@ def variables_without_params(collections):
     )
 
 
+def _difference(given, expected):
+    if isinstance(given, tuple):
+        return f"shape {format_shape(given)}", format_shape(expected)
+    return f"dtype {given}", str(expected)
+
+
 def variables_misfit(arg, input_desc, missing, extra, mismatched, fix):
     lines = [f"`{arg}` does not fit the inputs {input_desc}."]
     for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
         lines.append(
-            f"At {path} the given array has shape {format_shape(given)} but "
-            f"the module creates {format_shape(expected)}."
+            f"At {path} the given array has {what} but the module creates "
+            f"{want}."
         )
     if missing:
         lines.append("Missing: " + ", ".join(missing[:8]) + _more(missing, 8))
@@ -220,9 +236,10 @@ def state_structure_changed(arg, missing, extra, mismatched):
         "at initialization."
     ]
     for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
         lines.append(
-            f"At {path} the returned array has shape {format_shape(given)} "
-            f"where the state holds {format_shape(expected)}."
+            f"At {path} the returned array has {what} where the state holds "
+            f"{want}."
         )
     if missing:
         lines.append("Missing: " + ", ".join(missing[:8]) + _more(missing, 8))

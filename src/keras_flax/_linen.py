@@ -125,6 +125,9 @@ def _checked(variables):
         isinstance(v, collections.abc.Mapping) for v in variables.values()
     ):
         raise TypeError(_errors.variables_not_mapping(variables))
+    bad = _variables.non_array_leaves(nn.meta.unbox(variables))
+    if bad:
+        raise TypeError(_errors.variables_not_arrays(bad))
     return variables
 
 

@@ -182,35 +182,60 @@ def compare(given, expected):
 
     Returns:
         (missing, extra, mismatched): paths in `expected` but not `given`,
-        paths in `given` but not `expected`, and `(path, given_shape,
-        expected_shape)` for leaves whose shapes differ.
+        paths in `given` but not `expected`, and `(path, given, expected)`
+        for leaves whose shapes, or kinds of dtype (floating, integer, key),
+        differ; `given` and `expected` are shapes, or dtypes where the
+        shapes agree.
     """
-    given = _shapes_by_path(given)
-    expected = _shapes_by_path(expected)
+    given = _specs_by_path(given)
+    expected = _specs_by_path(expected)
     missing = [p for p in expected if p not in given]
     extra = [p for p in given if p not in expected]
-    mismatched = [
-        (p, given[p], expected[p])
-        for p in expected
-        if p in given
-        and given[p] is not None
-        and expected[p] is not None
-        and tuple(given[p]) != tuple(expected[p])
-    ]
+    mismatched = []
+    for p in expected:
+        if p not in given or None in (given[p], expected[p]):
+            continue
+        (g_shape, g_dtype), (e_shape, e_dtype) = given[p], expected[p]
+        if tuple(g_shape) != tuple(e_shape):
+            mismatched.append((p, tuple(g_shape), tuple(e_shape)))
+        elif dtype_kind(g_dtype) != dtype_kind(e_dtype):
+            mismatched.append((p, jnp.dtype(g_dtype), jnp.dtype(e_dtype)))
     return missing, extra, mismatched
 
 
-def _shapes_by_path(tree):
+def dtype_kind(dtype):
+    if dtype is None:
+        return None
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return "key"
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return "floating"
+    return "integer or bool"
+
+
+def _specs_by_path(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        path_text(path_parts(keypath)): _shape_or_none(leaf)
+        path_text(path_parts(keypath)): _spec_or_none(leaf)
         for keypath, leaf in leaves
     }
 
 
-def _shape_or_none(leaf):
+def _spec_or_none(leaf):
     leaf = shape_struct(leaf)
-    return getattr(leaf, "shape", None)
+    if not hasattr(leaf, "shape"):
+        return None
+    return tuple(leaf.shape), getattr(leaf, "dtype", None)
+
+
+def non_array_leaves(tree):
+    """`(path, leaf)` of the leaves of `tree` that are not arrays."""
+    return [
+        (path_text(path_parts(keypath)), leaf)
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if not (is_array_leaf(leaf) or _is_typed_key(leaf))
+    ]
 
 
 def check_state_structure(arg, new_state, state_tree):
@@ -220,7 +245,10 @@ def check_state_structure(arg, new_state, state_tree):
         leaves = state_tree.leaves_of(new_state)
         held = state_tree.variables
         if all(
-            np.shape(new) == tuple(var.shape) for new, var in zip(leaves, held)
+            np.shape(new) == tuple(var.shape)
+            and dtype_kind(getattr(new, "dtype", None))
+            in (None, dtype_kind(var.dtype))
+            for new, var in zip(leaves, held)
         ):
             return
     missing, extra, mismatched = compare(new_state, state_tree.tree)
