@@ -2,11 +2,25 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Bounded for CI; `pytest --hypothesis-profile=long` for hundreds of cases.
+hypothesis.settings.register_profile(
+    "ci",
+    max_examples=16,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    # No shrinking: each example compiles; the blob reproduces a failure.
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)
+hypothesis.settings.register_profile("long", max_examples=300, deadline=None)
+hypothesis.settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

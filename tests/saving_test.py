@@ -51,6 +51,12 @@ def _cases():
             _functional(FlaxLayer(modules.CNN(), seed=0), (8, 8, 1)),
             (8, 8, 1),
         ),
+        "token-ids": (
+            _functional(
+                FlaxLayer(modules.Embedder(), seed=0), (10,), dtype="int32"
+            ),
+            (10,),
+        ),
         "fields": (
             _trained(_functional(FlaxLayer(configured, seed=0), (5,)), (5,), 2),
             (5,),
@@ -167,6 +173,8 @@ def test_every_case_loads_in_a_new_process_with_identical_predictions(
     cases = _cases()
     for name, (model, shape) in cases.items():
         x = data(4, *shape, seed=7)
+        if name == "token-ids":
+            x = np.random.default_rng(7).integers(0, 50, (4, *shape))
         model.save(str(tmp_path / f"{name}.keras"))
         np.save(tmp_path / f"{name}.x.npy", x)
         np.save(tmp_path / f"{name}.y.npy", model.predict(x, verbose=0))

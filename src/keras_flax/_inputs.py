@@ -36,8 +36,23 @@ class Specs:
     which JAX would take for a leaf.)
     """
 
-    def __init__(self, tree):
+    def __init__(self, tree, guessed=False):
         self.tree = tree
+        self.guessed = guessed  # dtypes not known from the inputs
+
+    def with_dtype(self, dtype):
+        """The same shapes with all dtypes `dtype` (None: unchanged)."""
+        if dtype is None:
+            return self
+        tree = jax.tree_util.tree_map(
+            lambda s: Spec(s.shape, jnp.dtype(dtype)), self.tree
+        )
+        return Specs(tree, self.guessed)
+
+    def dtype_names(self):
+        return jax.tree_util.tree_map(
+            lambda s: jnp.dtype(s.dtype).name, self.tree
+        )
 
     def leaves(self):
         return jax.tree_util.tree_leaves(self.tree)
@@ -73,14 +88,25 @@ def record(inputs, float_dtype):
     return Specs(jax.tree_util.tree_map(spec, inputs))
 
 
-def from_shape(input_shape, dtype):
-    """The spec for a Keras `input_shape` (one shape or a structure)."""
-    return Specs(
-        keras.tree.map_shape_structure(
+def from_shape(input_shape, dtype, dtype_names=None):
+    """The spec for a Keras `input_shape` (one shape or a structure).
+
+    `dtype_names`, a structure of dtype names like the inputs' (as saved
+    by the layer's build config), gives the dtypes; else `dtype` is a guess.
+    """
+    if dtype_names is None:
+        tree = keras.tree.map_shape_structure(
             lambda s: Spec(_unknown_batch(tuple(s)), jnp.dtype(dtype)),
             input_shape,
         )
+        return Specs(tree, guessed=True)
+    shapes = []
+    keras.tree.map_shape_structure(
+        lambda s: shapes.append(_unknown_batch(tuple(s))), input_shape
     )
+    names = keras.tree.flatten(dtype_names)
+    specs = [Spec(s, jnp.dtype(n)) for s, n in zip(shapes, names)]
+    return Specs(keras.tree.pack_sequence_as(dtype_names, specs))
 
 
 def has_unknown(specs, skip_batch):
@@ -103,21 +129,23 @@ def placeholders(specs, size, dtype=None):
     return jax.tree_util.tree_map(make, specs.tree)
 
 
-def search(fn, specs, arg, dtype_guessed=False):
+def search(fn, specs, arg):
     """Calls `fn(placeholders)` with the first sizes the module accepts.
 
     Unknown dimensions are tried with each of `CANDIDATE_SIZES`; if the
-    dtype was guessed (the layer was built from a shape alone), integer
-    placeholders are tried last. Raises a `ValueError` naming the inputs
-    and how to give their shape when nothing works.
+    dtypes were guessed (the layer was built from a shape alone), integer
+    placeholders are tried last. Returns `fn`'s result and the specs that
+    worked. Raises a `ValueError` naming the inputs and how to give their
+    shape when nothing works.
     """
     sizes = CANDIDATE_SIZES if has_unknown(specs, skip_batch=False) else (1,)
-    dtypes = (None, jnp.int32) if dtype_guessed else (None,)
+    dtypes = (None, jnp.int32) if specs.guessed else (None,)
     first_error = None
     for dtype in dtypes:
         for size in sizes:
             try:
-                return fn(placeholders(specs, size, dtype))
+                result = fn(placeholders(specs, size, dtype))
+                return result, specs.with_dtype(dtype)
             except Exception as error:  # any failure: try the next size
                 first_error = first_error or error
     raise ValueError(
@@ -153,7 +181,9 @@ def check(inputs, specs, layer_name):
                 )
             )
         dtype = getattr(x, "dtype", None)
-        if dtype is not None and _kind(dtype) != _kind(s.dtype):
+        if specs.guessed or dtype is None:
+            continue
+        if _kind(dtype) != _kind(s.dtype):
             raise ValueError(
                 _errors.inputs_misfit(
                     layer_name,

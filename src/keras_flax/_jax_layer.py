@@ -203,17 +203,31 @@ class JaxLayer(keras.layers.Layer):
         spec = self._input_record
         if spec is None:
             spec = _inputs.from_shape(input_shape, self.compute_dtype)
-        guessed = self._input_record is None
         if self._params_tree is None and self._state_tree is None:
             if self.init_fn is not None:
-                params, state = _inputs.search(
-                    self._run_init_fn, spec, "init_fn", guessed
+                (params, state), spec = _inputs.search(
+                    self._run_init_fn, spec, "init_fn"
                 )
                 self._create_weights(params, state)
         else:
             self._check_given_weights(spec)
         self._built_spec = spec
         self._input_record = None
+
+    def get_build_config(self):
+        config = super().get_build_config()
+        if config is not None and self._built_spec is not None:
+            config["input_dtypes"] = self._built_spec.dtype_names()
+        return config
+
+    def build_from_config(self, config):
+        if config and "input_dtypes" in config and "input_shape" in config:
+            self._input_record = _inputs.from_shape(
+                config["input_shape"],
+                self.compute_dtype,
+                config["input_dtypes"],
+            )
+        super().build_from_config(config)
 
     def _check_given_weights(self, spec):
         """Compares the given weights with what `init_fn` creates."""
