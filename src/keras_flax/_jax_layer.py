@@ -305,6 +305,20 @@ class JaxLayer(keras.layers.Layer):
 
     # Serialization.
 
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.seed_generator is not None:
+            # Keras does not save seed generators; resumed training must
+            # draw the same randomness as uninterrupted training.
+            store[_SEED_STATE] = self.seed_generator.state.value
+
+    def load_own_variables(self, store):
+        if _SEED_STATE in store.keys():
+            if self.seed_generator is not None:
+                self.seed_generator.state.assign(store[_SEED_STATE])
+            store = {k: store[k] for k in store.keys() if k != _SEED_STATE}
+        super().load_own_variables(store)
+
     def get_config(self):
         config = {
             "seed": self.seed,
@@ -331,6 +345,9 @@ class JaxLayer(keras.layers.Layer):
         for arg in ("call_fn", "init_fn"):
             config[arg] = _serialization.deserialize_function(config[arg], arg)
         return cls(**config)
+
+
+_SEED_STATE = "seed_generator_state"
 
 
 def _values(tree):
