@@ -358,7 +358,7 @@ CASES = [
         "module-failing-on-every-placeholder",
         lambda layer: layer(keras.Input((3,))),
         ValueError,
-        r"`init_fn` failed on placeholder inputs \(None, 3\) float32.*"
+        r"`module` failed on placeholder inputs \(None, 3\) float32.*"
         r"needs more than 1000 features.*keras.Input\(shape=",
         lambda layer: _works(layer, data(2, 1000)),
         setup=lambda: FlaxLayer(Picky(), seed=0),

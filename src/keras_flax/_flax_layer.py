@@ -79,6 +79,8 @@ class FlaxLayer(JaxLayer):
     ['linear/bias', 'linear/kernel']
     """
 
+    _initializer_argument = "module"
+
     def __init__(
         self,
         module,

@@ -119,6 +119,9 @@ class JaxLayer(keras.layers.Layer):
         if params is not None or state is not None:
             self._create_weights(params, state)
 
+    # The argument that creates the weights, as messages name it.
+    _initializer_argument = "init_fn"
+
     # Public attributes of keras.layers.JaxLayer.
 
     @property
@@ -206,7 +209,7 @@ class JaxLayer(keras.layers.Layer):
         if self._params_tree is None and self._state_tree is None:
             if self.init_fn is not None:
                 (params, state), spec = _inputs.search(
-                    self._run_init_fn, spec, "init_fn"
+                    self._run_init_fn, spec, self._initializer_argument
                 )
                 self._create_weights(params, state)
         else:
