@@ -43,7 +43,7 @@ class NNXModel:
         self._graphdefs = {
             training: _graphdef_in_mode(copy, training)
             for training in (False, True)
-        }
+        }  # `copy` ends in eval mode; its values are unchanged
         self.method = method
         self.takes_training = takes_training
 
@@ -92,17 +92,16 @@ def invoke(module, method, inputs, kwargs):
 
 
 def _graphdef_in_mode(module, training):
-    """The graph of `module` in train or eval mode (a copy is switched).
+    """The graph of the layer's own copy of the module in a mode.
 
     `train()` / `eval()` set `deterministic` and `use_running_average` on
     every submodule having them; they are static, part of the graph.
     """
-    copy = nnx.merge(*nnx.split(module))
     if training:
-        copy.train()
+        module.train()
     else:
-        copy.eval()
-    return nnx.split(copy, nnx.Param, ...)[0]
+        module.eval()
+    return nnx.split(module, nnx.Param, ...)[0]
 
 
 def _reseed(module, seed):

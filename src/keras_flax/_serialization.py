@@ -309,7 +309,12 @@ def _decode(config, path):
         return nnx.Rngs(**{stream: 0 for stream in config["streams"]})
     if kind == "module":
         return _decode_module(config, path)
-    raise ValueError(f"Unknown entry {kind!r} in the saved config of {path}.")
+    raise ValueError(
+        f"The saved config of `{path}` has an entry of unknown kind "
+        f"{kind!r}. Received: {config!r}. The file was saved by another "
+        "version of keras-flax, or altered; load it with the version that "
+        "saved it."
+    )
 
 
 def _decode_module(config, path):
