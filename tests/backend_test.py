@@ -20,7 +20,7 @@ def _run(code, **env_changes):
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_importing_keras_flax_first_selects_jax_and_imports_no_tensorflow():
+def test_importing_keras_flax_first_selects_jax_and_imports_no_tf_or_torch():
     out = _run(
         """
         import sys
@@ -30,10 +30,14 @@ def test_importing_keras_flax_first_selects_jax_and_imports_no_tensorflow():
         model = keras.Sequential([keras.Input((3,)), layer])
         model.compile("sgd", "mse")
         model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
-        print(keras.backend.backend(), "tensorflow" in sys.modules)
+        print(
+            keras.backend.backend(),
+            "tensorflow" in sys.modules,
+            "torch" in sys.modules,
+        )
         """
     )
-    assert out == "jax False"
+    assert out == "jax False False"
 
 
 def test_an_explicit_backend_is_kept_and_refused_with_the_fix():

@@ -294,9 +294,9 @@ def test_eager_calls_compile_once_per_input_signature():
     layer = FlaxLayer(modules.MLP(), seed=0)
     layer(data(4, 7))
     layer(data(4, 7, seed=1))
-    assert layer._forward_jit._cache_size() == 1
+    assert layer._runner.jitted._cache_size() == 1
     layer(data(9, 7))
-    assert layer._forward_jit._cache_size() == 2
+    assert layer._runner.jitted._cache_size() == 2
 
 
 def test_training_flag_under_another_name_warns_with_the_fix():

@@ -231,3 +231,18 @@ def encode_wrapper(module, inputs, training):
 
 def stateful_init_importable(rng, inputs):
     return stateful_init(rng, inputs)
+
+
+class MaskRecorder(nn.Module):
+    """Keeps the dropout mask of its last training call in its state."""
+
+    size: int = 64
+
+    @nn.compact
+    def __call__(self, x, training=False):
+        ones = jnp.ones((self.size,))
+        mask = nn.Dropout(0.5, deterministic=not training)(ones)
+        last = self.variable("masks", "last", lambda: ones)
+        if training:
+            last.value = mask
+        return nn.Dense(1)(x) * mask.mean()

@@ -34,10 +34,10 @@ def format_shape(shape):
 
 def unsupported_backend(cls_name, backend_name):
     return (
-        f"`{cls_name}` runs on the JAX backend in this version of keras_flax. "
-        f"Received: KERAS_BACKEND={backend_name!r}. Set the backend before "
-        "Keras is imported: `export KERAS_BACKEND=jax`, or import keras_flax "
-        "before keras with KERAS_BACKEND unset."
+        f"`{cls_name}` runs on the JAX, TensorFlow and PyTorch backends. "
+        f"Received: KERAS_BACKEND={backend_name!r}. Set one of them before "
+        "Keras is imported (`export KERAS_BACKEND=jax`), or import "
+        "keras_flax before keras with KERAS_BACKEND unset."
     )
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import keras
 from flax import nnx
 
+from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _linen
@@ -185,8 +186,13 @@ class FlaxLayer(JaxLayer):
         An NNX module holds the layer's values: every value Keras writes
         into the layer's variables (after `fit`, `evaluate`, `predict`, an
         eager call, `load_weights`) is copied into it, so it can be used in
-        plain NNX at any point.
+        plain NNX at any point. On TensorFlow and PyTorch, whose
+        optimizers write the variables in place (inside graphs, or with
+        fused in-place ops), the values are copied in when the module is
+        read through this property (or by `sync_module()`).
         """
+        if _backends.name() != "jax":
+            self.sync_module()
         return self._module
 
     def sync_module(self):
@@ -219,7 +225,7 @@ class FlaxLayer(JaxLayer):
         return tuple(
             None
             if tree is None
-            else tree.rebuild([jnp.copy(v) for v in tree.values()])
+            else tree.rebuild([_copy(v) for v in tree.values()])
             for tree in (self._params_tree, self._state_tree)
         )
 
@@ -279,12 +285,10 @@ class FlaxLayer(JaxLayer):
         key = _rng.key_from_seed(self.seed)
         return _rng.stream_keys(key, _rng.INIT_STREAMS)
 
-    def _call_seed(self, training):
-        if self.seed_generator is None:
-            return None
-        if training or self._inference_rng:
-            return self.seed_generator.next()
-        return None
+    def _wants_seed(self, training):
+        return self.seed_generator is not None and (
+            training or self._inference_rng
+        )
 
     def _rng_from_seed(self, seed):
         if seed is None:
@@ -348,5 +352,9 @@ def _check_nnx_arguments(variables, rng_collections):
         raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
 
 
+def _copy(value):
+    return jnp.array(_backends.to_jax(value), copy=True)
+
+
 def _tracing(variables):
-    return any(isinstance(v.value, jax.core.Tracer) for v in variables)
+    return not all(_backends.is_concrete(v.value) for v in variables)

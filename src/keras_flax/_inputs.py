@@ -77,15 +77,30 @@ def record(inputs, float_dtype):
     """
 
     def spec(x):
-        dtype = getattr(x, "dtype", None)
-        dtype = jnp.dtype(np.asarray(x).dtype if dtype is None else dtype)
+        dtype = dtype_of(x)
         if jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.dtype(float_dtype)
         else:
             dtype = jax.dtypes.canonicalize_dtype(dtype)
-        return Spec(_unknown_batch(tuple(np.shape(x))), dtype)
+        return Spec(_unknown_batch(shape_of(x)), dtype)
 
     return Specs(jax.tree_util.tree_map(spec, inputs))
+
+
+def shape_of(x):
+    """The shape of an array or tensor of any backend (None: unknown)."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return tuple(np.shape(x))
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def dtype_of(x):
+    """The NumPy dtype of an array or tensor of any backend."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return np.asarray(x).dtype
+    return jnp.dtype(keras.backend.standardize_dtype(dtype))
 
 
 def from_shape(input_shape, dtype, dtype_names=None):
@@ -166,7 +181,7 @@ def check(inputs, specs, layer_name):
             )
         )
     for x, s in zip(given, built):
-        shape = tuple(np.shape(x))
+        shape = shape_of(x)
         fits = len(shape) == len(s.shape) and all(
             d is None or g is None or g == d
             for g, d in zip(shape[1:], s.shape[1:])
@@ -180,9 +195,9 @@ def check(inputs, specs, layer_name):
                     _errors.format_shape(shape),
                 )
             )
-        dtype = getattr(x, "dtype", None)
-        if specs.guessed or dtype is None:
+        if specs.guessed or getattr(x, "dtype", None) is None:
             continue
+        dtype = dtype_of(x)
         if _kind(dtype) != _kind(s.dtype):
             raise ValueError(
                 _errors.inputs_misfit(
@@ -206,6 +221,6 @@ def _kind(dtype):
 def _structure_text(inputs):
     return str(
         jax.tree_util.tree_map(
-            lambda x: _errors.format_shape(tuple(np.shape(x))), inputs
+            lambda x: _errors.format_shape(shape_of(x)), inputs
         )
     )

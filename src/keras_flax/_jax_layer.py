@@ -8,6 +8,7 @@ state -> assigned back. `FlaxLayer` only adapts a module to this protocol.
 import jax
 import keras
 
+from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _rng
@@ -19,7 +20,7 @@ from keras_flax import _variables
 def check_backend(cls_name):
     """Refuses to construct a layer on a backend it cannot run on."""
     backend = keras.backend.backend()
-    if backend != "jax":
+    if backend not in _backends.SUPPORTED:
         raise ValueError(_errors.unsupported_backend(cls_name, backend))
 
 
@@ -49,8 +50,10 @@ class JaxLayer(keras.layers.Layer):
         state: a PyTree of initial non-trainable state (copied).
         seed: int seed of the RNG passed to `init_fn` and `call_fn`; two
             layers with the same seed initialise and train identically.
-        native_serialization_platforms: platforms for `jax2tf` on the
-            TensorFlow backend, accepted for compatibility.
+        native_serialization_platforms: platforms (`"cpu"`, `"cuda"`,
+            `"rocm"`, `"tpu"`) that `jax2tf` compiles for on the TensorFlow
+            backend, and so that `model.export` serves on; None for the
+            platform in use.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -115,7 +118,9 @@ class JaxLayer(keras.layers.Layer):
         self._state_tree = None
         self._input_record = None
         self._built_spec = None
-        self._forward_jit = jax.jit(self._forward, static_argnames="training")
+        self._runner = _backends.make_runner(
+            self._forward, native_serialization_platforms
+        )
         if params is not None or state is not None:
             self._create_weights(params, state)
 
@@ -150,9 +155,13 @@ class JaxLayer(keras.layers.Layer):
     def _init_rng(self):
         return _rng.key_from_seed(self.seed)
 
+    def _wants_seed(self, training):
+        """Whether a call in this mode is given a seed."""
+        return self.seed_generator is not None and training
+
     def _call_seed(self, training):
         """The seed for this call (None for no RNG), drawn outside `jit`."""
-        if self.seed_generator is None or not training:
+        if not self._wants_seed(training):
             return None
         return self.seed_generator.next()
 
@@ -269,18 +278,51 @@ class JaxLayer(keras.layers.Layer):
         )
 
     def call(self, inputs, training=False):
+        if _backends.is_meta(inputs):
+            # Keras' shape inference on PyTorch ("meta" tensors): shapes
+            # alone, nothing run, no state written.
+            spec = self._output_spec(inputs, training)
+            return _backends.meta_tensors(spec)
         seed = self._call_seed(bool(training))
-        outputs, new_state = self._forward_jit(
+        outputs, new_state = self._runner(
             _values(self._params_tree),
             _values(self._state_tree),
             seed,
             inputs,
             # Static: one trace per mode only if `call_fn` sees the mode.
             training=bool(training) and "training" in self.call_fn_arguments,
+            spec=self._built_spec,
         )
         if new_state is not None:
             self._state_tree.assign(new_state)
         return outputs
+
+    def compute_output_spec(self, inputs, training=False):
+        """The outputs' shapes, by `jax.eval_shape` on other backends.
+
+        (Keras' own way on TensorFlow and PyTorch runs the layer on real
+        or placeholder tensors of two made-up batch sizes.)
+        """
+        if _backends.name() == "jax":
+            return super().compute_output_spec(inputs, training=training)
+        try:
+            return self._output_spec(inputs, training)
+        except Exception:  # shapes alone do not do: run it as Keras would
+            return super().compute_output_spec(inputs, training=training)
+
+    def _output_spec(self, inputs, training):
+        training = bool(training)
+        seed = None
+        if self._wants_seed(training):
+            seed = jax.ShapeDtypeStruct((2,), "uint32")
+        return _backends.output_spec(
+            self._forward,
+            _specs(self._params_tree, self.compute_dtype),
+            _specs(self._state_tree, self.compute_dtype),
+            seed,
+            inputs,
+            training and "training" in self.call_fn_arguments,
+        )
 
     def _forward(self, param_values, state_values, seed, inputs, training):
         """The pure forward pass, jitted once per input signature.
@@ -291,7 +333,7 @@ class JaxLayer(keras.layers.Layer):
         args = {
             "params": _rebuild(self._params_tree, param_values),
             "state": _rebuild(self._state_tree, state_values),
-            "rng": self._rng_from_seed(seed),
+            "rng": self._rng_from_seed(_backends.key_data(seed)),
             "inputs": inputs,
             "training": training,
         }
@@ -355,6 +397,21 @@ _SEED_STATE = "seed_generator_state"
 
 def _values(tree):
     return None if tree is None else tree.values()
+
+
+def _specs(tree, compute_dtype):
+    """`ShapeDtypeStruct`s of the values a call reads from `tree`."""
+    if tree is None:
+        return None
+
+    def spec(variable):
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        if variable._autocast and floating:
+            dtype = compute_dtype
+        return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
+
+    return [spec(v) for v in tree.variables]
 
 
 def _rebuild(tree, values):

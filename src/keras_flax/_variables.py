@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from keras_flax import _backends
 from keras_flax import _errors
 
 
@@ -151,6 +152,7 @@ def _new_variable(layer, parts, value, trainable, autocast, factory=None):
     # A copy: arrays the user passed stay valid when Keras donates the
     # variables' buffers to a jitted train step.
     initial = jnp.array(value, dtype=dtype, copy=True)
+    initial = _backends.initial_value(initial)
     parts = parts or ("params" if trainable else "state",)
     with contextlib.ExitStack() as scopes:
         scopes.enter_context(keras.name_scope(layer.name, caller=layer))
@@ -283,13 +285,13 @@ class FlaxVariable(keras.Variable):
 
     def _direct_assign(self, value):
         super()._direct_assign(value)
-        if self._mirror is not None and not isinstance(value, jax.core.Tracer):
-            self._mirror(value)
+        if self._mirror is not None and _backends.is_concrete(value):
+            self._mirror(_backends.to_jax(value))
 
     def mirror(self):
         """Copies the current value into the mirror, if any."""
         if self._mirror is not None:
-            self._mirror(self.value)
+            self._mirror(_backends.to_jax(self.value))
 
 
 def flax_layout(path, axes):

@@ -1,0 +1,353 @@
+"""Running a layer's JAX function on the Keras backend in use.
+
+The function is pure JAX: `fn(params, state, seed, inputs, training)` ->
+`(outputs, new_state)`. How it runs depends on the backend:
+
+- JAX: `jax.jit`, one trace per input signature.
+- TensorFlow: `jax2tf.convert`, once per training mode, with a polymorphic
+  batch dimension (and a symbolic size for every other unknown dimension),
+  so that it runs inside Keras' `tf.function`s, `tf.GradientTape`
+  differentiates it, and `model.export` serialises it.
+- PyTorch: the tensors cross to JAX and back through DLPack (no copies on
+  one device) inside a `torch.autograd.Function` whose forward is the
+  jitted function and whose backward is its jitted `jax.vjp`.
+
+Nothing here imports TensorFlow or PyTorch unless that backend is in use.
+"""
+
+import functools
+import string
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+SUPPORTED = ("jax", "tensorflow", "torch")
+
+
+def name():
+    return keras.backend.backend()
+
+
+def make_runner(fn, native_serialization_platforms=None):
+    """A callable running `fn` on the current backend's tensors.
+
+    It takes `(params, state, seed, inputs, training, spec)`: lists of
+    weight values (backend tensors), the seed (or None), the inputs, the
+    static training flag and the `_inputs.Specs` the layer was built for.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        return _TensorFlowRunner(fn, native_serialization_platforms)
+    if backend == "torch":
+        return _TorchRunner(fn)
+    return _JaxRunner(fn)
+
+
+def key_data(seed):
+    """A Keras seed (`uint32`, or TF's `int64`, or torch's `int32`) as the
+    `uint32[2]` key data that `jax.random` takes."""
+    if seed is None or seed.dtype == jnp.uint32:
+        return seed
+    if seed.dtype == jnp.int32:  # torch: the bits of a uint32
+        return jax.lax.bitcast_convert_type(seed, jnp.uint32)
+    return seed.astype(jnp.uint32)
+
+
+def to_jax(value):
+    """A backend tensor (or variable value) as a JAX array.
+
+    Torch tensors are shared through DLPack; TensorFlow tensors are copied
+    through NumPy (used outside the compiled step only).
+    """
+    if isinstance(value, jax.Array):
+        return value
+    backend = name()
+    if backend == "torch":
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return _torch_to_jax(value)
+    elif backend == "tensorflow":
+        return jnp.asarray(keras.ops.convert_to_numpy(value))
+    return jnp.asarray(value)
+
+
+def initial_value(array):
+    """A JAX array as the initial value of a variable of the backend.
+
+    For torch, a tensor of torch's own allocation, aligned so that DLPack
+    hands it to JAX without a copy.
+    """
+    backend = name()
+    if backend == "jax":
+        return array
+    array = np.asarray(array)
+    if backend == "torch":
+        import torch
+
+        if array.dtype == jnp.bfloat16:  # not a NumPy dtype torch knows
+            return torch.from_numpy(array.astype("float32")).bfloat16()
+        return torch.tensor(array)  # a copy, in torch's own allocation
+    return array
+
+
+def is_concrete(value):
+    """Whether `value` holds numbers (not a tracer or a graph tensor)."""
+    if isinstance(value, jax.core.Tracer):
+        return False
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.is_symbolic_tensor(value)
+    if backend == "torch":
+        return getattr(getattr(value, "device", None), "type", "") != "meta"
+    return True
+
+
+def is_meta(inputs):
+    """Whether `inputs` are torch "meta" tensors (shapes, no data)."""
+    if name() != "torch":
+        return False
+    return any(
+        getattr(getattr(x, "device", None), "type", "") == "meta"
+        for x in jax.tree_util.tree_leaves(inputs)
+    )
+
+
+def meta_tensors(specs):
+    """Torch "meta" tensors for a structure of Keras tensors."""
+    import torch
+
+    return jax.tree_util.tree_map(
+        lambda s: torch.empty(
+            s.shape, dtype=getattr(torch, s.dtype), device="meta"
+        ),
+        specs,
+    )
+
+
+def output_spec(fn, params, state, seed, inputs, training):
+    """Keras tensors for what `fn` returns, from shapes alone.
+
+    `params`, `state`, `seed` and `inputs` are `jax.ShapeDtypeStruct`s or
+    Keras tensors; unknown sizes become symbolic dimensions (one shared
+    batch dimension) and come back as None.
+    """
+    scope = jax.export.SymbolicScope()
+    names = iter(f"d{i}" for i in range(1_000))
+
+    def symbolic(x):
+        dims = [
+            ("b" if i == 0 else next(names)) if d is None else str(d)
+            for i, d in enumerate(x.shape)
+        ]
+        if all(d is not None for d in x.shape):
+            shape = tuple(x.shape)
+        else:
+            shape = jax.export.symbolic_shape(", ".join(dims), scope=scope)
+        dtype = jnp.dtype(keras.backend.standardize_dtype(x.dtype))
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    inputs = jax.tree_util.tree_map(symbolic, inputs)
+    outputs, _ = jax.eval_shape(
+        functools.partial(fn, training=training), params, state, seed, inputs
+    )
+
+    def keras_tensor(out):
+        shape = tuple(d if isinstance(d, int) else None for d in out.shape)
+        return keras.KerasTensor(shape, dtype=out.dtype.name)
+
+    return jax.tree_util.tree_map(keras_tensor, outputs)
+
+
+# JAX.
+
+
+class _JaxRunner:
+    def __init__(self, fn):
+        self.jitted = jax.jit(fn, static_argnames="training")
+
+    def __call__(self, params, state, seed, inputs, training, spec):
+        return self.jitted(params, state, seed, inputs, training=training)
+
+
+# TensorFlow.
+
+
+def polymorphic_shape(spec, names):
+    """`jax2tf` shape text for a `Spec`: "b" for the batch dimension, a
+    fresh name from `names` for each other unknown size."""
+    dims = []
+    for i, size in enumerate(spec.shape):
+        if i == 0:
+            dims.append("b")
+        elif size is None:
+            dims.append(next(names))
+        else:
+            dims.append(str(size))
+    return "(" + ", ".join(dims) + ")"
+
+
+class _TensorFlowRunner:
+    def __init__(self, fn, platforms):
+        self._fn = fn
+        self._platforms = platforms
+        self._converted = {}
+
+    def __call__(self, params, state, seed, inputs, training, spec):
+        leaves, treedef = jax.tree_util.tree_flatten(inputs)
+        key = (training, treedef)
+        if key not in self._converted:
+            self._converted[key] = self._convert(training, treedef, spec)
+        if seed is not None:
+            import tensorflow as tf
+
+            seed = tf.cast(seed, tf.uint32)
+        return self._converted[key](params, state, seed, leaves)
+
+    def _convert(self, training, treedef, spec):
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+
+        fn = self._fn
+
+        def flat_fn(params, state, seed, leaves):
+            inputs = jax.tree_util.tree_unflatten(treedef, leaves)
+            return fn(params, state, seed, inputs, training=training)
+
+        names = iter(string.ascii_lowercase[:-1].replace("b", ""))
+        shapes = [polymorphic_shape(s, names) for s in spec.leaves()]
+        kwargs = {"polymorphic_shapes": [None, None, None, shapes]}
+        if self._platforms is not None:
+            kwargs["native_serialization_platforms"] = tuple(self._platforms)
+        converted = jax2tf.convert(flat_fn, **kwargs)
+        # Traced once per input signature (eager calls included: jax2tf
+        # alone would export the function again at every call); inside
+        # Keras' own `tf.function`s it is inlined. AutoGraph cannot convert
+        # what jax2tf returns.
+        return tf.function(converted, autograph=False, reduce_retracing=True)
+
+
+# PyTorch.
+
+
+def _torch_to_jax(tensor):
+    tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return jax.dlpack.from_dlpack(tensor)
+
+
+def _jax_to_torch(array):
+    import torch
+
+    return torch.from_dlpack(array)
+
+
+def _is_float(dtype):
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+class _TorchRunner:
+    def __init__(self, fn):
+        self._fn = fn
+        self._jitted = jax.jit(fn, static_argnames="training")
+        self._forward_with_vjp = jax.jit(
+            self._with_vjp, static_argnames=("treedef", "mask", "training")
+        )
+        self._backward = jax.jit(lambda vjp, cotangents: vjp(cotangents)[0])
+        self._output_treedefs = {}
+
+    def __call__(self, params, state, seed, inputs, training, spec):
+        import torch
+
+        args = (params, state, seed, inputs)
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        mask = tuple(
+            bool(torch.is_grad_enabled() and t.requires_grad)
+            and t.is_floating_point()
+            for t in leaves
+        )
+        if not any(mask):  # nothing to differentiate: forward only
+            arrays = [to_jax(t) for t in leaves]
+            args = jax.tree_util.tree_unflatten(treedef, arrays)
+            outputs = self._jitted(*args, training=training)
+            return jax.tree_util.tree_map(_jax_to_torch, outputs)
+        key = (treedef, mask, training)
+        flat = _torch_function().apply(self, key, *leaves)
+        return jax.tree_util.tree_unflatten(self._output_treedefs[key], flat)
+
+    def _with_vjp(self, diff, rest, treedef, mask, training):
+        """The outputs, flat, and the `vjp` of the `diff` leaves."""
+
+        def flat_fn(diff):
+            leaves = _merge(diff, rest, mask)
+            args = jax.tree_util.tree_unflatten(treedef, leaves)
+            outputs = self._fn(*args, training=training)
+            flat, out_treedef = jax.tree_util.tree_flatten(outputs)
+            self._output_treedefs[(treedef, mask, training)] = out_treedef
+            return flat
+
+        return jax.vjp(flat_fn, diff)
+
+    def forward(self, key, tensors):
+        treedef, mask, training = key
+        arrays = [_torch_to_jax(t) for t in tensors]
+        diff = [a for a, m in zip(arrays, mask) if m]
+        rest = [a for a, m in zip(arrays, mask) if not m]
+        flat, vjp = self._forward_with_vjp(
+            diff, rest, treedef=treedef, mask=mask, training=training
+        )
+        return flat, vjp
+
+    def backward(self, vjp, outputs, grads):
+        cotangents = [
+            _zeros_like(out) if g is None else _torch_to_jax(g)
+            for out, g in zip(outputs, grads)
+        ]
+        return self._backward(vjp, cotangents)
+
+
+def _merge(diff, rest, mask):
+    diff, rest = iter(diff), iter(rest)
+    return [next(diff) if m else next(rest) for m in mask]
+
+
+def _zeros_like(spec):
+    shape, dtype = spec
+    if _is_float(dtype):
+        return jnp.zeros(shape, dtype)
+    return np.zeros(shape, jax.dtypes.float0)
+
+
+@functools.cache
+def _torch_function():
+    """The `torch.autograd.Function` (torch is imported on first use)."""
+    import torch
+
+    class JaxFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, runner, key, *tensors):
+            flat, vjp = runner.forward(key, tensors)
+            ctx.runner, ctx.vjp, ctx.mask = runner, vjp, key[1]
+            ctx.outputs = [(a.shape, a.dtype) for a in flat]
+            outputs = tuple(_jax_to_torch(a) for a in flat)
+            ctx.mark_non_differentiable(
+                *(t for t, a in zip(outputs, flat) if not _is_float(a.dtype))
+            )
+            return outputs
+
+        @staticmethod
+        def backward(ctx, *grads):
+            grads = ctx.runner.backward(ctx.vjp, ctx.outputs, grads)
+            grads = iter(grads)
+            return (
+                None,
+                None,
+                *(_jax_to_torch(next(grads)) if m else None for m in ctx.mask),
+            )
+
+    return JaxFunction

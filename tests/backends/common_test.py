@@ -1,0 +1,232 @@
+"""The same behaviour on every backend, against plain Flax / JAX / optax.
+
+Run once per backend (see conftest.py); ground truth is computed in JAX
+from the layer's own initial variables.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+from flax import nnx
+
+from keras_flax import FlaxLayer
+from keras_flax import JaxLayer
+from tests import modules
+from tests import nnx_modules
+from tests.conftest import assert_trees_close
+from tests.conftest import data
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _mse_sgd_reference(module, variables, batches, lr, **kwargs):
+    """Plain `jax.grad` + `optax.sgd` over `batches`; returns the params."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params, x, y):
+        out = module.apply({**rest, "params": params}, x, **kwargs)
+        if "mutable" in kwargs:
+            out, _ = out
+        return jnp.mean((out - y) ** 2)
+
+    params = variables["params"]
+    optimizer = optax.sgd(lr)
+    opt_state = optimizer.init(params)
+    for x, y in batches:
+        grads = jax.grad(loss)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_fit_predict_evaluate_equal_plain_flax_and_optax():
+    x, y = data(32, 5), data(32, 4, seed=1)
+    module = modules.MLP()
+    layer = FlaxLayer(module, seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    initial = layer.flax_variables
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    want = _mse_sgd_reference(module, initial, batches, 0.1)
+    assert_trees_close(layer.flax_variables["params"], want, rtol=1e-4)
+    # Any batch size: the batch dimension is polymorphic.
+    for n in (3, 32):
+        np.testing.assert_allclose(
+            model.predict(x[:n], verbose=0),
+            module.apply({"params": want}, x[:n]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    loss = model.evaluate(x, y, verbose=0)
+    out = module.apply({"params": want}, x)
+    np.testing.assert_allclose(loss, np.mean((out - y) ** 2), rtol=1e-5)
+
+
+def test_unknown_sequence_length_with_integer_inputs():
+    module = modules.Embedder()
+    inputs = keras.Input((None,), dtype="int32")
+    layer = FlaxLayer(module, seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    for length in (5, 7):
+        ids = np.random.default_rng(length).integers(0, 50, (4, length))
+        np.testing.assert_allclose(
+            model.predict(ids.astype("int32"), verbose=0),
+            module.apply(layer.flax_variables, ids),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_batch_norm_statistics_update_in_fit_as_in_flax():
+    x, y = data(16, 5), data(16, 1, seed=1)
+    module = modules.BatchNormOnly()
+    layer = FlaxLayer(module, seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    initial = layer.flax_variables
+    model.train_on_batch(x, y)
+
+    _, updated = module.apply(
+        initial, x, training=True, mutable=["batch_stats"]
+    )
+    after = layer.flax_variables
+    assert_trees_close(after["batch_stats"], updated["batch_stats"])
+    want = _mse_sgd_reference(
+        module,
+        initial,
+        [(x, y)],
+        0.1,
+        training=True,
+        mutable=["batch_stats"],
+    )
+    assert_trees_close(after["params"], want, rtol=1e-4)
+    # Inference uses the running averages and leaves them alone.
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0),
+        module.apply(after, x, training=False),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert_trees_close(
+        layer.flax_variables["batch_stats"], after["batch_stats"]
+    )
+
+
+def _masks(seed, steps=2):
+    layer = FlaxLayer(modules.MaskRecorder(), seed=seed)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile("sgd", "mse")
+    masks = []
+    for step in range(steps):
+        model.train_on_batch(data(4, 3, seed=step), data(4, 1))
+        masks.append(np.asarray(layer.flax_variables["masks"]["last"]))
+    return masks
+
+
+def test_dropout_mask_is_fresh_every_step_and_reproducible_with_seed():
+    first, second = _masks(seed=3)
+    for mask in (first, second):
+        assert set(np.unique(mask)) == {0.0, 2.0}  # real dropout, rate 0.5
+    assert not np.array_equal(first, second)
+    again = _masks(seed=3)
+    np.testing.assert_array_equal(again[0], first)
+    np.testing.assert_array_equal(again[1], second)
+    assert not np.array_equal(_masks(seed=4)[0], first)
+
+
+def test_jax_layer_with_state_and_rng():
+    x = data(8, 4)
+    layer = JaxLayer(modules.stateful_call, modules.stateful_init, seed=0)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile("sgd", "mse")
+    model.train_on_batch(x, data(8, 3, seed=1))
+    model.train_on_batch(x, data(8, 3, seed=1))
+    assert int(numpy(layer.state["steps"])) == 2  # int state, written back
+    assert np.abs(numpy(layer.state["mean"])).sum() > 0
+    params = jax.tree.map(lambda v: jnp.asarray(numpy(v)), layer.params)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0),
+        modules.dense_call(params, x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_nnx_module_trains_like_nnx_and_the_module_follows():
+    x, y = data(8, 4), data(8, 2, seed=1)
+    layer = FlaxLayer(nnx_modules.MLP(nnx.Rngs(0)))
+    reference = nnx.clone(layer.module)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.train_on_batch(x, y)
+
+    def loss(module):
+        return jnp.mean((module(x) - y) ** 2)
+
+    grads = nnx.grad(loss)(reference)
+    params = nnx.state(reference, nnx.Param)
+    nnx.update(reference, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads))
+    assert_trees_close(
+        nnx.state(layer.module, nnx.Param), nnx.state(reference, nnx.Param)
+    )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), reference(x), rtol=1e-5, atol=1e-6
+    )
+
+
+LOADER = """
+import json, sys
+import numpy as np
+import keras
+import keras_flax
+import tests.modules  # the module's code, trusted
+model = keras.models.load_model(sys.argv[1])
+x = np.load(sys.argv[2])
+print(keras.backend.backend(), json.dumps(model.predict(x, verbose=0).tolist()))
+"""
+
+
+def test_keras_file_loads_in_a_new_process(tmp_path):
+    x, y = data(16, 5), data(16, 2, seed=1)
+    layer = FlaxLayer(modules.BatchNormDropout(), seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile("adam", "mse")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    model.save(str(tmp_path / "model.keras"))
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(LOADER),
+            str(tmp_path / "model.keras"),
+            str(tmp_path / "x.npy"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend, predictions = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert backend == keras.backend.backend()
+    np.testing.assert_array_equal(
+        np.asarray(json.loads(predictions), "float32"),
+        model.predict(x, verbose=0),
+    )

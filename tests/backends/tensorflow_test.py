@@ -1,0 +1,70 @@
+"""TensorFlow only: jax2tf conversion, tracing and `model.export`."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_flax import FlaxLayer
+from keras_flax import JaxLayer
+from tests import modules
+from tests.conftest import data
+
+
+def _xla_call_modules(function):
+    graph = function.graph.as_graph_def()
+    nodes = list(graph.node)
+    nodes += [n for f in graph.library.function for n in f.node_def]
+    return [n for n in nodes if n.op == "XlaCallModule"]
+
+
+def test_export_serves_what_predict_returns(tmp_path):
+    layer = FlaxLayer(modules.BatchNormDropout(), seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile("adam", "mse")
+    model.fit(data(16, 5), data(16, 2), epochs=2, batch_size=8, verbose=0)
+    model.export(str(tmp_path / "served"), verbose=False)
+
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    for n in (1, 7):
+        x = data(n, 5, seed=n)
+        np.testing.assert_allclose(
+            served.serve(x).numpy(),
+            model.predict(x, verbose=0),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    spec = tf.TensorSpec((None, 5), tf.float32)
+    calls = _xla_call_modules(served.serve.get_concrete_function(spec))
+    assert calls
+    for call in calls:  # the function and its gradient
+        assert list(call.attr["platforms"].list.s) == [b"CPU"]
+
+
+def test_native_serialization_platforms_reach_the_exported_module(tmp_path):
+    layer = JaxLayer(
+        modules.dense_call,
+        modules.dense_init,
+        seed=0,
+        native_serialization_platforms=("cpu", "tpu"),
+    )
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.export(str(tmp_path / "served"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    x = data(3, 4)
+    np.testing.assert_allclose(
+        served.serve(x).numpy(), model.predict(x, verbose=0), rtol=1e-6
+    )
+    spec = tf.TensorSpec((None, 4), tf.float32)
+    calls = _xla_call_modules(served.serve.get_concrete_function(spec))
+    assert calls
+    for call in calls:
+        assert list(call.attr["platforms"].list.s) == [b"CPU", b"TPU"]
+
+
+def test_eager_calls_are_converted_once_and_traced_once_per_signature():
+    layer = FlaxLayer(modules.MLP(), seed=0)
+    for n in (2, 3, 5, 9):
+        layer(data(n, 5))
+    (converted,) = layer._runner._converted.values()
+    # The first batch size, then one trace with an unknown batch size.
+    assert converted.experimental_get_tracing_count() <= 2
