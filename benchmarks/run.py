@@ -211,15 +211,15 @@ def hand_written(cls, shape, batch, steps):
 # (B) and (C): Keras models.
 
 
-def keras_model(cls, shape, builtin=False, spe=1):
+def keras_model(cls, shape, builtin=False, spe=1, packed=False):
     if is_nnx(cls):
-        layer = FlaxLayer(cls(nnx.Rngs(0)))
+        layer = FlaxLayer(cls(nnx.Rngs(0)), pack_weights=packed)
     elif builtin:
         layer = keras.layers.FlaxLayer(
             cls(), variables=linen_variables(cls, shape)
         )
     else:
-        layer = FlaxLayer(cls(), seed=0)
+        layer = FlaxLayer(cls(), seed=0, pack_weights=packed)
     model = keras.Sequential([keras.Input(shape), layer])
     model.compile(
         keras.optimizers.Adam(1e-3),
@@ -256,6 +256,8 @@ def steady_state(name, repeats, steps):
     for spe in (1, 8):
         model, _ = keras_model(cls, shape, spe=spe)
         runners[f"B{spe}"] = fit_runner(model, shape, batch, steps)
+        model, _ = keras_model(cls, shape, spe=spe, packed=True)
+        runners[f"P{spe}"] = fit_runner(model, shape, batch, steps)
         if not is_nnx(cls):
             model, _ = keras_model(cls, shape, builtin=True, spe=spe)
             runners[f"C{spe}"] = fit_runner(model, shape, batch, steps)
@@ -273,9 +275,11 @@ def serving(name, repeats):
     _, cls, shape, batch = WORKLOADS[name]
     x, _ = make_data(shape, batch, 8)
     results = {}
-    variants = [("B", False)] + ([] if is_nnx(cls) else [("C", True)])
-    for key, builtin in variants:
-        model, layer = keras_model(cls, shape, builtin=builtin)
+    variants = [("B", False, False), ("P", False, True)]
+    if not is_nnx(cls):
+        variants.append(("C", True, False))
+    for key, builtin, packed in variants:
+        model, layer = keras_model(cls, shape, builtin=builtin, packed=packed)
         results[f"predict_{key}"] = len(x) / median_time(
             lambda m=model: m.predict(x, batch_size=batch, verbose=0), repeats
         )
@@ -366,18 +370,22 @@ def report(results, machine, quick):
         f"{', --quick' if quick else ''}.",
         "",
         "Per training step (ms, medians). A: hand-written jit + optax loop; "
-        "B: keras_flax.FlaxLayer in fit; C: keras.layers.FlaxLayer in fit; "
+        "B: keras_flax.FlaxLayer in fit; P: the same with "
+        "`pack_weights=True`; C: keras.layers.FlaxLayer in fit; "
         "1 / 8: steps_per_execution.",
         "",
-        "| workload | A | B1 | B8 | C1 | C8 | B1/A | B8/A | B1/C1 | B8/C8 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | A | B1 | B8 | P1 | P8 | C1 | C8 | B1/A | B8/A "
+        "| P1/A | P8/A | B1/C1 | B8/C8 |",
+        "|" + " --- |" * 14,
     ]
     for name, r in results.items():
         s = r["steps"]
         lines.append(
             f"| {name} {WORKLOADS[name][0]} | {ms(s['A'])} | {ms(s['B1'])} | "
-            f"{ms(s['B8'])} | {ms(s.get('C1'))} | {ms(s.get('C8'))} | "
+            f"{ms(s['B8'])} | {ms(s['P1'])} | {ms(s['P8'])} | "
+            f"{ms(s.get('C1'))} | {ms(s.get('C8'))} | "
             f"{ratio(s['B1'], s['A'])} | {ratio(s['B8'], s['A'])} | "
+            f"{ratio(s['P1'], s['A'])} | {ratio(s['P8'], s['A'])} | "
             f"{ratio(s['B1'], s.get('C1'))} | {ratio(s['B8'], s.get('C8'))} |"
         )
     lines += [
@@ -387,9 +395,9 @@ def report(results, machine, quick):
         "latency (ms) against a jitted `module.apply`.",
         "",
         "| workload | first A | first B | first C | peak B | peak C "
-        "| predict B | predict C | eager B | eager C | jit apply "
-        "| eager B / jit |",
-        "|" + " --- |" * 12,
+        "| predict B | predict C | eager B | eager P | eager C | jit apply "
+        "| eager B / jit | eager P / jit |",
+        "|" + " --- |" * 14,
     ]
     for name, r in results.items():
         f, v = r["first"], r["serving"]
@@ -405,8 +413,10 @@ def report(results, machine, quick):
             f"{first('B', 'peak_mb')} | {first('C', 'peak_mb')} | "
             f"{v['predict_B']:.0f} | "
             f"{v.get('predict_C', 0) and round(v['predict_C']) or '-'} | "
-            f"{ms(v['eager_B'])} | {ms(v.get('eager_C'))} | "
-            f"{ms(v['jit_apply'])} | {ratio(v['eager_B'], v['jit_apply'])} |"
+            f"{ms(v['eager_B'])} | {ms(v['eager_P'])} | "
+            f"{ms(v.get('eager_C'))} | {ms(v['jit_apply'])} | "
+            f"{ratio(v['eager_B'], v['jit_apply'])} | "
+            f"{ratio(v['eager_P'], v['jit_apply'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -374,3 +374,31 @@ def _quoted(names):
 
 def _more(items, shown):
     return f" (and {len(items) - shown} more)" if len(items) > shown else ""
+
+
+# Packed weights.
+
+
+def not_a_bool(arg, value):
+    return (
+        f"`{arg}` must be True or False. Received: {arg}={describe(value)}. "
+        f"Pass {arg}=True or {arg}=False."
+    )
+
+
+def packing_under_model_parallel():
+    return (
+        "`pack_weights=True` keeps each dtype's leaves in one replicated "
+        "variable, so a `keras.distribution.ModelParallel` layout cannot "
+        "shard them. Received: pack_weights=True under ModelParallel. Pass "
+        "pack_weights=False (the default) to shard weights by their Flax "
+        "paths, or use DataParallel."
+    )
+
+
+def weights_count_mismatch(layer_name, expected, received):
+    return (
+        f"The weights file for layer '{layer_name}' must hold one array per "
+        f"leaf of the model: {expected}. Received: {received} arrays. Load "
+        "a file saved from a layer wrapping the same model (packed or not)."
+    )

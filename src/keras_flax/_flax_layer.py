@@ -50,8 +50,11 @@ class FlaxLayer(JaxLayer):
             module. Default: `("dropout", "params")`, through which any
             stream the module asks for works.
         **kwargs: `seed` (int: reproducible initialisation and RNGs; for
-            NNX, the module's RNG streams are reseeded from it) and the
-            Keras layer arguments (`name`, `dtype`, `trainable`, ...).
+            NNX, the module's RNG streams are reseeded from it),
+            `pack_weights` (bool: hold all leaves of one dtype in one Keras
+            variable; see `JaxLayer`), `native_serialization_platforms`
+            (TensorFlow backend) and the Keras layer arguments (`name`,
+            `dtype`, `trainable`, ...).
 
     Call arguments:
         inputs: a JAX array or a PyTree of arrays.
@@ -234,8 +237,8 @@ class FlaxLayer(JaxLayer):
     def _uses_rng(self):
         return not self._is_nnx
 
-    def _variable_factory(self, parts):
-        return self._model.variable_factory(parts)
+    def _variable_metadata(self, parts):
+        return self._model.variable_metadata(parts)
 
     def _variable_name(self, trainable, parts):
         if self._is_nnx:

@@ -7,6 +7,7 @@ state -> assigned back. `FlaxLayer` only adapts a module to this protocol.
 
 import jax
 import keras
+import numpy as np
 
 from keras_flax import _backends
 from keras_flax import _errors
@@ -54,6 +55,15 @@ class JaxLayer(keras.layers.Layer):
             `"rocm"`, `"tpu"`) that `jax2tf` compiles for on the TensorFlow
             backend, and so that `model.export` serves on; None for the
             platform in use.
+        pack_weights: if True, the leaves of each dtype are held in one
+            flat Keras variable ("pack"; trainable and non-trainable apart)
+            instead of one variable each, which removes Keras' per-step
+            work per variable for modules with many leaves. `params` and
+            `state` then hold views with the leaves' paths, shapes,
+            `value` and `assign`; weights files are the same as without
+            packing. Optimizers that treat each variable as a whole
+            (`clipnorm`, weight-decay exclusions by name, Adafactor,
+            LAMB) see one variable per pack; refused under `ModelParallel`.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -86,9 +96,12 @@ class JaxLayer(keras.layers.Layer):
         state=None,
         seed=None,
         native_serialization_platforms=None,
+        pack_weights=False,
         **kwargs,
     ):
         check_backend(type(self).__name__)
+        if not isinstance(pack_weights, bool):
+            raise TypeError(_errors.not_a_bool("pack_weights", pack_weights))
         call_arguments = _signatures.function_arguments(
             call_fn, "call_fn", _signatures.CALL_FN_ARGUMENTS
         )
@@ -108,6 +121,7 @@ class JaxLayer(keras.layers.Layer):
         self.call_fn_has_params = "params" in call_arguments
         self.call_fn_has_state = "state" in call_arguments
         self.seed = seed
+        self.pack_weights = pack_weights
         self.jax2tf_native_serialization_platforms = (
             native_serialization_platforms
         )
@@ -148,9 +162,11 @@ class JaxLayer(keras.layers.Layer):
         """Name parts of a variable from its path in `params` / `state`."""
         return parts if trainable else ("state", *parts)
 
-    def _variable_factory(self, parts):
-        """The class (or factory) of the variable at path `parts`."""
-        return keras.Variable
+    def _variable_metadata(self, parts):
+        """What is known of the variable at path `parts`: its Flax
+        partitioning `axes` and the `mirror` its values are copied into
+        (see `_variables.FlaxVariable`), or None."""
+        return None
 
     def _init_rng(self):
         return _rng.key_from_seed(self.seed)
@@ -182,13 +198,16 @@ class JaxLayer(keras.layers.Layer):
     def _variable_tree(self, values, trainable):
         if values is None:
             return None
+        if self.pack_weights:
+            _check_packing_allowed()
         return _variables.VariableTree(
             self,
             values,
             trainable=trainable,
             name_fn=lambda parts: self._variable_name(trainable, parts),
             autocast=trainable,
-            factory_fn=self._variable_factory,
+            metadata_fn=self._variable_metadata,
+            packed=self.pack_weights,
         )
 
     def _split_init_result(self, result):
@@ -330,9 +349,12 @@ class JaxLayer(keras.layers.Layer):
         Returns the outputs and the new state values in leaf order, with
         `None` for leaves the call left unchanged (not written back).
         """
+        state_leaves = _leaves(self._state_tree, state_values)
         args = {
             "params": _rebuild(self._params_tree, param_values),
-            "state": _rebuild(self._state_tree, state_values),
+            "state": None
+            if state_leaves is None
+            else self._state_tree.unflatten_leaves(state_leaves),
             "rng": self._rng_from_seed(_backends.key_data(seed)),
             "inputs": inputs,
             "training": training,
@@ -342,16 +364,18 @@ class JaxLayer(keras.layers.Layer):
             return result, None
         outputs, new_state = _unpack_stateful(result)
         _variables.check_state_structure("call_fn", new_state, self._state_tree)
-        new_values = self._state_tree.leaves_of(new_state)
-        return outputs, [
-            None if new is old else new
-            for new, old in zip(new_values, state_values)
-        ]
+        new_leaves = self._state_tree.leaves_of(new_state)
+        return outputs, self._state_tree.updates(new_leaves, state_leaves)
 
     # Serialization.
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)
+        if self.pack_weights and self.built:
+            # Leaf by leaf, as without packing: the files are the same.
+            for i, value in enumerate(self._leaf_values()):
+                store[str(i)] = value
+        else:
+            super().save_own_variables(store)
         if self.seed_generator is not None:
             # Keras does not save seed generators; resumed training must
             # draw the same randomness as uninterrupted training.
@@ -362,11 +386,39 @@ class JaxLayer(keras.layers.Layer):
             if self.seed_generator is not None:
                 self.seed_generator.state.assign(store[_SEED_STATE])
             store = {k: store[k] for k in store.keys() if k != _SEED_STATE}
-        super().load_own_variables(store)
+        if self.pack_weights and self.built:
+            self._load_leaves(store)
+        else:
+            super().load_own_variables(store)
+
+    def _leaf_values(self):
+        """Every leaf's value, trainable then non-trainable, leaf order."""
+        values = []
+        for tree in (self._params_tree, self._state_tree):
+            if tree is not None:
+                leaves = tree.leaves([np.asarray(v) for v in tree.values()])
+                values.extend(leaves)
+        return values
+
+    def _load_leaves(self, store):
+        trees = [t for t in (self._params_tree, self._state_tree) if t]
+        specs = [spec for tree in trees for spec in tree.leaf_specs()]
+        if len(store.keys()) != len(specs):
+            raise ValueError(
+                _errors.weights_count_mismatch(
+                    self.name, len(specs), len(store.keys())
+                )
+            )
+        arrays = iter(np.asarray(store[str(i)]) for i in range(len(specs)))
+        for tree in trees:
+            leaves = [next(arrays) for _ in tree.leaf_specs()]
+            values = tree.updates(leaves, [None] * len(leaves))
+            tree.assign([np.asarray(v) for v in values])
 
     def get_config(self):
         config = {
             "seed": self.seed,
+            "pack_weights": self.pack_weights,
             "native_serialization_platforms": (
                 self.jax2tf_native_serialization_platforms
             ),
@@ -411,7 +463,17 @@ def _specs(tree, compute_dtype):
             dtype = compute_dtype
         return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
 
-    return [spec(v) for v in tree.variables]
+    return [spec(v) for v in tree.variables]  # the variables, packed or not
+
+
+def _leaves(tree, values):
+    return None if tree is None else tree.leaves(values)
+
+
+def _check_packing_allowed():
+    distribution = keras.distribution.distribution()
+    if isinstance(distribution, keras.distribution.ModelParallel):
+        raise ValueError(_errors.packing_under_model_parallel())
 
 
 def _rebuild(tree, values):

@@ -7,7 +7,6 @@ adds what is Flax-specific on top of `JaxLayer`: names without the implied
 """
 
 import collections.abc
-import functools
 
 import flax
 import flax.linen as nn
@@ -93,11 +92,10 @@ class LinenModel:
             axes["/".join(_variables.path_parts(path))] = tuple(names)
         return axes
 
-    def variable_factory(self, parts):
-        """Keras variables laid out after the module's partitioning."""
-        return functools.partial(
-            _variables.FlaxVariable, axes=self.axes.get("/".join(parts))
-        )
+    def variable_metadata(self, parts):
+        """`FlaxVariable` arguments: laid out after the module's
+        partitioning."""
+        return {"axes": self.axes.get("/".join(parts)), "mirror": None}
 
     def _training_kwargs(self, training):
         return {"training": training} if self.takes_training else {}

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from keras_flax import _rng
-from keras_flax import _variables
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -58,18 +57,17 @@ class NNXModel:
         _, new_params, new_state = nnx.split(module, nnx.Param, ...)
         return outputs, new_params, new_state
 
-    def variable_factory(self, parts):
-        """Keras variables mirrored into the user's module's Variables,
-        laid out after their sharding metadata."""
+    def variable_metadata(self, parts):
+        """`FlaxVariable` arguments: mirrored into the user's module's
+        Variables, laid out after their sharding metadata."""
         key = "/".join(variable_name(parts))
         target = self._targets.get(key)
-        return functools.partial(
-            _variables.FlaxVariable,
-            axes=_sharding(target),
-            mirror=None
+        return {
+            "axes": _sharding(target),
+            "mirror": None
             if target is None
             else functools.partial(_write, target),
-        )
+        }
 
     def created_variables(self, params, state, inputs):
         """Paths of variables that a call creates (a lazily built module).

@@ -9,6 +9,7 @@ ends in `Dense_0/kernel`: `keras.distribution.LayoutMap` keys and
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,22 +52,35 @@ def _is_typed_key(value):
 
 
 class VariableTree:
-    """A PyTree whose array leaves are Keras variables of one layer.
+    """A PyTree whose array leaves are held in Keras variables of one layer.
+
+    Each array leaf is a variable of its own, named after its path, or,
+    with `packed=True`, a view into one flat variable per dtype ("pack"),
+    so that a module with hundreds of leaves costs Keras' per-step work of
+    a few variables.
 
     Attributes:
-        tree: the PyTree with `keras.Variable` leaves (and static leaves).
-        variables: the Keras variables, in PyTree leaf order.
-        names: the path of each variable inside the tree, as a string.
+        tree: the PyTree with a `keras.Variable` (or a `PackedLeaf` view)
+            at each array leaf, and its static leaves.
+        variables: the Keras variables.
+        names: the path of each leaf inside the tree, as a string.
     """
 
     def __init__(
-        self, layer, values, trainable, name_fn, autocast=True, factory_fn=None
+        self,
+        layer,
+        values,
+        trainable,
+        name_fn,
+        autocast=True,
+        metadata_fn=None,
+        packed=False,
     ):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
         self._static = []
         self._key_impls = []
-        self.variables = []
         self.names = []
+        arrays, metadata, parts_list = [], [], []
         for keypath, leaf in leaves:
             if not (is_array_leaf(leaf) or _is_typed_key(leaf)):
                 self._static.append(leaf)
@@ -76,25 +90,82 @@ class VariableTree:
             self._key_impls.append(
                 jax.random.key_impl(leaf) if _is_typed_key(leaf) else None
             )
-            factory = factory_fn(path_parts(keypath)) if factory_fn else None
-            self.variables.append(
-                _new_variable(layer, parts, leaf, trainable, autocast, factory)
-            )
+            arrays.append(_initial_array(layer, leaf))
+            metadata.append(metadata_fn and metadata_fn(path_parts(keypath)))
+            parts_list.append(parts)
             self.names.append(path_text(parts))
-        self.tree = self._unflatten(self.variables)
+        self._leaf_specs = [(a.shape, a.dtype) for a in arrays]
+        self._slots = None
+        if packed:
+            self._pack(layer, arrays, metadata, parts_list, trainable, autocast)
+        else:
+            self.variables = [
+                _new_variable(layer, parts, a, trainable, autocast, meta)
+                for parts, a, meta in zip(parts_list, arrays, metadata)
+            ]
+            self.tree = self._unflatten(self.variables)
+
+    def _pack(self, layer, arrays, metadata, parts_list, trainable, autocast):
+        """One flat variable per dtype; `_slots[i]` is leaf i's place."""
+        groups = {}  # dtype -> leaf indices, in order of first appearance
+        for i, a in enumerate(arrays):
+            groups.setdefault(jnp.dtype(a.dtype), []).append(i)
+        self._slots = [None] * len(arrays)
+        self.variables = []
+        for g, (dtype, indices) in enumerate(groups.items()):
+            offset, mirrors = 0, []
+            for i in indices:
+                size = int(np.prod(arrays[i].shape, dtype=np.int64))
+                self._slots[i] = (g, offset, size, arrays[i].shape)
+                mirror = (metadata[i] or {}).get("mirror")
+                if mirror is not None:
+                    mirrors.append((offset, size, arrays[i].shape, mirror))
+                offset += size
+            flat = jnp.concatenate(
+                [arrays[i].reshape(-1) for i in indices]
+            ).astype(dtype)
+            parts = ("packed", dtype.name)
+            if not trainable:
+                parts = ("state", *parts)
+            meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
+            self.variables.append(
+                _new_variable(layer, parts, flat, trainable, autocast, meta)
+            )
+        views = [
+            PackedLeaf(self.variables[g], offset, size, shape, layer, name)
+            for (g, offset, size, shape), name in zip(self._slots, self.names)
+        ]
+        self.tree = self._unflatten(views)
+
+    @property
+    def packed(self):
+        return self._slots is not None
 
     def values(self):
-        """The current values of the variables, in leaf order."""
+        """The current values of the variables."""
         return [variable.value for variable in self.variables]
 
+    def leaves(self, values):
+        """The array leaves, in leaf order, from the variables' `values`."""
+        if self._slots is None:
+            return list(values)
+        return [
+            values[g][offset : offset + size].reshape(shape)
+            for g, offset, size, shape in self._slots
+        ]
+
     def rebuild(self, values):
-        """The PyTree with `values` in place of the variables.
+        """The PyTree with the variables' `values` at its leaves.
 
         Key data held for typed PRNG keys is wrapped back into keys.
         """
+        return self.unflatten_leaves(self.leaves(values))
+
+    def unflatten_leaves(self, leaves):
+        """The PyTree of array `leaves` (leaf order)."""
         return self._unflatten(
             jax.random.wrap_key_data(v, impl=impl) if impl else v
-            for v, impl in zip(values, self._key_impls)
+            for v, impl in zip(leaves, self._key_impls)
         )
 
     def _unflatten(self, values):
@@ -115,8 +186,41 @@ class VariableTree:
             if s is _VARIABLE
         ]
 
+    def updates(self, new_leaves, old_leaves):
+        """New values for the variables, `None` for those left unchanged.
+
+        A leaf is unchanged when a call returns the very array it was
+        given (or `None`); a pack is written when any of its leaves changed.
+        """
+        changed = [
+            None if new is None or new is old else new
+            for new, old in zip(new_leaves, old_leaves)
+        ]
+        if self._slots is None:
+            return changed
+        updates = [None] * len(self.variables)
+        for g, variable in enumerate(self.variables):
+            members = [i for i, slot in enumerate(self._slots) if slot[0] == g]
+            if all(changed[i] is None for i in members):
+                continue
+            dtype = jnp.dtype(keras.backend.standardize_dtype(variable.dtype))
+            updates[g] = jnp.concatenate(
+                [
+                    jnp.reshape(
+                        old_leaves[i] if changed[i] is None else changed[i],
+                        (-1,),
+                    ).astype(dtype)
+                    for i in members
+                ]
+            )
+        return updates
+
+    def leaf_specs(self):
+        """`(shape, dtype)` of each array leaf, in leaf order."""
+        return list(self._leaf_specs)
+
     def assign(self, values):
-        """Assigns `values` (leaf order, `None` to skip) to the variables."""
+        """Assigns `values` (`None` to skip) to the variables."""
         for variable, value in zip(self.variables, values):
             if value is not None:
                 variable.assign(value)
@@ -124,6 +228,63 @@ class VariableTree:
     @property
     def treedef(self):
         return self._treedef
+
+
+class PackedLeaf:
+    """A view of one leaf inside a packed variable.
+
+    Reads and writes go to the pack: `value`, `numpy()`, `assign(value)`,
+    with the leaf's `shape`, `dtype` and Flax `path`.
+    """
+
+    def __init__(self, pack, offset, size, shape, layer, name):
+        self._pack = pack
+        self._offset = offset
+        self._size = size
+        self.shape = tuple(shape)
+        self.path = f"{layer.name}/{name}"
+        self.name = name.rsplit("/", 1)[-1]
+
+    @property
+    def dtype(self):
+        return self._pack.dtype
+
+    @property
+    def trainable(self):
+        return self._pack.trainable
+
+    @property
+    def value(self):
+        flat = self._pack.value[self._offset : self._offset + self._size]
+        return keras.ops.reshape(flat, self.shape)
+
+    def numpy(self):
+        return keras.ops.convert_to_numpy(self.value)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.numpy(), dtype=dtype)
+
+    def assign(self, value):
+        value = keras.ops.reshape(keras.ops.cast(value, self.dtype), (-1,))
+        self._pack.assign(
+            keras.ops.slice_update(self._pack.value, (self._offset,), value)
+        )
+
+    def __repr__(self):
+        return (
+            f"<PackedLeaf path={self.path} shape={self.shape} "
+            f"dtype={self.dtype}>"
+        )
+
+
+def _slices_mirror(mirrors):
+    """A mirror writing each leaf's slice of a pack into its own mirror."""
+
+    def mirror(value):
+        for offset, size, shape, leaf_mirror in mirrors:
+            leaf_mirror(jnp.reshape(value[offset : offset + size], shape))
+
+    return mirror
 
 
 _VARIABLE = object()
@@ -135,11 +296,12 @@ def _key_data(value):
     return value
 
 
-def _new_variable(layer, parts, value, trainable, autocast, factory=None):
-    """Creates a variable named `parts` in the layer's scope and tracks it.
+def _initial_array(layer, value):
+    """A copy of a leaf as a JAX array in the variable's dtype.
 
-    `Layer.add_weight` takes a single name, so the scopes for the Flax path
-    are opened here, inside the layer's own scope.
+    Floats follow the layer's dtype policy; a copy, so that arrays the user
+    passed stay valid when Keras donates the variables' buffers to a
+    jitted train step.
     """
     if _is_typed_key(value):
         value = jax.random.key_data(value)
@@ -149,16 +311,27 @@ def _new_variable(layer, parts, value, trainable, autocast, factory=None):
         dtype = layer.variable_dtype
     else:
         dtype = jax.dtypes.canonicalize_dtype(dtype)
-    # A copy: arrays the user passed stay valid when Keras donates the
-    # variables' buffers to a jitted train step.
-    initial = jnp.array(value, dtype=dtype, copy=True)
+    return jnp.array(value, dtype=dtype, copy=True)
+
+
+def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
+    """Creates a variable named `parts` in the layer's scope and tracks it.
+
+    `Layer.add_weight` takes a single name, so the scopes for the Flax path
+    are opened here, inside the layer's own scope. With `metadata` (Flax
+    `axes`, a `mirror`) the variable is a `FlaxVariable`.
+    """
+    dtype = initial.dtype
     initial = _backends.initial_value(initial)
     parts = parts or ("params" if trainable else "state",)
     with contextlib.ExitStack() as scopes:
         scopes.enter_context(keras.name_scope(layer.name, caller=layer))
         for part in parts[:-1]:
             scopes.enter_context(keras.name_scope(part))
-        variable = (factory or keras.Variable)(
+        factory = keras.Variable
+        if metadata:
+            factory = functools.partial(FlaxVariable, **metadata)
+        variable = factory(
             initializer=initial,
             dtype=dtype,
             trainable=trainable,
@@ -245,12 +418,15 @@ def check_state_structure(arg, new_state, state_tree):
     new_def = jax.tree_util.tree_structure(new_state)
     if new_def == state_tree.treedef:
         leaves = state_tree.leaves_of(new_state)
-        held = state_tree.variables
+        held = state_tree.leaf_specs()
         if all(
-            np.shape(new) == tuple(var.shape)
-            and dtype_kind(getattr(new, "dtype", None))
-            in (None, dtype_kind(var.dtype))
-            for new, var in zip(leaves, held)
+            new is None
+            or (
+                np.shape(new) == tuple(shape)
+                and dtype_kind(getattr(new, "dtype", None))
+                in (None, dtype_kind(dtype))
+            )
+            for new, (shape, dtype) in zip(leaves, held)
         ):
             return
     missing, extra, mismatched = compare(new_state, state_tree.tree)

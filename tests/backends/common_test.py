@@ -230,3 +230,18 @@ def test_keras_file_loads_in_a_new_process(tmp_path):
         np.asarray(json.loads(predictions), "float32"),
         model.predict(x, verbose=0),
     )
+
+
+def test_packed_weights_train_as_unpacked():
+    x, y = data(16, 5), data(16, 2, seed=1)
+    layers = []
+    for packed in (False, True):
+        layer = FlaxLayer(
+            modules.BatchNormDropout(), seed=0, pack_weights=packed
+        )
+        model = keras.Sequential([keras.Input((5,)), layer])
+        model.compile("adam", "mse")
+        model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+        layers.append(layer)
+    assert len(layers[1].trainable_variables) == 1
+    assert_trees_close(layers[0].flax_variables, layers[1].flax_variables, 1e-5)
