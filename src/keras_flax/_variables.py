@@ -149,9 +149,14 @@ class VariableTree:
         """The array leaves, in leaf order, from the variables' `values`."""
         if self._slots is None:
             return list(values)
+        # One split per pack (its gradient is one concatenation; separate
+        # slices would each be padded to the pack's size and summed).
+        pieces = {}
+        for g, value in enumerate(values):
+            ends = [o + n for gg, o, n, _ in self._slots if gg == g][:-1]
+            pieces[g] = iter(jnp.split(value, ends))
         return [
-            values[g][offset : offset + size].reshape(shape)
-            for g, offset, size, shape in self._slots
+            next(pieces[g]).reshape(shape) for g, _, _, shape in self._slots
         ]
 
     def rebuild(self, values):
