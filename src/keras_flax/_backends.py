@@ -266,9 +266,9 @@ class _TorchRunner:
 
         args = (params, state, seed, inputs)
         leaves, treedef = jax.tree_util.tree_flatten(args)
+        grad_enabled = torch.is_grad_enabled()
         mask = tuple(
-            bool(torch.is_grad_enabled() and t.requires_grad)
-            and t.is_floating_point()
+            grad_enabled and t.requires_grad and t.is_floating_point()
             for t in leaves
         )
         if not any(mask):  # nothing to differentiate: forward only

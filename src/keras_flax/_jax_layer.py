@@ -396,7 +396,8 @@ class JaxLayer(keras.layers.Layer):
         values = []
         for tree in (self._params_tree, self._state_tree):
             if tree is not None:
-                leaves = tree.leaves([np.asarray(v) for v in tree.values()])
+                arrays = [keras.ops.convert_to_numpy(v) for v in tree.values()]
+                leaves = tree.leaves(arrays)
                 values.extend(leaves)
         return values
 

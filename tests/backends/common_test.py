@@ -52,12 +52,17 @@ def _mse_sgd_reference(module, variables, batches, lr, **kwargs):
     return params
 
 
+def _sgd_model(module, features):
+    layer = FlaxLayer(module, seed=0)
+    model = keras.Sequential([keras.Input((features,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    return layer, model
+
+
 def test_fit_predict_evaluate_equal_plain_flax_and_optax():
     x, y = data(32, 5), data(32, 4, seed=1)
     module = modules.MLP()
-    layer = FlaxLayer(module, seed=0)
-    model = keras.Sequential([keras.Input((5,)), layer])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    layer, model = _sgd_model(module, 5)
     initial = layer.flax_variables
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
 
@@ -95,9 +100,7 @@ def test_unknown_sequence_length_with_integer_inputs():
 def test_batch_norm_statistics_update_in_fit_as_in_flax():
     x, y = data(16, 5), data(16, 1, seed=1)
     module = modules.BatchNormOnly()
-    layer = FlaxLayer(module, seed=0)
-    model = keras.Sequential([keras.Input((5,)), layer])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    layer, model = _sgd_model(module, 5)
     initial = layer.flax_variables
     model.train_on_batch(x, y)
 
