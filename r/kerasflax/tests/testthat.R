@@ -1,0 +1,5 @@
+library(testthat)
+library(kerasflax)
+library(reticulate)
+
+test_check("kerasflax")
