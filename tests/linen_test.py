@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from keras_flax import FlaxLayer
+from keras_flax import _rng
 from tests import modules
 from tests.conftest import assert_trees_close
 from tests.conftest import data
@@ -305,3 +306,31 @@ def test_training_flag_under_another_name_warns_with_the_fix():
         match=r"(?s)`train` flag .*return module\(inputs, train=training\)",
     ):
         FlaxLayer(modules.TrainFlag())
+
+
+class _ManyLeaves(nn.Module):
+    """More leaves than one compiled init program pays for."""
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(40):
+            x = nn.LayerNorm()(nn.Dense(8)(x))
+        return x
+
+
+@pytest.mark.parametrize(
+    "module, kwargs",
+    [(modules.BatchNormDropout(), {"training": True}), (_ManyLeaves(), {})],
+    ids=["few leaves", "many leaves"],
+)
+def test_initial_variables_are_module_init_with_the_layer_rngs(module, kwargs):
+    # Few leaves: one program compiled with XLA's cheapest options; many:
+    # the traced program op by op. Either way Flax's own `init` values.
+    layer = FlaxLayer(module, seed=11)
+    x = np.ones((2, 8), "float32")
+    layer(x)
+
+    rngs = _rng.stream_keys(_rng.key_from_seed(11), _rng.INIT_STREAMS)
+    expected = module.init(rngs, x, **kwargs)
+
+    assert_trees_close(layer.flax_variables, expected, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,6 @@ RNG streams for linen, `flax_variables`, and keeping an NNX module in sync.
 
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import keras
 from flax import nnx
@@ -109,7 +108,7 @@ class FlaxLayer(JaxLayer):
             model = _linen.LinenModel(
                 module, target, signature.takes_training, variables
             )
-            init_fn = jax.jit(model.init)
+            init_fn = _linen.run_once(model.init)
         self._module = module
         self.method = method
         self.rng_collections = tuple(
