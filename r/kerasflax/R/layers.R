@@ -4,11 +4,10 @@ layer_flax_module_wrapper <- function(object, module, method = NULL,
   helper <- "layer_flax_module_wrapper"
   object <- compose_target(if (missing(object)) NULL else object, helper)
   if (missing(module)) {
-    stop(
-      helper, "(): `module` is missing: expected a Flax module (a ",
-      "flax$linen$Module or flax$nnx$Module instance). Pass ",
-      "module = MyFlaxModule().",
-      call. = FALSE
+    missing_argument(
+      helper, "module",
+      "a Flax module (a flax$linen$Module or flax$nnx$Module instance)",
+      "module = MyFlaxModule()"
     )
   }
   args <- c(
@@ -30,11 +29,13 @@ layer_jax_model_wrapper <- function(object, call_fn, init_fn = NULL,
   helper <- "layer_jax_model_wrapper"
   object <- compose_target(if (missing(object)) NULL else object, helper)
   if (missing(call_fn)) {
-    stop(
-      helper, "(): `call_fn` is missing: expected a function of (params, ",
-      "state, rng, inputs, training) - any of them, inputs required. Pass ",
-      "call_fn = function(params, inputs) ...",
-      call. = FALSE
+    missing_argument(
+      helper, "call_fn",
+      paste0(
+        "a function of (params, state, rng, inputs, training) - any of ",
+        "them, inputs required"
+      ),
+      "call_fn = function(params, inputs) { ... }"
     )
   }
   args <- c(
@@ -48,6 +49,14 @@ layer_jax_model_wrapper <- function(object, call_fn, init_fn = NULL,
     layer_arguments(list(..., seed = seed))
   )
   composed(object, do.call(keras_flax()$layer_jax_model_wrapper, args))
+}
+
+missing_argument <- function(helper, arg, expected, example) {
+  stop(
+    helper, "(): `", arg, "` is missing: expected ", expected, ". Pass ",
+    example, ".",
+    call. = FALSE
+  )
 }
 
 # What `object` may be, checked in R before anything is built.
