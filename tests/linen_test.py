@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from keras_flax import FlaxLayer
+from keras_flax import _linen
 from keras_flax import _rng
 from tests import modules
 from tests.conftest import assert_trees_close
@@ -291,6 +292,38 @@ def test_mixed_precision_runs_module_in_bfloat16_with_float32_variables():
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
+def test_eager_call_under_mixed_precision_runs_on_bfloat16_values():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = FlaxLayer(modules.MLP(), seed=0)
+    x = data(4, 7)
+    got = layer(x)
+    variables = layer.flax_variables
+    assert got.dtype == jnp.bfloat16
+    assert {w.dtype for w in layer.weights} == {"float32"}
+    as_bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+    want = modules.MLP().apply(as_bf16, x.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(
+        np.asarray(got, "float32"), np.asarray(want, "float32")
+    )
+
+
+def test_eager_call_in_a_stateless_scope_uses_the_scope_values():
+    layer = FlaxLayer(modules.MLP(), seed=0)
+    x = data(4, 7)
+    layer(x)
+    variables = layer.flax_variables
+    doubled = jax.tree.map(lambda v: 2 * v, variables)
+    swaps = [(w, 2 * w.value) for w in layer.weights]
+    with keras.StatelessScope(state_mapping=swaps):
+        got = layer(x)
+    want = modules.MLP().apply(doubled, x)
+    np.testing.assert_allclose(got, want, 1e-6, 1e-6)
+    # Outside the scope the layer's own values are back.
+    np.testing.assert_allclose(
+        layer(x), modules.MLP().apply(variables, x), 1e-6, 1e-6
+    )
+
+
 def test_eager_calls_compile_once_per_input_signature():
     layer = FlaxLayer(modules.MLP(), seed=0)
     layer(data(4, 7))
@@ -334,3 +367,48 @@ def test_initial_variables_are_module_init_with_the_layer_rngs(module, kwargs):
     expected = module.init(rngs, x, **kwargs)
 
     assert_trees_close(layer.flax_variables, expected, rtol=1e-6, atol=1e-7)
+
+
+def _init_like(key, x):
+    # A nested jitted initialiser, then a forward pass whose result is
+    # dropped (as in a linen `init`) and a callback on that dead branch.
+    kernel = jax.jit(jax.random.truncated_normal, static_argnums=(3,))(
+        key, -2.0, 2.0, (x.shape[-1], 4)
+    )
+    dead = jax.pure_callback(
+        lambda y: _calls.append(1) or y,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        x @ kernel @ kernel.T,
+    )
+    del dead
+    jax.debug.callback(lambda: _effects.append(1))
+    return {"kernel": kernel, "bias": jnp.zeros(4)}
+
+
+_calls, _effects = [], []
+
+
+def test_op_by_op_init_skips_dead_work_and_keeps_effects():
+    _calls.clear()
+    _effects.clear()
+    key, x = jax.random.key(3), jnp.ones((2, 5))
+    traced = jax.jit(_init_like).trace(key, x)
+    got = _linen.run_op_by_op(traced.jaxpr, [key, x])
+    assert _calls == [] and _effects == [1]
+    want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
+    assert _calls == [1]  # the plain evaluator does run the dead branch
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_op_by_op_init_falls_back_to_the_plain_evaluator(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("an equation this evaluator does not know")
+
+    monkeypatch.setattr(_linen, "_evaluate", broken)
+    key, x = jax.random.key(3), jnp.ones((2, 5))
+    traced = jax.jit(_init_like).trace(key, x)
+    got = _linen.run_op_by_op(traced.jaxpr, [key, x])
+    want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -167,10 +167,20 @@ def output_spec(fn, params, state, seed, inputs, training):
 
 
 class _JaxRunner:
+    """Eager calls run one compiled program per input signature; under a
+    trace (Keras' compiled training step) the function is traced inline,
+    as any Keras layer is, rather than nested as a program of its own."""
+
     def __init__(self, fn):
+        self.fn = fn
         self.jitted = jax.jit(fn, static_argnames="training")
 
     def __call__(self, params, state, seed, inputs, training, spec):
+        if any(
+            isinstance(x, jax.core.Tracer)
+            for x in jax.tree_util.tree_leaves(inputs)
+        ):
+            return self.fn(params, state, seed, inputs, training=training)
         return self.jitted(params, state, seed, inputs, training=training)
 
 
