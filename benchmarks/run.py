@@ -1,7 +1,8 @@
 """Speed of keras_flax.FlaxLayer against a hand-written loop and the built-in.
 
     python benchmarks/run.py            # all workloads, a few minutes
-    python benchmarks/run.py --quick    # under two minutes
+    python benchmarks/run.py --quick    # under two minutes: steps_per_execution
+                                        # 8 only, first step of W1 only
 
 In one process, interleaved, medians over repeats:
   (A) the limit: `jax.jit(value_and_grad + optax.adam)` over the module's
@@ -19,6 +20,7 @@ benchmarks/results/<date>-<machine>.md.
 # ruff: noqa: I001  (keras_flax is imported before keras on purpose)
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -246,16 +248,23 @@ def timed(run):
     return time.perf_counter() - start
 
 
-def median_time(run, repeats):
-    run()  # compile
-    return statistics.median(timed(run) for _ in range(repeats))
+def interleaved(runs, repeats):
+    """Median seconds of each of `runs`, timed in turn `repeats` times
+    after one untimed call each (compilation)."""
+    for run in runs.values():
+        run()
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            times[key].append(timed(run))
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
-def steady_state(name, repeats, steps):
+def steady_state(name, repeats, steps, spes=(1, 8)):
     """Per-step seconds of each variant, interleaved, medians."""
     _, cls, shape, batch = WORKLOADS[name]
     runners = {"A": hand_written(cls, shape, batch, steps)}
-    for spe in (1, 8):
+    for spe in spes:
         model, _ = keras_model(cls, shape, spe=spe)
         runners[f"B{spe}"] = fit_runner(model, shape, batch, steps)
         model, _ = keras_model(cls, shape, spe=spe, packed=True)
@@ -263,50 +272,65 @@ def steady_state(name, repeats, steps):
         if not is_nnx(cls):
             model, _ = keras_model(cls, shape, builtin=True, spe=spe)
             runners[f"C{spe}"] = fit_runner(model, shape, batch, steps)
-    for run in runners.values():
-        run()  # compile
-    times = {key: [] for key in runners}
-    for _ in range(repeats):
-        for key, run in runners.items():
-            times[key].append(timed(run) / steps)
-    return {key: statistics.median(t) for key, t in times.items()}
+    times = interleaved(runners, repeats)
+    return {key: t / steps for key, t in times.items()}
+
+
+# Eager latency: each timing covers this many calls.
+EAGER_CALLS = 10
+
+
+def repeated(call):
+    """`call` EAGER_CALLS times, or once where one call takes over 20 ms
+    (the built-in's op-by-op calls), reported per call."""
+    jax.block_until_ready(call())  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times = EAGER_CALLS if time.perf_counter() - start < 0.02 else 1
+
+    def run():
+        for _ in range(times):
+            jax.block_until_ready(call())
+
+    run.calls = times
+    return run
 
 
 def serving(name, repeats):
-    """`predict` samples/s and eager `layer(x)` latency, B and C."""
+    """`predict` samples/s and eager `layer(x)` latency of B, P and C and
+    of a jitted `module.apply`, interleaved."""
     _, cls, shape, batch = WORKLOADS[name]
     x, _ = make_data(shape, batch, 8)
-    results = {}
+    sample = x[:batch]
     variants = [("B", False, False), ("P", False, True)]
     if not is_nnx(cls):
         variants.append(("C", True, False))
+    runs = {}
     for key, builtin, packed in variants:
         model, layer = keras_model(cls, shape, builtin=builtin, packed=packed)
-        results[f"predict_{key}"] = len(x) / median_time(
-            lambda m=model: m.predict(x, batch_size=batch, verbose=0), repeats
+        runs[f"predict_{key}"] = functools.partial(
+            model.predict, x, batch_size=batch, verbose=0
         )
-        results[f"eager_{key}"] = median_time(
-            lambda f=layer: jax.block_until_ready(f(x[:batch])),
-            max(repeats, 10),
-        )
-    results["jit_apply"] = jitted_apply_latency(cls, shape, x[:batch], repeats)
-    return results
+        runs[f"eager_{key}"] = repeated(functools.partial(layer, sample))
+    runs["jit_apply"] = repeated(jitted_apply(cls, shape, sample))
+    times = interleaved(runs, repeats)
+    return {
+        key: len(x) / t if key.startswith("predict") else t / runs[key].calls
+        for key, t in times.items()
+    }
 
 
-def jitted_apply_latency(cls, shape, sample, repeats):
+def jitted_apply(cls, shape, sample):
+    """A call of the module's jitted `apply` (NNX: `nnx.merge` and call)
+    on its variables."""
     if is_nnx(cls):
         model = cls(nnx.Rngs(0))
         model.eval()
         graphdef, state = nnx.split(model)
         apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        args = (state, sample)
-    else:
-        variables = linen_variables(cls, shape)
-        apply = jax.jit(cls().apply)
-        args = (variables, sample)
-    return median_time(
-        lambda: jax.block_until_ready(apply(*args)), max(repeats, 10)
-    )
+        return functools.partial(apply, state, sample)
+    variables = linen_variables(cls, shape)
+    return functools.partial(jax.jit(cls().apply), variables, sample)
 
 
 def first_step(name, variant):
@@ -352,6 +376,26 @@ def first_step_in_fresh_process(name, variant):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def first_steps(name, variants, repeats):
+    """Median first-step seconds and peak memory of each variant over
+    `repeats` fresh processes, the variants taken in turn."""
+    runs = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            result = first_step_in_fresh_process(name, v)
+            if result is not None:
+                runs[v].append(result)
+    return {
+        v: {
+            field: statistics.median(r[field] for r in results)
+            for field in ("seconds", "peak_mb")
+        }
+        if results
+        else None
+        for v, results in runs.items()
+    }
+
+
 # Report.
 
 
@@ -381,20 +425,23 @@ def report(results, machine, quick):
         "|" + " --- |" * 14,
     ]
     for name, r in results.items():
-        s = r["steps"]
+        s = dict.fromkeys(("B1", "P1", "C1", "C8")) | r["steps"]
         lines.append(
             f"| {name} {WORKLOADS[name][0]} | {ms(s['A'])} | {ms(s['B1'])} | "
             f"{ms(s['B8'])} | {ms(s['P1'])} | {ms(s['P8'])} | "
-            f"{ms(s.get('C1'))} | {ms(s.get('C8'))} | "
+            f"{ms(s['C1'])} | {ms(s['C8'])} | "
             f"{ratio(s['B1'], s['A'])} | {ratio(s['B8'], s['A'])} | "
             f"{ratio(s['P1'], s['A'])} | {ratio(s['P8'], s['A'])} | "
-            f"{ratio(s['B1'], s.get('C1'))} | {ratio(s['B8'], s.get('C8'))} |"
+            f"{ratio(s['B1'], s['C1'])} | {ratio(s['B8'], s['C8'])} |"
         )
     lines += [
         "",
-        "First training step (s, build + compile, fresh process) and peak "
-        "memory (MB, process RSS); predict (samples/s); eager `layer(x)` "
-        "latency (ms) against a jitted `module.apply`.",
+        "First training step (s, build + compile) and peak memory (MB, "
+        "process RSS): medians over fresh processes "
+        f"({1 if quick else 3} per variant); predict (samples/s); eager "
+        "`layer(x)` latency (ms) against a jitted `module.apply` "
+        f"({EAGER_CALLS} calls per timing, 1 for calls over 20 ms). All "
+        "interleaved.",
         "",
         "| workload | first A | first B | first C | peak B | peak C "
         "| predict B | predict C | eager B | eager P | eager C | jit apply "
@@ -445,7 +492,7 @@ def main():
     if args.first_step:
         print(json.dumps(first_step(*args.first_step)))
         return
-    repeats, steps = (2, 6) if args.quick else (7, 32)
+    repeats, steps = (2, 6) if args.quick else (9, 32)
     results = {}
     for name in args.workloads.split(","):
         nnx_workload = is_nnx(WORKLOADS[name][1])
@@ -453,11 +500,12 @@ def main():
         if args.quick and name != "W1":
             variants = ""  # first-step runs need fresh processes: W1 only
         results[name] = {
-            "steps": steady_state(name, repeats, steps),
-            "serving": serving(name, repeats),
-            "first": {
-                v: first_step_in_fresh_process(name, v) for v in variants
-            },
+            # --quick: steps_per_execution=8 only (the target setting).
+            "steps": steady_state(
+                name, repeats, steps, (8,) if args.quick else (1, 8)
+            ),
+            "serving": serving(name, 3 if args.quick else 11),
+            "first": first_steps(name, variants, 1 if args.quick else 3),
         }
         print(f"{name} done", file=sys.stderr)
     text = report(results, machine_name(), args.quick)
