@@ -333,6 +333,24 @@ def test_eager_calls_compile_once_per_input_signature():
     assert layer._runner.jitted._cache_size() == 2
 
 
+def test_traced_calls_are_inlined_not_nested_programs():
+    # Inside an outer trace (Keras' compiled steps) the forward pass is
+    # traced inline; eager calls use the cached compiled program.
+    layer = FlaxLayer(modules.MLP(), seed=0)
+    x = data(4, 7)
+    layer(x)
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(x)
+    nested = [
+        e.params.get("name")
+        for e in jaxpr.eqns
+        if e.primitive.name in ("jit", "pjit")
+    ]
+    assert "_forward" not in nested
+    assert layer._runner.jitted._cache_size() == 1
+    want = modules.MLP().apply(layer.flax_variables, x)
+    np.testing.assert_allclose(jax.jit(lambda x: layer(x))(x), want, 1e-6, 1e-6)
+
+
 def test_training_flag_under_another_name_warns_with_the_fix():
     with pytest.warns(
         UserWarning,

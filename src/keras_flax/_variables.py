@@ -19,6 +19,14 @@ import numpy as np
 from keras_flax import _backends
 from keras_flax import _errors
 
+try:
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+    from keras.src.backend.common.variables import get_autocast_scope
+
+    _scope_checks = (in_stateless_scope, get_autocast_scope)
+except ImportError:  # pragma: no cover (a Keras without these modules)
+    _scope_checks = None
+
 
 def _held_values_are_current():
     """Whether each variable's `.value` is the array it holds.
@@ -33,15 +41,6 @@ def _held_values_are_current():
         return False  # PyTorch's variables, for one, compute `.value`
     in_stateless_scope, get_autocast_scope = _scope_checks
     return not in_stateless_scope() and get_autocast_scope() is None
-
-
-try:
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-    from keras.src.backend.common.variables import get_autocast_scope
-
-    _scope_checks = (in_stateless_scope, get_autocast_scope)
-except ImportError:  # pragma: no cover (a Keras without these modules)
-    _scope_checks = None
 
 
 def is_array_leaf(value):
