@@ -13,7 +13,6 @@ interleaved, medians over repeats.
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +33,7 @@ def main():
     for spe in (1,) if backend == "torch" else (1, 8):
         model, _ = run.keras_model(cls, shape, spe=spe)
         runners[f"B{spe}"] = run.fit_runner(model, shape, batch, steps)
-    for r in runners.values():
-        r()  # compile
-    times = {k: [] for k in runners}
-    for _ in range(repeats):
-        for k, r in runners.items():
-            times[k].append(run.timed(r) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: t / steps for k, t in run.interleaved(runners, repeats).items()}
     med.setdefault("B8", None)
     print("| backend | B fit step | B spe=8 | A (jax loop) | B/A | B8/A |")
     print("| --- | --- | --- | --- | --- | --- |")

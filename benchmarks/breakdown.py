@@ -21,7 +21,6 @@ cost analysis of each compiled step (GFLOP, MB accessed) is printed too.
 
 # ruff: noqa: I001  (keras_flax is imported before keras on purpose)
 import argparse
-import statistics
 
 import keras_flax  # noqa: F401  (first: selects the JAX backend)
 import jax
@@ -94,13 +93,8 @@ def breakdown(name, repeats, steps):
         keras.optimizers.Adam(1e-3), optax_loss, steps_per_execution=8
     )
     runners["B optax loss"] = bench.fit_runner(model, shape, batch, steps)
-    for run in runners.values():
-        run()  # compile
-    times = {key: [] for key in runners}
-    for _ in range(repeats):
-        for key, run in runners.items():
-            times[key].append(bench.timed(run) / steps)
-    return {k: statistics.median(t) for k, t in times.items()}, costs
+    times = bench.interleaved(runners, repeats)
+    return {k: t / steps for k, t in times.items()}, costs
 
 
 def main():
