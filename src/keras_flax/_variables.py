@@ -134,6 +134,7 @@ class VariableTree:
         for i, a in enumerate(arrays):
             groups.setdefault(jnp.dtype(a.dtype), []).append(i)
         self._slots = [None] * len(arrays)
+        self._members = list(groups.values())  # leaf indices of each pack
         self.variables = []
         for g, (dtype, indices) in enumerate(groups.items()):
             offset, mirrors = 0, []
@@ -180,7 +181,7 @@ class VariableTree:
         # slices would each be padded to the pack's size and summed).
         pieces = {}
         for g, value in enumerate(values):
-            ends = [o + n for gg, o, n, _ in self._slots if gg == g][:-1]
+            ends = [self._slots[i][1] for i in self._members[g][1:]]
             pieces[g] = iter(jnp.split(value, ends))
         return [
             next(pieces[g]).reshape(shape) for g, _, _, shape in self._slots
@@ -231,8 +232,9 @@ class VariableTree:
         if self._slots is None:
             return changed
         updates = [None] * len(self.variables)
-        for g, variable in enumerate(self.variables):
-            members = [i for i, slot in enumerate(self._slots) if slot[0] == g]
+        for g, (variable, members) in enumerate(
+            zip(self.variables, self._members)
+        ):
             if all(changed[i] is None for i in members):
                 continue
             dtype = jnp.dtype(keras.backend.standardize_dtype(variable.dtype))
