@@ -319,11 +319,13 @@ CASES = [
         setup=lambda: FlaxLayer(modules.MLP(), variables=_mlp_variables()),
     ),
     Case(
+        # Extra leaves are accepted (kept, frozen) as Flax accepts them;
+        # missing ones are refused.
         "variables-with-extra-and-missing-leaves",
         lambda layer: layer(keras.Input((7,))),
         ValueError,
         r"Missing: params/Dense_1/bias, params/Dense_1/kernel "
-        r"Unexpected: params/Extra_0/kernel",
+        r"Call the layer on inputs",
         lambda layer: _works(
             FlaxLayer(modules.MLP(), variables=_mlp_variables()), data(2, 7)
         ),
@@ -364,6 +366,26 @@ CASES = [
         setup=lambda: FlaxLayer(Picky(), seed=0),
     ),
     Case(
+        # Variables for 6x6 images (9 patches): no size tried fits.
+        "unknown-sizes-the-module-cannot-take",
+        lambda layer: layer(keras.Input((None, None, 3))),
+        ValueError,
+        r"Layer 'patches' cannot compute its output shape: the module takes "
+        r"neither symbolic sizes nor any of the sizes tried .* \(dimension "
+        r"1, dimension 2\)\. The module raised: .*keras.Input\(shape=",
+        lambda layer: (
+            layer(keras.Input((6, 6, 3))),
+            _works(layer, data(2, 6, 6, 3)),
+        ),
+        setup=lambda: FlaxLayer(
+            modules.PatchEmbeddings(),
+            variables=modules.PatchEmbeddings().init(
+                jax.random.key(0), data(1, 6, 6, 3)
+            ),
+            name="patches",
+        ),
+    ),
+    Case(
         "lazy-nnx-module",
         lambda layer: layer(keras.Input((4,))),
         ValueError,
@@ -387,6 +409,24 @@ CASES = [
         ),
         setup=lambda: JaxLayer(
             _renaming_call, params={}, state={"count": jnp.zeros(())}
+        ),
+    ),
+    Case(
+        "new-state-on-a-layer-holding-none",
+        lambda layer: layer(data(2, 3)),
+        ValueError,
+        r"`call_fn` returned a new state, but the layer holds no state.*"
+        r"leaves count\. Give the layer its initial state",
+        lambda layer: _works(
+            JaxLayer(
+                modules.call_returning_new_state,
+                params={"w": data(3, 2)},
+                state={"count": jnp.zeros(())},
+            ),
+            data(2, 3),
+        ),
+        setup=lambda: JaxLayer(
+            modules.call_returning_new_state, params={"w": data(3, 2)}
         ),
     ),
     Case(

@@ -1,12 +1,17 @@
 """Code written for keras.layers.FlaxLayer / JaxLayer runs unchanged."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
+import optax
 import pytest
 
 import keras_flax
 from tests import modules
+from tests.conftest import assert_trees_close
 from tests.conftest import data
 
 FLAX_LAYERS = [keras.layers.FlaxLayer, keras_flax.FlaxLayer]
@@ -74,3 +79,147 @@ def test_seed_state_is_not_a_weight():
     assert all("seed" not in w.path for w in layer.weights)
     assert any("seed" in v.path for v in layer.non_trainable_variables)
     assert layer.count_params() == 8 * 32
+
+
+@pytest.mark.parametrize("JaxLayer", JAX_LAYERS, ids=IDS)
+def test_stateful_call_fn_on_a_layer_holding_no_state(JaxLayer):
+    w = data(3, 2)
+    layer = JaxLayer(modules.stateless_call_with_state, params={"w": w})
+    x = data(4, 3, seed=1)
+    np.testing.assert_allclose(layer(x), x @ w, 1e-6)  # outputs, no pair
+    assert layer.state is None
+
+
+def test_stateful_call_fn_whose_init_fn_returns_no_state_trains():
+    layer = keras_flax.JaxLayer(
+        modules.stateless_call_with_state, modules.stateless_init, seed=0
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    x, y = data(8, 3), data(8, 2, seed=1)
+    w = np.asarray(layer.params["w"].value)
+    np.testing.assert_allclose(model.predict(x, verbose=0), x @ w, 1e-6)
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    grad = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+    np.testing.assert_allclose(layer.params["w"].value, w - 0.1 * grad, 1e-5)
+    assert layer.state is None
+
+
+@pytest.mark.parametrize("JaxLayer", JAX_LAYERS, ids=IDS)
+def test_a_new_state_the_layer_has_no_room_for_is_refused(JaxLayer):
+    layer = JaxLayer(modules.call_returning_new_state, params={"w": data(3, 2)})
+    with pytest.raises(ValueError) as error:
+        layer(data(4, 3))
+    if JaxLayer is keras_flax.JaxLayer:
+        assert re.search(
+            r"`call_fn` returned a new state, but the layer holds no state.*"
+            r"Received: a new state with leaves count\. Give the layer its "
+            r"initial state \(`state=\.\.\.`",
+            str(error.value),
+        )
+    fixed = JaxLayer(
+        modules.call_returning_new_state,
+        params={"w": data(3, 2)},
+        state={"count": np.zeros((), "float32")},
+    )
+    assert fixed(data(4, 3)).shape == (4, 2)
+
+
+def test_init_fn_gets_the_batch_size_build_is_given():
+    shapes = []
+
+    def init_fn(rng, inputs):
+        shapes.append(inputs.shape)
+        return modules.dense_init(rng, inputs)
+
+    keras_flax.JaxLayer(modules.dense_call, init_fn)(data(5, 4))
+    keras_flax.JaxLayer(modules.dense_call, init_fn)(keras.Input((4,)))
+    keras_flax.JaxLayer(modules.dense_call, init_fn).build((6, 4))
+    assert shapes == [(5, 4), (1, 4), (6, 4)]
+
+
+def _encoder_only_sgd(module, variables, x, y, lr):
+    """One `optax.sgd` step on the encoder's parameters alone."""
+    params = variables["params"]
+
+    def loss(encoder):
+        v = {**variables, "params": {**params, "encoder": encoder}}
+        out = module.apply(v, x, method="embed")
+        return jnp.mean((out - y) ** 2)
+
+    sgd = optax.sgd(lr)
+    grads = jax.grad(loss)(params["encoder"])
+    updates, _ = sgd.update(grads, sgd.init(params["encoder"]))
+    return optax.apply_updates(params["encoder"], updates)
+
+
+@pytest.mark.parametrize("pack_weights", [False, True], ids=["one", "packed"])
+def test_a_pretrained_models_variables_with_one_of_its_methods(
+    pack_weights, tmp_path
+):
+    module = modules.EncoderHead()
+    x, y = data(8, 5), data(8, 4, seed=1)
+    variables = module.init(jax.random.key(0), x)
+    layer = keras_flax.FlaxLayer(
+        module, "embed", variables, pack_weights=pack_weights
+    )
+    model = keras.Sequential([keras.Input((5,)), layer])
+    want = module.apply(variables, x, method="embed")
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, 1e-5, 1e-6)
+    # The encoder trains; the head (4x2 + 2, norm 2 + 2) and its batch
+    # statistics (2 + 2) are kept as non-trainable weights.
+    assert count(layer.trainable_weights) == 5 * 4 + 4
+    assert count(layer.non_trainable_weights) == 8 + 2 + 4 + 4
+
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    trained = layer.flax_variables
+    assert_trees_close(
+        trained["params"]["encoder"],
+        _encoder_only_sgd(module, variables, x, y, 0.1),
+    )
+    # Weight decay would move them if any optimizer touched them.
+    model.compile(keras.optimizers.AdamW(0.1, weight_decay=0.5), "mse")
+    model.fit(x, y, epochs=2, verbose=0)
+    trained = layer.flax_variables
+    for name in ("head", "head_norm"):
+        assert_trees_equal(trained["params"][name], variables["params"][name])
+    assert_trees_equal(trained["batch_stats"], variables["batch_stats"])
+    assert not np.array_equal(
+        trained["params"]["encoder"]["kernel"],
+        variables["params"]["encoder"]["kernel"],
+    )
+
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert_trees_equal(loaded.layers[0].flax_variables, trained)
+    assert count(loaded.layers[0].non_trainable_weights) == 18
+
+
+def test_jax_layer_params_with_leaves_init_fn_does_not_create():
+    params = modules.dense_init(jax.random.key(0), data(1, 5))
+    params = {**params, "unused": {"w": data(5, 5)}}
+    layer = keras_flax.JaxLayer(modules.dense_call, modules.dense_init, params)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.AdamW(0.1, weight_decay=0.5), "mse")
+    model.fit(data(8, 5), data(8, 3, seed=1), verbose=0)
+    assert not layer.params["unused"]["w"].trainable
+    assert layer.params["dense"]["w"].trainable
+    np.testing.assert_array_equal(
+        layer.params["unused"]["w"].value, params["unused"]["w"]
+    )
+
+
+def count(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def assert_trees_equal(a, b):
+    a_leaves, a_def = jax.tree_util.tree_flatten(a)
+    b_leaves, b_def = jax.tree_util.tree_flatten(b)
+    assert a_def == b_def, f"{a_def} != {b_def}"
+    for x, y in zip(a_leaves, b_leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,5 +1,7 @@
 """JaxLayer on JAX functions and Haiku, against the functions themselves."""
 
+import itertools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_flax import JaxLayer
+from keras_flax import _backends
 from tests import modules
 from tests.conftest import assert_trees_close
 from tests.conftest import data
@@ -134,3 +137,18 @@ def test_rng_without_training_argument_gets_a_key_in_fit_only():
     np.testing.assert_array_equal(
         model.predict(x, verbose=0), model.predict(x, verbose=0)
     )
+
+
+def test_unknown_dimensions_are_named_without_running_out():
+    names = list(itertools.islice(_backends.dimension_names(), 702))
+    assert len(set(names)) == 702 and "b" not in names  # "b": the batch
+    assert names[:3] == ["a", "c", "d"] and names[25] == "aa"
+    assert all(name.isidentifier() for name in names)
+
+
+def test_inputs_with_symbolic_sizes_pass_the_input_check():
+    layer = JaxLayer(modules.dense_call, modules.dense_init, seed=0)
+    layer(data(2, 5))
+    (batch,) = jax.export.symbolic_shape("b")
+    out = jax.eval_shape(layer, jax.ShapeDtypeStruct((batch, 5), "float32"))
+    assert out.shape == (batch, 3)

@@ -164,6 +164,37 @@ def test_module_needing_a_minimum_size_builds_with_unknown_dims():
     np.testing.assert_allclose(model.predict(x, verbose=0), want, 1e-5, 1e-6)
 
 
+def test_unknown_sizes_a_module_cannot_take_symbolically():
+    # Position embeddings fix the number of patches: Keras' symbolic shape
+    # inference fails; the output specs come from the sizes that work.
+    module = modules.PatchEmbeddings()
+    layer = FlaxLayer(module, seed=0)
+    inputs = keras.Input((None, None, 3))
+    outputs = layer(inputs)
+    assert outputs.shape == (None, 3)
+    model = keras.Model(inputs, outputs)
+    x = data(2, 2, 2, 3)  # one patch, as built (unknown sizes tried as 1)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0),
+        module.apply(layer.flax_variables, x),
+        1e-5,
+        1e-6,
+    )
+
+
+def test_unknown_sizes_with_variables_made_for_one_image_size():
+    module = modules.PatchEmbeddings()
+    x = data(2, 8, 8, 3)
+    variables = module.init(jax.random.key(0), x)  # 16 patches
+    inputs = keras.Input((None, None, 3))
+    outputs = FlaxLayer(module, variables=variables)(inputs)
+    assert outputs.shape == (None, 3)
+    model = keras.Model(inputs, outputs)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), module.apply(variables, x), 1e-5, 1e-6
+    )
+
+
 def test_sown_intermediates_are_not_weights_and_never_break_a_call():
     layer = FlaxLayer(modules.Sower(), seed=0)
     model = keras.Sequential([keras.Input((3,)), layer])

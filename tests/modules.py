@@ -246,3 +246,49 @@ class MaskRecorder(nn.Module):
         if training:
             last.value = mask
         return nn.Dense(1)(x) * mask.mean()
+
+
+class EncoderHead(nn.Module):
+    """A pretrained model whose `embed` method uses the encoder only (the
+    head's parameters and batch statistics are not used by it)."""
+
+    def setup(self):
+        self.encoder = nn.Dense(4)
+        self.head = nn.Dense(2)
+        self.head_norm = nn.BatchNorm(use_running_average=True)
+
+    def embed(self, x):
+        return nn.relu(self.encoder(x))
+
+    def __call__(self, x):
+        return self.head_norm(self.head(self.embed(x)))
+
+
+class PatchEmbeddings(nn.Module):
+    """A ViT's start: patches plus position embeddings for a fixed number
+    of patches, so the image size must be the one it was built for."""
+
+    patch: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch
+        x = nn.Conv(8, (p, p), strides=(p, p))(x)
+        b, h, w, c = x.shape
+        x = x.reshape((b, h * w, c))
+        init = nn.initializers.normal(0.02)
+        x = x + self.param("position", init, (1, h * w, c))
+        return nn.Dense(3)(x.mean(axis=1))
+
+
+def stateless_call_with_state(params, state, inputs):
+    """A `call_fn` taking `state` that returns it as it came."""
+    return inputs @ params["w"], state
+
+
+def stateless_init(rng, inputs):
+    return {"w": jax.random.normal(rng, (inputs.shape[-1], 2))}, None
+
+
+def call_returning_new_state(params, state, inputs):
+    return inputs @ params["w"], {"count": jnp.zeros(())}

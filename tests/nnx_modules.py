@@ -135,3 +135,46 @@ class Configurable(nnx.Module):
     @classmethod
     def from_config(cls, config):
         return cls(config["features"], rngs=nnx.Rngs(0))
+
+
+class WithArrayAttribute(nnx.Module):
+    """Plain JAX arrays as attributes: data of the module, not Variables
+    (a constant table, and a call counter it reassigns)."""
+
+    def __init__(self, rngs):
+        self.table = jnp.arange(4.0) / 4
+        self.calls = jnp.zeros((), jnp.int32)
+        self.linear = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        self.calls = self.calls + 1
+        return self.linear(x + self.table)
+
+
+class StackedBlock(nnx.Module):
+    def __init__(self, features, *, rngs):
+        self.linear = nnx.Linear(features, features, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.dropout(self.linear(x)))
+
+
+class ScannedBlocks(nnx.Module):
+    """Flax's `nnx.scan` docstring model: blocks made by `nnx.vmap` from
+    split RNG streams (one dropout key per block), run by `nnx.scan`."""
+
+    def __init__(self, num_layers, features, *, rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create_block(rngs):
+            return StackedBlock(features, rngs=rngs)
+
+        self.blocks = create_block(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def forward(x, block):
+            return block(x)
+
+        return forward(x, self.blocks)

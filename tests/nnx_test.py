@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from keras_flax import FlaxLayer
+from keras_flax import _rng
 from tests import nnx_modules as m
 from tests.conftest import data
 
@@ -20,6 +21,8 @@ CASES = {
     "lstm": (m.Recurrent, (7, 3)),
     "custom-variable": (m.WithCustomVariable, (4,)),
     "blocks": (m.Blocks, (4,)),
+    "array-attribute": (m.WithArrayAttribute, (4,)),
+    "scanned-blocks": (lambda r: m.ScannedBlocks(3, 4, rngs=r), (4,)),
 }
 
 
@@ -207,7 +210,9 @@ def test_training_maps_onto_train_and_eval_modes_without_user_calls():
     x = data(4, *shape)
     reference = nnx.clone(module)
     reference.train()
-    np.testing.assert_allclose(layer(x, training=True), reference(x), 1e-5)
+    np.testing.assert_allclose(
+        layer(x, training=True), reference(x), 1e-5, 1e-6
+    )
     assert module.dropout.deterministic  # the user's module is untouched
 
 
@@ -303,3 +308,69 @@ def test_save_weights_and_load_weights(tmp_path):
     np.testing.assert_array_equal(
         model.predict(x, verbose=0), fresh.predict(x, verbose=0)
     )
+
+
+def test_plain_array_attributes_are_kept_and_written_back(tmp_path):
+    module = m.WithArrayAttribute(nnx.Rngs(0))
+    layer = FlaxLayer.from_nnx(m.WithArrayAttribute, rngs=nnx.Rngs(0))
+    assert sorted(w.path for w in layer.non_trainable_weights) == [
+        f"{layer.name}/calls",
+        f"{layer.name}/table",
+    ]
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(data(16, 4), data(16, 3), batch_size=8, epochs=2, verbose=0)
+    trained = layer.module
+    assert int(trained.calls) == 4  # one per step, as in plain NNX
+    np.testing.assert_array_equal(trained.table, module.table)
+    assert not np.array_equal(trained.linear.kernel, module.linear.kernel)
+
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    x = data(3, 4, seed=2)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert int(loaded.layers[0].module.calls) == int(layer.module.calls)
+
+
+def _stream_key(seed, stream):
+    """The key `seed=` gives a stream (its id folded into the seed)."""
+    return jax.random.fold_in(jax.random.key(seed), _rng.stream_id(stream))
+
+
+def test_seed_reseeds_stacked_streams_one_key_per_slice():
+    x = data(4, 4)
+    layer = FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)), seed=7)
+    # Ground truth: Flax's own reseeding of stacked streams, as split_rngs
+    # made them (one key per slice).
+    reference = m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0))
+    # (Dropout draws from the `nnx.Rngs(0)` "default" stream.)
+    nnx.reseed(
+        reference, default=_stream_key(7, "default"), policy="match_shape"
+    )
+    reference.train()
+    np.testing.assert_allclose(
+        layer(x, training=True), reference(x), 1e-5, 1e-6
+    )
+    keys = layer.state["blocks"]["dropout"]["rngs"]["key"].value
+    assert len({tuple(k) for k in np.asarray(keys).tolist()}) == 3
+    other = FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)), seed=8)
+    assert not np.allclose(other(x, training=True), layer(x, training=True))
+
+
+def test_stacked_streams_without_flax_reseed_policies_are_refused(
+    monkeypatch,
+):
+    def reseed(node, /, **stream_keys):  # a Flax without `policy`
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(nnx, "reseed", reseed)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot reseed stacked streams.*blocks/dropout/rngs.*"
+        r"Leave `seed` out",
+    ):
+        FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)), seed=7)
+    x = data(2, 4)
+    assert FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)))(x).shape == (2, 4)

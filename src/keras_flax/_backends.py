@@ -16,6 +16,7 @@ Nothing here imports TensorFlow or PyTorch unless that backend is in use.
 """
 
 import functools
+import itertools
 import string
 
 import jax
@@ -129,20 +130,35 @@ def meta_tensors(specs):
     )
 
 
-def output_spec(fn, params, state, seed, inputs, training):
+def dimension_names():
+    """Names for unknown dimensions other than the batch ("b"), without
+    end: `a`, `c`, ..., `z`, `aa`, `ab`, ..., `zz`, `aaa`, ..."""
+    for length in itertools.count(1):
+        for letters in itertools.product(string.ascii_lowercase, repeat=length):
+            name = "".join(letters)
+            if name != "b":
+                yield name
+
+
+def output_spec(fn, params, state, seed, inputs, training, size=None):
     """Keras tensors for what `fn` returns, from shapes alone.
 
     `params`, `state`, `seed` and `inputs` are `jax.ShapeDtypeStruct`s or
     Keras tensors; unknown sizes become symbolic dimensions (one shared
-    batch dimension) and come back as None.
+    batch dimension) and come back as None. With `size`, unknown sizes
+    other than the batch dimension are given that size instead.
     """
     scope = jax.export.SymbolicScope()
-    names = iter(f"d{i}" for i in range(1_000))
+    names = dimension_names()
+
+    def unknown(i):
+        if i == 0:
+            return "b"
+        return next(names) if size is None else str(size)
 
     def symbolic(x):
         dims = [
-            ("b" if i == 0 else next(names)) if d is None else str(d)
-            for i, d in enumerate(x.shape)
+            unknown(i) if d is None else str(d) for i, d in enumerate(x.shape)
         ]
         if all(d is not None for d in x.shape):
             shape = tuple(x.shape)
@@ -228,7 +244,7 @@ class _TensorFlowRunner:
             inputs = jax.tree_util.tree_unflatten(treedef, leaves)
             return fn(params, state, seed, inputs, training=training)
 
-        names = iter(string.ascii_lowercase[:-1].replace("b", ""))
+        names = dimension_names()
         shapes = [polymorphic_shape(s, names) for s in spec.leaves()]
         kwargs = {"polymorphic_shapes": [None, None, None, shapes]}
         if self._platforms is not None:

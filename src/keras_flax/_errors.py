@@ -214,7 +214,7 @@ def _difference(given, expected):
     return f"dtype {given}", str(expected)
 
 
-def variables_misfit(arg, input_desc, missing, extra, mismatched, fix):
+def variables_misfit(arg, input_desc, missing, mismatched, fix):
     lines = [f"`{arg}` does not fit the inputs {input_desc}."]
     for path, given, expected in mismatched[:5]:
         what, want = _difference(given, expected)
@@ -224,8 +224,6 @@ def variables_misfit(arg, input_desc, missing, extra, mismatched, fix):
         )
     if missing:
         lines.append("Missing: " + ", ".join(missing[:8]) + _more(missing, 8))
-    if extra:
-        lines.append("Unexpected: " + ", ".join(extra[:8]) + _more(extra, 8))
     lines.append(fix)
     return " ".join(lines)
 
@@ -251,6 +249,18 @@ def state_structure_changed(arg, missing, extra, mismatched):
         "as growing caches, outside the state."
     )
     return " ".join(lines)
+
+
+def state_without_room(arg, paths):
+    listed = ", ".join(paths[:8]) + _more(paths, 8)
+    return (
+        f"`{arg}` returned a new state, but the layer holds no state to "
+        "keep it in (it was given `state=None`, or `init_fn` returned no "
+        f"state). Received: a new state with leaves {listed}. Give the "
+        "layer its initial state (`state=...`, or `init_fn` returning "
+        "`(params, state)`), or return `(outputs, state)` with the state "
+        "unchanged."
+    )
 
 
 # NNX.
@@ -283,6 +293,17 @@ def lazy_nnx_module(cls_name, created):
         "NNX module built lazily. Build it with explicit sizes, e.g. "
         "`nnx.Linear(in_features, out_features, rngs=rngs)`, or create its "
         "variables before wrapping it (`nnx.bridge.lazy_init(module, x)`)."
+    )
+
+
+def stacked_streams_without_policy(paths):
+    listed = ", ".join(paths[:6]) + _more(paths, 6)
+    return (
+        "`seed` reseeds every RNG stream of the NNX module, but this Flax "
+        "version's `nnx.reseed` cannot reseed stacked streams (one key per "
+        "slice, made by `nnx.split_rngs`). Received: seed with stacked "
+        f"streams at {listed}. Leave `seed` out and seed the module where "
+        "you build it (`nnx.Rngs(seed)`), or upgrade Flax."
     )
 
 
@@ -326,6 +347,21 @@ def cannot_initialize(arg, input_desc, tried, error):
         f"module raised: {type(error).__name__}: {error}. Give the input "
         "shape in full, e.g. `keras.Input(shape=(28, 28, 3))`, or pass "
         "initial weights (`variables=module.init(rng, x)`)."
+    )
+
+
+def output_shape_unknown(layer_name, unknown, tried, error):
+    where = ", ".join(
+        f"dimension {axis}" if i == 0 else f"input {i} dimension {axis}"
+        for i, axis in unknown[:6]
+    ) + _more(unknown, 6)
+    return (
+        f"Layer '{layer_name}' cannot compute its output shape: the module "
+        "takes neither symbolic sizes nor any of the sizes tried "
+        f"{tried} for the unknown input sizes ({where}). The module raised: "
+        f"{type(error).__name__}: {error}. Received: `inputs` with those "
+        "sizes unknown. Give them in full, e.g. "
+        "`keras.Input(shape=(32, 32, 3))` instead of (None, None, 3)."
     )
 
 

@@ -43,7 +43,9 @@ class FlaxLayer(JaxLayer):
             module. It takes the inputs first and, optionally, `training`.
         variables: linen only: initial variables in the format returned by
             `module.init(...)` (copied), or `None` to initialise at build
-            time from the inputs' shape and dtype. An NNX module carries
+            time from the inputs' shape and dtype. Leaves the method does
+            not create (a pretrained model used through a sub-method) are
+            kept as non-trainable weights, unchanged. An NNX module carries
             its own variables.
         rng_collections: linen only: names of the RNG streams fed to the
             module. Default: `("dropout", "params")`, through which any
@@ -256,15 +258,16 @@ class FlaxLayer(JaxLayer):
     def _check_given_weights(self, spec):
         if self._is_nnx:
             self._refuse_lazy_nnx(spec)
-        else:
-            super()._check_given_weights(spec)
+            return {"params": {}, "state": {}}
+        return super()._check_given_weights(spec)
 
-    def _raise_if_misfit(self, spec, expected):
-        if not self.params and expected[0]:
+    def _unused_or_raise(self, spec, expected, check_shapes):
+        params, state = self._given_trees()
+        if not params and expected[0]:
             raise ValueError(
-                _errors.variables_without_params(sorted(self.state or {}))
+                _errors.variables_without_params(sorted(state or {}))
             )
-        super()._raise_if_misfit(spec, expected)
+        return super()._unused_or_raise(spec, expected, check_shapes)
 
     def _refuse_lazy_nnx(self, spec):
         """Refuses NNX modules that create variables when first called."""

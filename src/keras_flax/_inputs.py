@@ -20,10 +20,16 @@ CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """Shape (None for unknown sizes) and dtype of one input array."""
+    """Shape (None for unknown sizes) and dtype of one input array.
+
+    The batch dimension (the first) is unknown in `shape`; `batch` is the
+    batch size the layer was first given, if known, which initialisation
+    uses as `keras.layers.JaxLayer` does.
+    """
 
     shape: tuple
     dtype: object
+    batch: object = None
 
     def __str__(self):
         return f"{_errors.format_shape(self.shape)} {jnp.dtype(self.dtype)}"
@@ -36,18 +42,20 @@ class Specs:
     which JAX would take for a leaf.)
     """
 
-    def __init__(self, tree, guessed=False):
+    def __init__(self, tree, guessed=False, size=None):
         self.tree = tree
         self.guessed = guessed  # dtypes not known from the inputs
+        self.size = size  # the size given to unknown dimensions at init
 
-    def with_dtype(self, dtype):
-        """The same shapes with all dtypes `dtype` (None: unchanged)."""
-        if dtype is None:
-            return self
-        tree = jax.tree_util.tree_map(
-            lambda s: Spec(s.shape, jnp.dtype(dtype)), self.tree
-        )
-        return Specs(tree, self.guessed)
+    def found(self, dtype, size):
+        """These specs as `search` found them to work: with all dtypes
+        `dtype` (None: unchanged) and `size` for unknown dimensions."""
+        tree = self.tree
+        if dtype is not None:
+            tree = jax.tree_util.tree_map(
+                lambda s: dataclasses.replace(s, dtype=jnp.dtype(dtype)), tree
+            )
+        return Specs(tree, self.guessed, size)
 
     def dtype_names(self):
         return jax.tree_util.tree_map(
@@ -69,6 +77,12 @@ def _unknown_batch(shape):
     return (None, *shape[1:]) if shape else shape
 
 
+def _spec(shape, dtype):
+    """The spec of an input of `shape`, its batch size kept aside."""
+    batch = shape[0] if shape else None
+    return Spec(_unknown_batch(shape), dtype, batch)
+
+
 def record(inputs, float_dtype):
     """The spec of `inputs` (arrays or Keras tensors), batch size unknown.
 
@@ -82,17 +96,26 @@ def record(inputs, float_dtype):
             dtype = jnp.dtype(float_dtype)
         else:
             dtype = jax.dtypes.canonicalize_dtype(dtype)
-        return Spec(_unknown_batch(shape_of(x)), dtype)
+        return _spec(shape_of(x), dtype)
 
     return Specs(jax.tree_util.tree_map(spec, inputs))
 
 
 def shape_of(x):
-    """The shape of an array or tensor of any backend (None: unknown)."""
+    """The shape of an array or tensor of any backend.
+
+    None for an unknown size, and for a symbolic one (`jax.export` and
+    Keras' exporters trace with symbolic dimensions): nothing here needs a
+    concrete size while tracing.
+    """
     shape = getattr(x, "shape", None)
     if shape is None:
         return tuple(np.shape(x))
-    return tuple(None if d is None else int(d) for d in shape)
+    return tuple(_size(d) for d in shape)
+
+
+def _size(d):
+    return int(d) if isinstance(d, (int, np.integer)) else None
 
 
 def dtype_of(x):
@@ -111,32 +134,48 @@ def from_shape(input_shape, dtype, dtype_names=None):
     """
     if dtype_names is None:
         tree = keras.tree.map_shape_structure(
-            lambda s: Spec(_unknown_batch(tuple(s)), jnp.dtype(dtype)),
-            input_shape,
+            lambda s: _spec(tuple(s), jnp.dtype(dtype)), input_shape
         )
         return Specs(tree, guessed=True)
     shapes = []
     keras.tree.map_shape_structure(
-        lambda s: shapes.append(_unknown_batch(tuple(s))), input_shape
+        lambda s: shapes.append(tuple(s)), input_shape
     )
     names = keras.tree.flatten(dtype_names)
-    specs = [Spec(s, jnp.dtype(n)) for s, n in zip(shapes, names)]
+    specs = [_spec(s, jnp.dtype(n)) for s, n in zip(shapes, names, strict=True)]
     return Specs(keras.tree.pack_sequence_as(dtype_names, specs))
 
 
 def has_unknown(specs, skip_batch):
-    return any(
-        d is None
-        for s in specs.leaves()
-        for d in (s.shape[1:] if skip_batch else s.shape)
-    )
+    """Whether a placeholder for `specs` needs a size made up (with
+    `skip_batch`, other than for the batch dimension)."""
+
+    def dims(s):
+        if skip_batch or s.batch is not None:
+            return s.shape[1:]
+        return s.shape
+
+    return any(d is None for s in specs.leaves() for d in dims(s))
+
+
+def unknown_dimensions(inputs):
+    """`(input index, dimension)` of each unknown size but the batch's."""
+    return [
+        (i, axis)
+        for i, x in enumerate(jax.tree_util.tree_leaves(inputs))
+        for axis, d in enumerate(shape_of(x))
+        if axis > 0 and d is None
+    ]
 
 
 def placeholders(specs, size, dtype=None):
-    """Arrays for `specs`, with `size` for unknown dimensions."""
+    """Arrays for `specs`: the first batch size given, else `size`, for the
+    batch dimension, and `size` for other unknown dimensions."""
 
     def make(s):
         shape = tuple(size if d is None else d for d in s.shape)
+        if shape and s.batch is not None:
+            shape = (s.batch, *shape[1:])
         kind = jnp.dtype(dtype or s.dtype)
         fill = jnp.ones if jnp.issubdtype(kind, jnp.floating) else jnp.zeros
         return fill(shape, kind)
@@ -160,7 +199,7 @@ def search(fn, specs, arg):
         for size in sizes:
             try:
                 result = fn(placeholders(specs, size, dtype))
-                return result, specs.with_dtype(dtype)
+                return result, specs.found(dtype, size)
             except Exception as error:  # any failure: try the next size
                 first_error = first_error or error
     raise ValueError(

@@ -37,9 +37,11 @@ class JaxLayer(keras.layers.Layer):
     `call_fn` takes, by these exact names, `params` (trainable weights),
     `state` (non-trainable state; then it returns `(outputs, new_state)`),
     `rng` (a key, passed in training), `inputs` (required) and `training`.
-    `init_fn` takes `rng`, `inputs` (placeholders of the input's shape and
-    dtype) and `training` (always True), and returns `params`, or
-    `(params, state)` when `call_fn` takes `state`. Haiku's
+    `init_fn` takes `rng`, `inputs` (placeholders of the input's shape,
+    batch size and dtype) and `training` (always True), and returns
+    `params`, or `(params, state)` when `call_fn` takes `state` (the state
+    may be None: the layer then holds none, and `call_fn`'s outputs are
+    returned without it). Haiku's
     `hk.transform(...)` and `hk.transform_with_state(...)` pairs fit as
     they are.
 
@@ -47,7 +49,8 @@ class JaxLayer(keras.layers.Layer):
         call_fn: the model's forward function.
         init_fn: the function creating the initial weights at build time.
             If `None`, `params` (and `state`) must be given.
-        params: a PyTree of initial trainable weights (copied).
+        params: a PyTree of initial trainable weights (copied). With
+            `init_fn`, leaves it does not create are kept, frozen.
         state: a PyTree of initial non-trainable state (copied).
         seed: int seed of the RNG passed to `init_fn` and `call_fn`; two
             layers with the same seed initialise and train identically.
@@ -135,8 +138,17 @@ class JaxLayer(keras.layers.Layer):
         self._runner = _backends.make_runner(
             self._forward, native_serialization_platforms
         )
+        self._pending_weights = None
+        # Given leaves that `init_fn` does not create, by the tree holding
+        # them: path -> (shape, dtype). Unused parameters are frozen.
+        self._unused_leaves = {"params": {}, "state": {}}
         if params is not None or state is not None:
-            self._create_weights(params, state)
+            if pack_weights and init_fn is not None:
+                # Packed at build, once it is known which leaves the model
+                # uses (those it does not are packed apart, frozen).
+                self._pending_weights = _Untracked((params, state))
+            else:
+                self._create_weights(params, state)
 
     # The argument that creates the weights, as messages name it.
     _initializer_argument = "init_fn"
@@ -191,11 +203,11 @@ class JaxLayer(keras.layers.Layer):
 
     # Weights.
 
-    def _create_weights(self, params, state):
-        self._params_tree = self._variable_tree(params, trainable=True)
-        self._state_tree = self._variable_tree(state, trainable=False)
+    def _create_weights(self, params, state, frozen=()):
+        self._params_tree = self._variable_tree(params, True, frozen)
+        self._state_tree = self._variable_tree(state, False)
 
-    def _variable_tree(self, values, trainable):
+    def _variable_tree(self, values, trainable, frozen=()):
         if values is None:
             return None
         if self.pack_weights:
@@ -208,6 +220,17 @@ class JaxLayer(keras.layers.Layer):
             autocast=trainable,
             metadata_fn=self._variable_metadata,
             packed=self.pack_weights,
+            frozen=frozen,
+        )
+
+    def _given_trees(self):
+        """The weights given at construction: `(params, state)`, as
+        arrays until they are packed, else as Keras variables."""
+        if self._pending_weights is not None:
+            return self._pending_weights.value
+        return tuple(
+            None if tree is None else tree.tree
+            for tree in (self._params_tree, self._state_tree)
         )
 
     def _split_init_result(self, result):
@@ -234,14 +257,29 @@ class JaxLayer(keras.layers.Layer):
         spec = self._input_record
         if spec is None:
             spec = _inputs.from_shape(input_shape, self.compute_dtype)
-        if self._params_tree is None and self._state_tree is None:
+        if self._given_trees() == (None, None):
             if self.init_fn is not None:
                 (params, state), spec = _inputs.search(
                     self._run_init_fn, spec, self._initializer_argument
                 )
-                self._create_weights(params, state)
+                # A layer saved with unused leaves gets them back, for the
+                # weights file to fill.
+                params, state = (
+                    _variables.with_leaves(tree, self._unused_leaves[which])
+                    for tree, which in ((params, "params"), (state, "state"))
+                )
+                self._pending_weights = _Untracked((params, state))
         else:
-            self._check_given_weights(spec)
+            self._unused_leaves = self._check_given_weights(spec)
+        frozen = set(self._unused_leaves["params"])
+        if self._pending_weights is not None:
+            params, state = self._pending_weights.value
+            self._pending_weights = None
+            self._create_weights(
+                params, state, frozen if self.pack_weights else ()
+            )
+        if self._params_tree is not None and not self._params_tree.packed:
+            self._params_tree.freeze(frozen)
         self._built_spec = spec
         self._input_record = None
 
@@ -249,9 +287,25 @@ class JaxLayer(keras.layers.Layer):
         config = super().get_build_config()
         if config is not None and self._built_spec is not None:
             config["input_dtypes"] = self._built_spec.dtype_names()
+        if config is not None and any(self._unused_leaves.values()):
+            config["unused_leaves"] = {
+                which: {
+                    path: [list(shape), jax.numpy.dtype(dtype).name]
+                    for path, (shape, dtype) in leaves.items()
+                }
+                for which, leaves in self._unused_leaves.items()
+            }
         return config
 
     def build_from_config(self, config):
+        if config and "unused_leaves" in config:
+            self._unused_leaves = {
+                which: {
+                    path: (tuple(shape), dtype)
+                    for path, (shape, dtype) in leaves.items()
+                }
+                for which, leaves in config["unused_leaves"].items()
+            }
         if config and "input_dtypes" in config and "input_shape" in config:
             self._input_record = _inputs.from_shape(
                 config["input_shape"],
@@ -261,34 +315,63 @@ class JaxLayer(keras.layers.Layer):
         super().build_from_config(config)
 
     def _check_given_weights(self, spec):
-        """Compares the given weights with what `init_fn` creates."""
-        if self.init_fn is None or _inputs.has_unknown(spec, skip_batch=True):
-            return  # nothing to compare with, or sizes unknown
-        try:
-            expected = jax.eval_shape(
-                lambda: self._run_init_fn(_inputs.placeholders(spec, 1))
-            )
-        except Exception:
-            return  # the call will raise the model's own error
-        self._raise_if_misfit(spec, expected)
+        """Compares the given weights with what `init_fn` creates.
 
-    def _raise_if_misfit(self, spec, expected):
-        given = self._user_trees(self.params, self.state)
-        for (arg, tree), (_, want) in zip(given, self._user_trees(*expected)):
+        Missing or mis-shaped leaves are refused. Returns the given leaves
+        that `init_fn` does not create (a pretrained model's head, used
+        through another method), by tree (`"params"`, `"state"`): they are
+        kept, the parameters frozen, as Flax's `apply` accepts them. With
+        unknown sizes only the paths are compared, at the first sizes the
+        model accepts.
+        """
+        none = {"params": {}, "state": {}}
+        if self.init_fn is None:
+            return none  # nothing to compare with
+        sizes_known = not _inputs.has_unknown(spec, skip_batch=True)
+
+        def expected_shapes(inputs):
+            return jax.eval_shape(lambda: self._run_init_fn(inputs))
+
+        try:
+            if sizes_known:
+                expected = expected_shapes(_inputs.placeholders(spec, 1))
+            else:
+                expected, _ = _inputs.search(expected_shapes, spec, "inputs")
+        except Exception:
+            return none  # the call will raise the model's own error
+        return self._unused_or_raise(spec, expected, sizes_known)
+
+    def _unused_or_raise(self, spec, expected, check_shapes):
+        params, state = self._given_trees()
+        held = {
+            "params": _variables.specs_by_path(params),
+            "state": _variables.specs_by_path(state),
+        }
+        unused = {"params": {}, "state": {}}
+        given = self._user_trees(params, state)
+        for (arg, tree), (_, want) in zip(
+            given, self._user_trees(*expected), strict=True
+        ):
             if tree is None or want is None:
                 continue
             missing, extra, mismatched = _variables.compare(tree, want)
-            if missing or extra or mismatched:
+            if check_shapes and (missing or mismatched):
                 raise ValueError(
                     _errors.variables_misfit(
                         arg,
                         f"of {spec}",
                         missing,
-                        extra,
                         mismatched,
                         self._misfit_fix(arg),
                     )
                 )
+            for path in extra:  # `arg` is "params", "state" or both's
+                which = "state" if arg == "state" else "params"
+                if path not in held[which]:
+                    which = "state"
+                if held[which][path] is not None:  # not a static leaf
+                    unused[which][path] = held[which][path]
+        return unused
 
     def _misfit_fix(self, arg):
         return (
@@ -322,14 +405,17 @@ class JaxLayer(keras.layers.Layer):
         (Keras' own way on TensorFlow and PyTorch runs the layer on real
         or placeholder tensors of two made-up batch sizes.)
         """
-        if _backends.name() == "jax":
-            return super().compute_output_spec(inputs, training=training)
+        if _backends.name() != "jax":
+            try:
+                return self._output_spec(inputs, training)
+            except Exception:  # shapes alone do not do: run it as Keras would
+                return super().compute_output_spec(inputs, training=training)
         try:
-            return self._output_spec(inputs, training)
-        except Exception:  # shapes alone do not do: run it as Keras would
             return super().compute_output_spec(inputs, training=training)
+        except Exception as error:  # the module's, on symbolic sizes
+            return self._output_spec_by_sizes(inputs, training, error)
 
-    def _output_spec(self, inputs, training):
+    def _output_spec(self, inputs, training, size=None):
         training = bool(training)
         seed = None
         if self._wants_seed(training):
@@ -341,7 +427,37 @@ class JaxLayer(keras.layers.Layer):
             seed,
             inputs,
             training and "training" in self.call_fn_arguments,
+            size=size,
         )
+
+    def _output_spec_by_sizes(self, inputs, training, symbolic_error):
+        """Output specs for a module that cannot take unknown sizes
+        symbolically (a ViT adding position embeddings for a fixed number
+        of patches): shapes at the sizes the module accepts, the batch kept
+        symbolic. An output dimension that differs between two accepted
+        sizes is unknown; with one accepted size it is that size's.
+        """
+        spec = self._built_spec
+        searched = () if spec is None or spec.size is None else (spec.size,)
+        sizes = dict.fromkeys(searched + _inputs.CANDIDATE_SIZES)
+        found = []
+        for size in sizes:
+            try:
+                found.append(self._output_spec(inputs, training, size))
+            except Exception:  # the module refuses this size: the next
+                continue
+            if len(found) == 2:
+                break
+        if not found:
+            unknown = _inputs.unknown_dimensions(inputs)
+            if not unknown:
+                raise symbolic_error
+            raise ValueError(
+                _errors.output_shape_unknown(
+                    self.name, unknown, tuple(sizes), symbolic_error
+                )
+            ) from symbolic_error
+        return jax.tree_util.tree_map(_common_shape, *found)
 
     def _forward(self, param_values, state_values, seed, inputs, training):
         """The pure forward pass, jitted once per input signature.
@@ -360,9 +476,14 @@ class JaxLayer(keras.layers.Layer):
             "training": training,
         }
         result = self.call_fn(*(args[a] for a in self.call_fn_arguments))
-        if not self.call_fn_has_state or self._state_tree is None:
+        if not self.call_fn_has_state:
             return result, None
         outputs, new_state = _unpack_stateful(result)
+        if self._state_tree is None:
+            # No state held (`state=None`, or `init_fn` returned none):
+            # the outputs, as `keras.layers.JaxLayer` returns them.
+            _variables.check_no_state("call_fn", new_state)
+            return outputs, None
         _variables.check_state_structure("call_fn", new_state, self._state_tree)
         new_leaves = self._state_tree.leaves_of(new_state)
         return outputs, self._state_tree.updates(new_leaves, state_leaves)
@@ -446,6 +567,24 @@ class JaxLayer(keras.layers.Layer):
 
 
 _SEED_STATE = "seed_generator_state"
+
+
+class _Untracked:
+    """A value held by a layer as it is (Keras would wrap a tuple or dict
+    set as a layer attribute into its own tracked types)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _common_shape(*tensors):
+    """The Keras tensor with the dimensions all `tensors` agree on."""
+    first = tensors[0]
+    shape = tuple(
+        dims[0] if len(set(dims)) == 1 else None
+        for dims in zip(*(t.shape for t in tensors), strict=True)
+    )
+    return keras.KerasTensor(shape, dtype=first.dtype)
 
 
 def _values(tree):

@@ -8,11 +8,13 @@ module in train or eval mode, calls it, and splits the new state out.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keras_flax import _errors
 from keras_flax import _rng
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
@@ -31,9 +33,10 @@ class NNXModel:
     """
 
     def __init__(self, module, method, takes_training, seed=None):
+        self._module = module
         self._targets = {
-            "/".join(str(k) for k in path): variable
-            for path, variable in nnx.to_flat_state(nnx.state(module))
+            "/".join(str(k) for k in path): (path, leaf)
+            for path, leaf in nnx.to_flat_state(nnx.state(module))
         }
         copy = nnx.merge(*nnx.split(module))
         if seed is not None:
@@ -61,12 +64,19 @@ class NNXModel:
         """`FlaxVariable` arguments: mirrored into the user's module's
         Variables, laid out after their sharding metadata."""
         key = "/".join(variable_name(parts))
-        target = self._targets.get(key)
+        if key not in self._targets:
+            return {"axes": None, "mirror": None}
+        path, target = self._targets[key]
+        if not isinstance(target, nnx.Variable):
+            # A plain array attribute (data of the module, not a Variable):
+            # held as non-trainable state, written back as an attribute.
+            mirror = functools.partial(
+                _write_attribute, self._module, path, target.dtype
+            )
+            return {"axes": None, "mirror": mirror}
         return {
             "axes": _sharding(target),
-            "mirror": None
-            if target is None
-            else functools.partial(_write, target),
+            "mirror": functools.partial(_write, target),
         }
 
     def created_variables(self, params, state, inputs):
@@ -103,21 +113,36 @@ def _graphdef_in_mode(module, training):
 
 
 def _reseed(module, seed):
-    streams = {
-        node.tag
-        for _, node in nnx.iter_graph(module)
-        if isinstance(node, nnx.RngStream)
-    }
+    """Reseeds every RNG stream of `module` from `seed`.
+
+    A stacked stream (one key per slice, as `nnx.split_rngs` makes them for
+    `nnx.vmap`-created layers) gets one new key per slice, split from the
+    stream's key as `split_rngs` splits it (Flax's "match_shape" policy).
+    """
+    streams = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.RngStream):
+            streams.setdefault(node.tag, []).append((path, node.key.shape))
+    stacked = [
+        "/".join(str(p) for p in path)
+        for found in streams.values()
+        for path, shape in found
+        if shape != ()
+    ]
+    options = {}
+    if stacked:
+        if "policy" not in inspect.signature(nnx.reseed).parameters:
+            raise ValueError(_errors.stacked_streams_without_policy(stacked))
+        options["policy"] = "match_shape"
     key = jax.random.key(seed)
     nnx.reseed(
         module,
+        **options,
         **{s: jax.random.fold_in(key, _rng.stream_id(s)) for s in streams},
     )
 
 
 def _sharding(variable):
-    if variable is None:
-        return None
     metadata = variable.get_metadata()
     for key in _SHARDING_KEYS:
         axes = metadata.get(key)
@@ -164,3 +189,10 @@ def _write(target, value):
     else:
         value = jnp.array(value, dtype=current.dtype, copy=True)
     target.set_value(value)
+
+
+def _write_attribute(module, path, dtype, value):
+    """Sets the plain array attribute at `path` of `module` to a copy of
+    `value` (see `_write`)."""
+    value = jnp.array(value, dtype=dtype, copy=True)
+    nnx.update(module, nnx.State.from_flat_path({path: value}))

@@ -10,6 +10,7 @@ ends in `Dense_0/kernel`: `keras.distribution.LayoutMap` keys and
 
 import contextlib
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -98,11 +99,13 @@ class VariableTree:
         autocast=True,
         metadata_fn=None,
         packed=False,
+        frozen=(),
     ):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
         self._static = []
         self._key_impls = []
         self.names = []
+        self.paths = []
         arrays, metadata, parts_list = [], [], []
         for keypath, leaf in leaves:
             if not (is_array_leaf(leaf) or _is_typed_key(leaf)):
@@ -117,26 +120,42 @@ class VariableTree:
             metadata.append(metadata_fn and metadata_fn(path_parts(keypath)))
             parts_list.append(parts)
             self.names.append(path_text(parts))
+            self.paths.append(path_text(path_parts(keypath)))
         self._leaf_specs = [(a.shape, a.dtype) for a in arrays]
+        # Whether each leaf trains: leaves at `frozen` paths do not.
+        trains = [trainable and p not in frozen for p in self.paths]
         self._slots = None
         if packed:
-            self._pack(layer, arrays, metadata, parts_list, trainable, autocast)
+            self._pack(layer, arrays, metadata, trains, trainable, autocast)
         else:
             self.variables = [
-                _new_variable(layer, parts, a, trainable, autocast, meta)
-                for parts, a, meta in zip(parts_list, arrays, metadata)
+                _new_variable(layer, parts, a, t, autocast, meta)
+                for parts, a, t, meta in zip(
+                    parts_list, arrays, trains, metadata, strict=True
+                )
             ]
             self.tree = self._unflatten(self.variables)
 
-    def _pack(self, layer, arrays, metadata, parts_list, trainable, autocast):
-        """One flat variable per dtype; `_slots[i]` is leaf i's place."""
-        groups = {}  # dtype -> leaf indices, in order of first appearance
+    def freeze(self, paths):
+        """Makes the variables of the leaves at `paths` non-trainable (a
+        packed tree takes `frozen` when it is made)."""
+        if not paths:
+            return
+        assert self._slots is None, "packed leaves are frozen when packed"
+        for path, variable in zip(self.paths, self.variables, strict=True):
+            if path in paths:
+                variable.trainable = False
+
+    def _pack(self, layer, arrays, metadata, trains, trainable, autocast):
+        """One flat variable per dtype (and trainability); `_slots[i]` is
+        leaf i's place."""
+        groups = {}  # (dtype, trains) -> leaf indices, in order of appearance
         for i, a in enumerate(arrays):
-            groups.setdefault(jnp.dtype(a.dtype), []).append(i)
+            groups.setdefault((jnp.dtype(a.dtype), trains[i]), []).append(i)
         self._slots = [None] * len(arrays)
         self._members = list(groups.values())  # leaf indices of each pack
         self.variables = []
-        for g, (dtype, indices) in enumerate(groups.items()):
+        for g, ((dtype, trains_g), indices) in enumerate(groups.items()):
             offset, mirrors = 0, []
             for i in indices:
                 size = int(np.prod(arrays[i].shape, dtype=np.int64))
@@ -151,9 +170,11 @@ class VariableTree:
             parts = ("packed", dtype.name)
             if not trainable:
                 parts = ("state", *parts)
+            elif not trains_g:  # parameters the model does not use
+                parts = ("packed", "frozen", dtype.name)
             meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
             self.variables.append(
-                _new_variable(layer, parts, flat, trainable, autocast, meta)
+                _new_variable(layer, parts, flat, trains_g, autocast, meta)
             )
         views = [
             PackedLeaf(self.variables[g], offset, size, shape, layer, name)
@@ -396,8 +417,8 @@ def compare(given, expected):
         differ; `given` and `expected` are shapes, or dtypes where the
         shapes agree.
     """
-    given = _specs_by_path(given)
-    expected = _specs_by_path(expected)
+    given = specs_by_path(given)
+    expected = specs_by_path(expected)
     missing = [p for p in expected if p not in given]
     extra = [p for p in given if p not in expected]
     mismatched = []
@@ -423,7 +444,30 @@ def dtype_kind(dtype):
     return "integer or bool"
 
 
-def _specs_by_path(tree):
+def with_leaves(tree, leaves):
+    """`tree` (nested dicts, or None) with zeros added at `leaves`, a dict
+    of path text -> `(shape, dtype)`."""
+    if not leaves:
+        return tree
+    tree = _dict_copy(tree or {})
+    for path, (shape, dtype) in leaves.items():
+        *parents, name = path.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = np.zeros(shape, dtype)
+    return tree
+
+
+def _dict_copy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _dict_copy(v) for k, v in tree.items()}
+    return tree
+
+
+def specs_by_path(tree):
+    """`(shape, dtype)` of each leaf of `tree` (arrays or variables), by
+    path text (None for a leaf that is not an array)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
         path_text(path_parts(keypath)): _spec_or_none(leaf)
@@ -445,6 +489,14 @@ def non_array_leaves(tree):
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if not (is_array_leaf(leaf) or _is_typed_key(leaf))
     ]
+
+
+def check_no_state(arg, new_state):
+    """Raises if a layer holding no state is given some to keep."""
+    leaves = jax.tree_util.tree_flatten_with_path(new_state)[0]
+    if leaves:
+        paths = [path_text(path_parts(keypath)) for keypath, _ in leaves]
+        raise ValueError(_errors.state_without_room(arg, paths))
 
 
 def check_state_structure(arg, new_state, state_tree):

@@ -68,3 +68,21 @@ def test_eager_calls_are_converted_once_and_traced_once_per_signature():
     (converted,) = layer._runner._converted.values()
     # The first batch size, then one trace with an unknown batch size.
     assert converted.experimental_get_tracing_count() <= 2
+
+
+def _mean_of_means(inputs):
+    return sum(x.mean(axis=(1, 2)) for x in inputs)
+
+
+def test_sixty_unknown_dimensions_get_names_of_their_own():
+    inputs = [keras.Input((None, None)) for _ in range(30)]
+    model = keras.Model(inputs, JaxLayer(_mean_of_means)(inputs))
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.normal(size=(4, 2 + i % 3, 1 + i % 4)).astype("float32")
+        for i in range(30)
+    ]
+    want = sum(a.mean(axis=(1, 2)) for a in arrays)
+    np.testing.assert_allclose(
+        model.predict(arrays, verbose=0), want, 1e-5, 1e-6
+    )
