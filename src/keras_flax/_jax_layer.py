@@ -257,7 +257,7 @@ class JaxLayer(keras.layers.Layer):
         spec = self._input_record
         if spec is None:
             spec = _inputs.from_shape(input_shape, self.compute_dtype)
-        if self._given_trees() == (None, None):
+        if all(tree is None for tree in self._given_trees()):
             if self.init_fn is not None:
                 (params, state), spec = _inputs.search(
                     self._run_init_fn, spec, self._initializer_argument
@@ -413,6 +413,8 @@ class JaxLayer(keras.layers.Layer):
         try:
             return super().compute_output_spec(inputs, training=training)
         except Exception as error:  # the module's, on symbolic sizes
+            if not _inputs.unknown_dimensions(inputs):
+                raise  # no size to try: the error is what it is
             return self._output_spec_by_sizes(inputs, training, error)
 
     def _output_spec(self, inputs, training, size=None):
@@ -449,12 +451,12 @@ class JaxLayer(keras.layers.Layer):
             if len(found) == 2:
                 break
         if not found:
-            unknown = _inputs.unknown_dimensions(inputs)
-            if not unknown:
-                raise symbolic_error
             raise ValueError(
                 _errors.output_shape_unknown(
-                    self.name, unknown, tuple(sizes), symbolic_error
+                    self.name,
+                    _inputs.unknown_dimensions(inputs),
+                    tuple(sizes),
+                    symbolic_error,
                 )
             ) from symbolic_error
         return jax.tree_util.tree_map(_common_shape, *found)

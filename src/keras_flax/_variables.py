@@ -455,7 +455,7 @@ def with_leaves(tree, leaves):
         node = tree
         for part in parents:
             node = node.setdefault(part, {})
-        node[name] = np.zeros(shape, dtype)
+        node[name] = jnp.zeros(shape, dtype)
     return tree
 
 
