@@ -5,6 +5,10 @@ Nothing in the layer needs a concrete dimension while tracing: the input
 check treats a symbolic dimension as unknown.
 """
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import keras
 import numpy as np
@@ -32,7 +36,9 @@ def trained_model():
     return model
 
 
-def test_jax_export_with_a_symbolic_batch_serves_what_predict_returns():
+def test_jax_export_with_a_symbolic_batch_serves_what_predict_returns(
+    tmp_path,
+):
     model = trained_model()
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
@@ -50,6 +56,28 @@ def test_jax_export_with_a_symbolic_batch_serves_what_predict_returns():
         np.testing.assert_allclose(
             restored.call(x), model.predict(x, verbose=0), 1e-6, 1e-6
         )
+
+    # The artifact runs with JAX alone: no Keras, no Flax imported.
+    (tmp_path / "model.bin").write_bytes(exported.serialize())
+    x = data(3, 5, seed=3)
+    np.save(tmp_path / "x.npy", x)
+    code = textwrap.dedent(
+        """
+        import sys
+        import jax, numpy as np
+        folder = sys.argv[1]
+        with open(folder + "/model.bin", "rb") as f:
+            restored = jax.export.deserialize(bytearray(f.read()))
+        np.save(folder + "/y.npy", restored.call(np.load(folder + "/x.npy")))
+        assert not {"keras", "flax", "keras_flax"} & set(sys.modules)
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], check=True, timeout=300
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), model.predict(x, verbose=0), 1e-6, 1e-6
+    )
 
 
 @pytest.mark.parametrize("layer", ["linen", "jax"])

@@ -182,6 +182,23 @@ def test_unknown_sizes_a_module_cannot_take_symbolically():
     )
 
 
+def test_output_sizes_that_follow_an_unknown_size_stay_unknown():
+    module = modules.NumPyPositions()
+    inputs = keras.Input((None, 4))
+    layer = FlaxLayer(module, seed=0)
+    outputs = layer(inputs)
+    assert outputs.shape == (None, None, 3)  # sizes 1 and 2 give 1 and 2
+    model = keras.Model(inputs, outputs)
+    for length in (5, 6):
+        x = data(2, length, 4)
+        np.testing.assert_allclose(
+            model.predict(x, verbose=0),
+            module.apply(layer.flax_variables, x),
+            1e-5,
+            1e-6,
+        )
+
+
 def test_unknown_sizes_with_variables_made_for_one_image_size():
     module = modules.PatchEmbeddings()
     x = data(2, 8, 8, 3)

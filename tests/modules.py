@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keras_flax.demo import CNN  # noqa: F401  (the docs' CNN)
 
@@ -292,3 +293,13 @@ def stateless_init(rng, inputs):
 
 def call_returning_new_state(params, state, inputs):
     return inputs @ params["w"], {"count": jnp.zeros(())}
+
+
+class NumPyPositions(nn.Module):
+    """NumPy on a size: fine for every concrete size, not for a symbolic
+    one."""
+
+    @nn.compact
+    def __call__(self, x):
+        positions = np.arange(x.shape[1], dtype="float32")
+        return nn.Dense(3)(x + positions[None, :, None])
