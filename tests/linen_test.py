@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from keras_flax import FlaxLayer
-from keras_flax import _linen
+from keras_flax import _private
 from keras_flax import _rng
 from tests import modules
 from tests.conftest import assert_trees_close
@@ -459,7 +459,7 @@ def test_op_by_op_init_skips_dead_work_and_keeps_effects():
     _effects.clear()
     key, x = jax.random.key(3), jnp.ones((2, 5))
     traced = jax.jit(_init_like).trace(key, x)
-    got = _linen.run_op_by_op(traced.jaxpr, [key, x])
+    got = _private.run_op_by_op(traced.jaxpr, [key, x])
     assert _calls == [] and _effects == [1]
     want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
     assert _calls == [1]  # the plain evaluator does run the dead branch
@@ -471,10 +471,10 @@ def test_op_by_op_init_falls_back_to_the_plain_evaluator(monkeypatch):
     def broken(*args):
         raise RuntimeError("an equation this evaluator does not know")
 
-    monkeypatch.setattr(_linen, "_evaluate", broken)
+    monkeypatch.setattr(_private, "_evaluate", broken)
     key, x = jax.random.key(3), jnp.ones((2, 5))
     traced = jax.jit(_init_like).trace(key, x)
-    got = _linen.run_op_by_op(traced.jaxpr, [key, x])
+    got = _private.run_op_by_op(traced.jaxpr, [key, x])
     want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)

@@ -6,6 +6,8 @@ received (`Received: arg=...`), and the fix, in code where possible.
 
 import reprlib
 
+from flax import nnx
+
 _repr = reprlib.Repr()
 _repr.maxstring = 80
 _repr.maxother = 80
@@ -89,7 +91,7 @@ def nothing_to_initialize():
 
 
 def not_a_module(module):
-    if isinstance(module, type) and hasattr(module, "__nnx_repr__"):
+    if isinstance(module, type) and issubclass(module, nnx.Module):
         fix = (
             "To wrap an NNX Module class, instantiate it: "
             f"FlaxLayer({module.__name__}(..., rngs=nnx.Rngs(0)))."

@@ -17,10 +17,10 @@ from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _linen
 from keras_flax import _nnx
+from keras_flax import _private
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _signatures
-from keras_flax import _variables
 from keras_flax._jax_layer import JaxLayer
 
 
@@ -195,7 +195,7 @@ class FlaxLayer(JaxLayer):
         fused in-place ops), the values are copied in when the module is
         read through this property (or by `sync_module()`).
         """
-        if _backends.name() != "jax":
+        if _backends.name() != "jax" or not _private.VARIABLE_HOOKS:
             self.sync_module()
         return self._module
 
@@ -208,9 +208,9 @@ class FlaxLayer(JaxLayer):
         """
         if not self._is_nnx or _tracing(self.variables):
             return
-        for variable in self.variables:
-            if isinstance(variable, _variables.FlaxVariable):
-                variable.mirror()
+        for tree in (self._params_tree, self._state_tree):
+            if tree is not None:
+                tree.mirror_values()
 
     @property
     def flax_variables(self):

@@ -177,7 +177,7 @@ class JaxLayer(keras.layers.Layer):
     def _variable_metadata(self, parts):
         """What is known of the variable at path `parts`: its Flax
         partitioning `axes` and the `mirror` its values are copied into
-        (see `_variables.FlaxVariable`), or None."""
+        (see `_private.FlaxVariable`), or None."""
         return None
 
     def _init_rng(self):
@@ -601,7 +601,7 @@ def _specs(tree, compute_dtype):
     def spec(variable):
         dtype = keras.backend.standardize_dtype(variable.dtype)
         floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
-        if variable._autocast and floating:
+        if tree.autocast and floating:
             dtype = compute_dtype
         return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
 

@@ -11,19 +11,14 @@ import collections.abc
 import flax
 import flax.linen as nn
 import jax
-import jax.extend
 
 from keras_flax import _errors
+from keras_flax import _private
 from keras_flax import _variables
 
 # Collections never held as state: what modules `sow`.
 _NEVER_STATE = ("params", "intermediates")
 
-# Initialisation runs once: XLA's cheapest compilation does.
-_RUN_ONCE_OPTIONS = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-}
 # With more leaves than this, running op by op is faster than compiling one
 # program: XLA compiles each random initialiser of the one program
 # separately, while op by op compiles each distinct op once, shared by the
@@ -50,71 +45,16 @@ def run_once(init):
         ):
             return jitted(*args)
         traced = jitted.trace(*args)
-        if traced.out_tree.num_leaves > _OP_BY_OP_LEAVES:
+        out_tree = jax.tree_util.tree_structure(traced.out_info)
+        if out_tree.num_leaves > _OP_BY_OP_LEAVES:
             # The traced program, op by op: the module's Python runs once.
-            leaves = run_op_by_op(traced.jaxpr, jax.tree_util.tree_leaves(args))
-            return jax.tree_util.tree_unflatten(traced.out_tree, leaves)
-        lowered = traced.lower()
-        try:
-            compiled = lowered.compile(compiler_options=_RUN_ONCE_OPTIONS)
-        except Exception:  # a platform without these options
-            compiled = lowered.compile()
-        return compiled(*args)
+            leaves = _private.run_op_by_op(
+                traced.jaxpr, jax.tree_util.tree_leaves(args)
+            )
+            return jax.tree_util.tree_unflatten(out_tree, leaves)
+        return _private.compile_once(traced.lower())(*args)
 
     return run
-
-
-def run_op_by_op(closed_jaxpr, args):
-    """Evaluates a traced program one equation at a time.
-
-    As `jax.extend.core.jaxpr_as_fun` does, with two savings for a program
-    run once: equations whose results are never used are skipped (a linen
-    `init` computes the module's outputs, which `init` drops), and nested
-    jitted functions (the random initialisers) are compiled with XLA's
-    cheapest options. Where anything fails, the program runs again as
-    `jaxpr_as_fun` runs it (which raises the error if it is the program's).
-    """
-    jaxpr = closed_jaxpr.jaxpr
-    try:
-        return _evaluate(jaxpr, closed_jaxpr.consts, args, _live(jaxpr))
-    except Exception:
-        return jax.extend.core.jaxpr_as_fun(closed_jaxpr)(*args)
-
-
-def _live(jaxpr):
-    """The equations whose results reach the outputs (or have effects)."""
-    Var = jax.extend.core.Var
-    needed = {v for v in jaxpr.outvars if isinstance(v, Var)}
-    live = []
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in needed for v in eqn.outvars):
-            live.append(eqn)
-            needed.update(v for v in eqn.invars if isinstance(v, Var))
-    return live[::-1]
-
-
-def _evaluate(jaxpr, consts, args, eqns):
-    Literal = jax.extend.core.Literal
-    env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-
-    def read(v):
-        return v.val if isinstance(v, Literal) else env[v]
-
-    for eqn in eqns:
-        params = eqn.params
-        if params.get("compiler_options_kvs") == ():  # a nested `jax.jit`
-            options = tuple(_RUN_ONCE_OPTIONS.items())
-            params = {**params, "compiler_options_kvs": options}
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(
-                *map(read, eqn.invars),
-                **eqn.primitive.get_bind_params(params),
-            )
-        if not eqn.primitive.multiple_results:
-            out = [out]
-        env.update(zip(eqn.outvars, out))
-    return [read(v) for v in jaxpr.outvars]
 
 
 def _is_sown(collection):

@@ -26,6 +26,8 @@ import keras
 import numpy as np
 from flax import nnx
 
+from keras_flax import _private
+
 _TAG = "__keras_flax__"
 _SIMPLE = (type(None), bool, int, float, str)
 
@@ -337,12 +339,6 @@ def _not_a_module_class(import_path, api):
     )
 
 
-def _in_safe_mode():
-    from keras.src.saving import serialization_lib
-
-    return serialization_lib.in_safe_mode() is not False
-
-
 # Modules whose factories a file may call in safe mode: initializers.
 _CALLABLE_FACTORIES = (
     "jax._src.nn.initializers",
@@ -365,7 +361,7 @@ def resolve(import_path, call=False):
         return registered
     module_name, _, qualname = import_path.partition(":")
     top = module_name.split(".")[0]
-    safe = _in_safe_mode()
+    safe = _private.in_safe_mode()
     if safe and (top in sys.stdlib_module_names or top == "builtins"):
         raise ValueError(_refused(import_path, "is in the standard library"))
     if safe and call and module_name not in _CALLABLE_FACTORIES:

@@ -19,29 +19,7 @@ import numpy as np
 
 from keras_flax import _backends
 from keras_flax import _errors
-
-try:
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-    from keras.src.backend.common.variables import get_autocast_scope
-
-    _scope_checks = (in_stateless_scope, get_autocast_scope)
-except ImportError:  # pragma: no cover (a Keras without these modules)
-    _scope_checks = None
-
-
-def _held_values_are_current():
-    """Whether each variable's `.value` is the array it holds.
-
-    It is outside a `keras.StatelessScope` (which substitutes values) and
-    an autocast scope (which casts them). Reading the held arrays directly
-    saves Keras' two scope lookups per variable (about 1 microsecond each,
-    which adds up on an eager call of a module with hundreds of leaves).
-    Where Keras' internals differ, every read goes through `.value`.
-    """
-    if _scope_checks is None or _backends.name() != "jax":
-        return False  # PyTorch's variables, for one, compute `.value`
-    in_stateless_scope, get_autocast_scope = _scope_checks
-    return not in_stateless_scope() and get_autocast_scope() is None
+from keras_flax import _private
 
 
 def is_array_leaf(value):
@@ -124,6 +102,7 @@ class VariableTree:
         self._leaf_specs = [(a.shape, a.dtype) for a in arrays]
         # Whether each leaf trains: leaves at `frozen` paths do not.
         trains = [trainable and p not in frozen for p in self.paths]
+        self.autocast = autocast
         self._slots = None
         if packed:
             self._pack(layer, arrays, metadata, trains, trainable, autocast)
@@ -134,6 +113,7 @@ class VariableTree:
                     parts_list, arrays, trains, metadata, strict=True
                 )
             ]
+            self._mirrors = [(meta or {}).get("mirror") for meta in metadata]
             self.tree = self._unflatten(self.variables)
 
     def freeze(self, paths):
@@ -155,6 +135,7 @@ class VariableTree:
         self._slots = [None] * len(arrays)
         self._members = list(groups.values())  # leaf indices of each pack
         self.variables = []
+        self._mirrors = []
         for g, ((dtype, trains_g), indices) in enumerate(groups.items()):
             offset, mirrors = 0, []
             for i in indices:
@@ -173,6 +154,7 @@ class VariableTree:
             elif not trains_g:  # parameters the model does not use
                 parts = ("packed", "frozen", dtype.name)
             meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
+            self._mirrors.append(meta["mirror"])
             self.variables.append(
                 _new_variable(layer, parts, flat, trains_g, autocast, meta)
             )
@@ -188,10 +170,9 @@ class VariableTree:
 
     def values(self):
         """The current values of the variables."""
-        if _held_values_are_current():
-            held = [variable._value for variable in self.variables]
-            if all(value is not None for value in held):
-                return held
+        held = _private.held_values(self.variables)
+        if held is not None:
+            return held
         return [variable.value for variable in self.variables]
 
     def leaves(self, values):
@@ -269,6 +250,13 @@ class VariableTree:
                 ]
             )
         return updates
+
+    def mirror_values(self):
+        """Copies each variable's current value into its mirror (the
+        user's NNX module), where it has one."""
+        for variable, mirror in zip(self.variables, self._mirrors, strict=True):
+            if mirror is not None:
+                mirror(_backends.to_jax(variable.value))
 
     def leaf_specs(self):
         """`(shape, dtype)` of each array leaf, in leaf order."""
@@ -374,7 +362,7 @@ def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
 
     `Layer.add_weight` takes a single name, so the scopes for the Flax path
     are opened here, inside the layer's own scope. With `metadata` (Flax
-    `axes`, a `mirror`) the variable is a `FlaxVariable`.
+    `axes`, a `mirror`) the variable is a `_private.FlaxVariable`.
     """
     dtype = initial.dtype
     initial = _backends.initial_value(initial)
@@ -384,8 +372,14 @@ def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
         for part in parts[:-1]:
             scopes.enter_context(keras.name_scope(part))
         factory = keras.Variable
-        if metadata:
-            factory = functools.partial(FlaxVariable, **metadata)
+        if metadata and _private.VARIABLE_HOOKS:
+            axes, mirror = metadata.get("axes"), metadata.get("mirror")
+            layout = None
+            if axes is not None:
+                layout = functools.partial(flax_layout, axes=axes)
+            factory = functools.partial(
+                _private.FlaxVariable, layout=layout, mirror=mirror
+            )
         variable = factory(
             initializer=initial,
             dtype=dtype,
@@ -393,7 +387,7 @@ def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
             autocast=autocast and jnp.issubdtype(dtype, jnp.floating),
             name=parts[-1],
         )
-    layer._track_variable(variable)
+    _private.track_variable(layer, variable)
     return variable
 
 
@@ -521,41 +515,6 @@ def check_state_structure(arg, new_state, state_tree):
     )
 
 
-class FlaxVariable(keras.Variable):
-    """A Keras variable that keeps what Flax knows about it.
-
-    Args:
-        axes: Flax's partitioning of the variable (mesh axis names, None for
-            replicated dimensions), from `nn.with_partitioning` or NNX
-            sharding metadata. Under a `keras.distribution` whose device mesh
-            has these axes it is the variable's layout, unless an entry of
-            the distribution's `LayoutMap` matches the variable's path.
-        mirror: an `nnx.Variable` into which every concrete value the
-            variable is given is copied (see `_nnx`).
-    """
-
-    def __init__(self, *args, axes=None, mirror=None, **kwargs):
-        self._axes = axes
-        self._mirror = None  # not while Keras sets the initial value
-        super().__init__(*args, **kwargs)
-        self._mirror = mirror
-
-    def _initialize_layout(self):
-        if self._layout is None and self._axes is not None:
-            self._layout = flax_layout(self.path, self._axes)
-        super()._initialize_layout()
-
-    def _direct_assign(self, value):
-        super()._direct_assign(value)
-        if self._mirror is not None and _backends.is_concrete(value):
-            self._mirror(_backends.to_jax(value))
-
-    def mirror(self):
-        """Copies the current value into the mirror, if any."""
-        if self._mirror is not None:
-            self._mirror(_backends.to_jax(self.value))
-
-
 def flax_layout(path, axes):
     """The layout for Flax partitioning `axes`, or None to let Keras choose.
 
@@ -566,8 +525,7 @@ def flax_layout(path, axes):
     distribution = keras.distribution.distribution()
     if distribution is None:
         return None
-    layout_map = getattr(distribution, "_layout_map", None)
-    if layout_map is not None and layout_map[path] is not None:
+    if _private.layout_map_has(distribution, path):
         return None
     mesh = distribution.device_mesh
     if not all(a is None or a in mesh.axis_names for a in axes):
