@@ -169,47 +169,41 @@ def test_unknown_sizes_a_module_cannot_take_symbolically():
     # inference fails; the output specs come from the sizes that work.
     module = modules.PatchEmbeddings()
     layer = FlaxLayer(module, seed=0)
-    inputs = keras.Input((None, None, 3))
-    outputs = layer(inputs)
-    assert outputs.shape == (None, 3)
-    model = keras.Model(inputs, outputs)
+    model = _unknown_size_model(layer, (None, None, 3), (None, 3))
     x = data(2, 2, 2, 3)  # one patch, as built (unknown sizes tried as 1)
+    _assert_predicts_apply(model, module, layer.flax_variables, x)
+
+
+def _unknown_size_model(layer, shape, output_shape):
+    inputs = keras.Input(shape)
+    outputs = layer(inputs)
+    assert outputs.shape == output_shape
+    return keras.Model(inputs, outputs)
+
+
+def _assert_predicts_apply(model, module, variables, x):
     np.testing.assert_allclose(
-        model.predict(x, verbose=0),
-        module.apply(layer.flax_variables, x),
-        1e-5,
-        1e-6,
+        model.predict(x, verbose=0), module.apply(variables, x), 1e-5, 1e-6
     )
 
 
 def test_output_sizes_that_follow_an_unknown_size_stay_unknown():
     module = modules.NumPyPositions()
-    inputs = keras.Input((None, 4))
     layer = FlaxLayer(module, seed=0)
-    outputs = layer(inputs)
-    assert outputs.shape == (None, None, 3)  # sizes 1 and 2 give 1 and 2
-    model = keras.Model(inputs, outputs)
+    # Sizes 1 and 2 give output sizes 1 and 2.
+    model = _unknown_size_model(layer, (None, 4), (None, None, 3))
     for length in (5, 6):
         x = data(2, length, 4)
-        np.testing.assert_allclose(
-            model.predict(x, verbose=0),
-            module.apply(layer.flax_variables, x),
-            1e-5,
-            1e-6,
-        )
+        _assert_predicts_apply(model, module, layer.flax_variables, x)
 
 
 def test_unknown_sizes_with_variables_made_for_one_image_size():
     module = modules.PatchEmbeddings()
     x = data(2, 8, 8, 3)
     variables = module.init(jax.random.key(0), x)  # 16 patches
-    inputs = keras.Input((None, None, 3))
-    outputs = FlaxLayer(module, variables=variables)(inputs)
-    assert outputs.shape == (None, 3)
-    model = keras.Model(inputs, outputs)
-    np.testing.assert_allclose(
-        model.predict(x, verbose=0), module.apply(variables, x), 1e-5, 1e-6
-    )
+    layer = FlaxLayer(module, variables=variables)
+    model = _unknown_size_model(layer, (None, None, 3), (None, 3))
+    _assert_predicts_apply(model, module, variables, x)
 
 
 def test_sown_intermediates_are_not_weights_and_never_break_a_call():

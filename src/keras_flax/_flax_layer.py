@@ -15,6 +15,7 @@ from flax import nnx
 from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _inputs
+from keras_flax import _jax_layer
 from keras_flax import _linen
 from keras_flax import _nnx
 from keras_flax import _private
@@ -258,7 +259,7 @@ class FlaxLayer(JaxLayer):
     def _check_given_weights(self, spec):
         if self._is_nnx:
             self._refuse_lazy_nnx(spec)
-            return {"params": {}, "state": {}}
+            return _jax_layer.no_unused_leaves()
         return super()._check_given_weights(spec)
 
     def _unused_or_raise(self, spec, expected, check_shapes):

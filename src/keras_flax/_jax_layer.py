@@ -141,7 +141,7 @@ class JaxLayer(keras.layers.Layer):
         self._pending_weights = None
         # Given leaves that `init_fn` does not create, by the tree holding
         # them: path -> (shape, dtype). Unused parameters are frozen.
-        self._unused_leaves = {"params": {}, "state": {}}
+        self._unused_leaves = no_unused_leaves()
         if params is not None or state is not None:
             if pack_weights and init_fn is not None:
                 # Packed at build, once it is known which leaves the model
@@ -264,10 +264,9 @@ class JaxLayer(keras.layers.Layer):
                 )
                 # A layer saved with unused leaves gets them back, for the
                 # weights file to fill.
-                params, state = (
-                    _variables.with_leaves(tree, self._unused_leaves[which])
-                    for tree, which in ((params, "params"), (state, "state"))
-                )
+                unused = self._unused_leaves
+                params = _variables.with_leaves(params, unused["params"])
+                state = _variables.with_leaves(state, unused["state"])
                 self._pending_weights = _Untracked((params, state))
         else:
             self._unused_leaves = self._check_given_weights(spec)
@@ -324,9 +323,8 @@ class JaxLayer(keras.layers.Layer):
         unknown sizes only the paths are compared, at the first sizes the
         model accepts.
         """
-        none = {"params": {}, "state": {}}
         if self.init_fn is None:
-            return none  # nothing to compare with
+            return no_unused_leaves()  # nothing to compare with
         sizes_known = not _inputs.has_unknown(spec, skip_batch=True)
 
         def expected_shapes(inputs):
@@ -338,7 +336,7 @@ class JaxLayer(keras.layers.Layer):
             else:
                 expected, _ = _inputs.search(expected_shapes, spec, "inputs")
         except Exception:
-            return none  # the call will raise the model's own error
+            return no_unused_leaves()  # the call raises the model's error
         return self._unused_or_raise(spec, expected, sizes_known)
 
     def _unused_or_raise(self, spec, expected, check_shapes):
@@ -347,7 +345,7 @@ class JaxLayer(keras.layers.Layer):
             "params": _variables.specs_by_path(params),
             "state": _variables.specs_by_path(state),
         }
-        unused = {"params": {}, "state": {}}
+        unused = no_unused_leaves()
         given = self._user_trees(params, state)
         for (arg, tree), (_, want) in zip(
             given, self._user_trees(*expected), strict=True
@@ -569,6 +567,11 @@ class JaxLayer(keras.layers.Layer):
 
 
 _SEED_STATE = "seed_generator_state"
+
+
+def no_unused_leaves():
+    """Unused given leaves by tree holding them: none."""
+    return {"params": {}, "state": {}}
 
 
 class _Untracked:
