@@ -56,7 +56,7 @@ def xla_runner(step, state, xs, ys):
 
     def run():
         nonlocal state
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
             logs, state = step(state, (x, y))
         jax.block_until_ready(logs)
 

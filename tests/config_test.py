@@ -1,5 +1,7 @@
 """get_config / from_config, weights files, and Keras registration."""
 
+import json
+
 import flax.linen as nn
 import jax
 import keras
@@ -58,6 +60,7 @@ def test_save_weights_and_load_weights_restore_params_and_state(tmp_path):
     for a, b in zip(
         jax.tree.leaves(layer.flax_variables),
         jax.tree.leaves(fresh_layer.flax_variables),
+        strict=True,
     ):
         np.testing.assert_array_equal(a, b)
     x = data(4, 5)
@@ -106,3 +109,21 @@ def test_module_fields_of_every_kind_round_trip():
     clone(x)
     clone.set_weights(layer.get_weights())
     np.testing.assert_array_equal(clone(x), out)
+
+
+def test_configs_name_public_import_paths_and_old_private_ones_load():
+    module = modules.Configured(
+        act=nn.gelu, kernel_init=nn.initializers.normal(0.02)
+    )
+    config = FlaxLayer(module).get_config()
+    fields = config["module"]["config"]
+    assert fields["act"]["path"] == "jax.nn:gelu"
+    assert fields["kernel_init"]["factory"] == "jax.nn.initializers:normal"
+    assert "_src" not in json.dumps(config)
+    # A file written when configs named JAX's private modules.
+    old = json.loads(
+        json.dumps(config)
+        .replace("jax.nn:gelu", "jax._src.nn.functions:gelu")
+        .replace("jax.nn.initializers:", "jax._src.nn.initializers:")
+    )
+    assert FlaxLayer.from_config(old).get_config() == config

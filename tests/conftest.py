@@ -63,5 +63,5 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     a_leaves, a_def = jax.tree_util.tree_flatten(a)
     b_leaves, b_def = jax.tree_util.tree_flatten(b)
     assert a_def == b_def, f"{a_def} != {b_def}"
-    for x, y in zip(a_leaves, b_leaves):
+    for x, y in zip(a_leaves, b_leaves, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol, atol)

@@ -55,7 +55,7 @@ def _fit(model, epochs=4, callbacks=()):
 
 
 def _assert_same_weights(a, b):
-    for x, y in zip(a.get_weights(), b.get_weights()):
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
@@ -148,7 +148,7 @@ def test_two_layers_around_one_linen_module_have_their_own_weights():
     model.compile("sgd", ["mse", None])
     model.fit(data(8, 3), [data(8, 4), data(8, 4)], verbose=0)
     assert len(model.trainable_weights) == 8  # 4 each, not shared
-    for a, b in zip(second.get_weights(), before):
+    for a, b in zip(second.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)  # no loss on it: unchanged
     assert not np.array_equal(first.get_weights()[0], second.get_weights()[0])
 
@@ -179,5 +179,5 @@ def test_one_layer_called_twice_shares_its_weights():
 
     got = jax.grad(loss)(trainable)
     want = jax.tree.leaves(jax.grad(flax_loss)(variables["params"]))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, 1e-5, 1e-6)

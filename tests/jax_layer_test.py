@@ -40,7 +40,7 @@ def test_stateless_pair_outputs_gradients_and_names():
 
     got = jax.grad(keras_loss)(trainable)
     want = jax.tree.leaves(jax.grad(jax_loss)(params))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, 1e-5, 1e-6)
 
 

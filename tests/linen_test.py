@@ -48,7 +48,7 @@ def test_variables_from_init_give_module_apply_outputs_and_gradients():
     layer = FlaxLayer(module, variables=variables)
     np.testing.assert_allclose(layer(x), module.apply(variables, x), 1e-6, 1e-6)
     for got, want in zip(
-        keras_grads(layer, x), flax_grads(module, variables, x)
+        keras_grads(layer, x), flax_grads(module, variables, x), strict=True
     ):
         np.testing.assert_allclose(got, want, 1e-5, 1e-6)
 
@@ -244,7 +244,7 @@ def test_fit_matches_a_hand_written_optax_loop():
     layer = FlaxLayer(module, variables=variables)
     model = keras.Sequential([keras.Input((5,)), layer])
     model.compile(keras.optimizers.SGD(0.05), "mse")
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         model.train_on_batch(x, y)
 
     optimizer = optax.sgd(0.05)
@@ -266,7 +266,7 @@ def test_fit_matches_a_hand_written_optax_loop():
         updates, opt_state = optimizer.update(grads, opt_state)
         return optax.apply_updates(params, updates), stats, opt_state
 
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         params, stats, opt_state = step(params, stats, opt_state, x, y)
     got = layer.flax_variables
     assert_trees_close(got["params"], params, 1e-4, 1e-5)
@@ -367,18 +367,23 @@ def test_eager_call_in_a_stateless_scope_uses_the_scope_values():
 
 
 def test_eager_calls_compile_once_per_input_signature():
-    layer = FlaxLayer(modules.MLP(), seed=0)
+    traces = modules.TraceCounter()
+    layer = FlaxLayer(modules.MLP(), method=traces.without_training, seed=0)
     layer(data(4, 7))
+    built = traces.count
     layer(data(4, 7, seed=1))
-    assert layer._runner.jitted._cache_size() == 1
+    assert traces.count == built  # the compiled program, cached
     layer(data(9, 7))
-    assert layer._runner.jitted._cache_size() == 2
+    assert traces.count == built + 1  # one trace for the new signature
+    layer(data(9, 7, seed=1))
+    assert traces.count == built + 1
 
 
 def test_traced_calls_are_inlined_not_nested_programs():
     # Inside an outer trace (Keras' compiled steps) the forward pass is
     # traced inline; eager calls use the cached compiled program.
-    layer = FlaxLayer(modules.MLP(), seed=0)
+    traces = modules.TraceCounter()
+    layer = FlaxLayer(modules.MLP(), method=traces.without_training, seed=0)
     x = data(4, 7)
     layer(x)
     jaxpr = jax.make_jaxpr(lambda x: layer(x))(x)
@@ -388,7 +393,9 @@ def test_traced_calls_are_inlined_not_nested_programs():
         if e.primitive.name in ("jit", "pjit")
     ]
     assert "_forward" not in nested
-    assert layer._runner.jitted._cache_size() == 1
+    traced = traces.count
+    layer(x)  # the eager program is still the cached one
+    assert traces.count == traced
     want = modules.MLP().apply(layer.flax_variables, x)
     np.testing.assert_allclose(jax.jit(lambda x: layer(x))(x), want, 1e-6, 1e-6)
 
@@ -457,7 +464,7 @@ def test_op_by_op_init_skips_dead_work_and_keeps_effects():
     assert _calls == [] and _effects == [1]
     want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
     assert _calls == [1]  # the plain evaluator does run the dead branch
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
@@ -470,5 +477,5 @@ def test_op_by_op_init_falls_back_to_the_plain_evaluator(monkeypatch):
     traced = jax.jit(_init_like).trace(key, x)
     got = _private.run_op_by_op(traced.jaxpr, [key, x])
     want = jax.extend.core.jaxpr_as_fun(traced.jaxpr)(key, x)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)

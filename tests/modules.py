@@ -303,3 +303,19 @@ class NumPyPositions(nn.Module):
     def __call__(self, x):
         positions = np.arange(x.shape[1], dtype="float32")
         return nn.Dense(3)(x + positions[None, :, None])
+
+
+class TraceCounter:
+    """A forward method counting its traces: its Python body runs once per
+    trace (and per eager, unjitted call), never for a cached program."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, module, inputs, training=False):
+        self.count += 1
+        return module(inputs, training=training)
+
+    def without_training(self, module, inputs):
+        self.count += 1
+        return module(inputs)

@@ -63,7 +63,7 @@ def test_gradients_equal_nnx_grad(case):
     got = jax.grad(loss)(trainable)
     want = jax.tree.leaves(want)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, 1e-4, 1e-5)
 
 
@@ -85,18 +85,20 @@ def test_fit_matches_a_hand_written_nnx_optimizer_loop(case):
 
         optimizer.update(model, nnx.grad(loss)(model))
 
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         step(reference, optimizer, x, y)
 
     layer = FlaxLayer(module)
     model = keras.Sequential([keras.Input(shape), layer])
     model.compile(keras.optimizers.SGD(0.05), "mse")
-    losses = [float(model.train_on_batch(x, y)) for x, y in zip(xs, ys)]
+    losses = [
+        float(model.train_on_batch(x, y)) for x, y in zip(xs, ys, strict=True)
+    ]
     assert np.all(np.isfinite(losses))
     got = nnx.state(layer.module)  # synced on access
     want = nnx.state(reference)
     assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         if jnp.issubdtype(g.dtype, jax.dtypes.prng_key):
             g, w = jax.random.key_data(g), jax.random.key_data(w)
         np.testing.assert_allclose(g, w, 1e-4, 1e-5)

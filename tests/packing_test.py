@@ -148,3 +148,26 @@ def test_packing_is_refused_under_model_parallel_then_fixed():
 def test_pack_weights_must_be_a_bool():
     with pytest.raises(TypeError, match=r"pack_weights=True or"):
         FlaxLayer(modules.MLP(), pack_weights="yes")
+
+
+def test_large_leaves_keep_variables_of_their_own(tmp_path):
+    # The Dense kernel (160 x 128 values) is beyond what packing helps; the
+    # small leaves share one pack. Training and files are as unpacked.
+    x, y = data(32, 160), data(32, 4, seed=1)
+    module = modules.MLP(features=(128, 4))
+    model, packed = _fitted(module, True, x, y)
+    _, plain = _fitted(module, False, x, y)
+    by_path = {v.path.split("/", 2)[-1]: v for v in packed.trainable_weights}
+    assert sorted(by_path) == ["Dense_0/kernel", "packed/float32"]
+    kernel = packed.params["params"]["Dense_0"]["kernel"]
+    assert kernel is by_path["Dense_0/kernel"]
+    assert_trees_close(packed.flax_variables, plain.flax_variables, 1e-5)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    fresh = keras.Sequential(
+        [keras.Input((160,)), FlaxLayer(module, seed=1, pack_weights=True)]
+    )
+    fresh.load_weights(path)
+    assert_trees_close(
+        fresh.layers[0].flax_variables, packed.flax_variables, 0, 0
+    )

@@ -59,7 +59,7 @@ def inputs(draw, tokens_allowed=True):
 
 def _close(a, b, dtype):
     tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(
             np.asarray(x, "float32"), np.asarray(y, "float32"), tol, tol
         )

@@ -322,8 +322,8 @@ class _TorchRunner:
     def forward(self, key, tensors):
         treedef, mask, training = key
         arrays = [_torch_to_jax(t) for t in tensors]
-        diff = [a for a, m in zip(arrays, mask) if m]
-        rest = [a for a, m in zip(arrays, mask) if not m]
+        diff = [a for a, m in zip(arrays, mask, strict=True) if m]
+        rest = [a for a, m in zip(arrays, mask, strict=True) if not m]
         flat, vjp = self._forward_with_vjp(
             diff, rest, treedef=treedef, mask=mask, training=training
         )
@@ -332,7 +332,7 @@ class _TorchRunner:
     def backward(self, vjp, outputs, grads):
         cotangents = [
             _zeros_like(out) if g is None else _torch_to_jax(g)
-            for out, g in zip(outputs, grads)
+            for out, g in zip(outputs, grads, strict=True)
         ]
         return self._backward(vjp, cotangents)
 
@@ -362,7 +362,11 @@ def _torch_function():
             ctx.outputs = [(a.shape, a.dtype) for a in flat]
             outputs = tuple(_jax_to_torch(a) for a in flat)
             ctx.mark_non_differentiable(
-                *(t for t, a in zip(outputs, flat) if not _is_float(a.dtype))
+                *(
+                    t
+                    for t, a in zip(outputs, flat, strict=True)
+                    if not _is_float(a.dtype)
+                )
             )
             return outputs
 

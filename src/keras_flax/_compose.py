@@ -4,6 +4,9 @@ The semantics of the Keras R interface's helpers, in Python: build the
 layer, then compose it with `object` by what `object` is.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import keras
 import numpy as np
@@ -32,8 +35,12 @@ def _check_object(helper, obj):
 
 
 def layer_flax_module_wrapper(
-    object=None, module=None, method=None, variables=None, **kwargs
-):
+    object: Any = None,
+    module: Any = None,
+    method: str | Callable | None = None,
+    variables: Any = None,
+    **kwargs,
+) -> Any:
     """Creates a `FlaxLayer` and composes it with `object`.
 
     Args:
@@ -63,14 +70,14 @@ def layer_flax_module_wrapper(
 
 
 def layer_jax_model_wrapper(
-    object=None,
-    call_fn=None,
-    init_fn=None,
-    params=None,
-    state=None,
-    seed=None,
+    object: Any = None,
+    call_fn: Callable | None = None,
+    init_fn: Callable | None = None,
+    params: Any = None,
+    state: Any = None,
+    seed: int | None = None,
     **kwargs,
-):
+) -> Any:
     """Creates a `JaxLayer` and composes it with `object`.
 
     Args:

@@ -6,7 +6,21 @@ received (`Received: arg=...`), and the fix, in code where possible.
 
 import reprlib
 
+import flax
 from flax import nnx
+
+# What a module raises when it refuses inputs (a shape, a dtype, a size it
+# cannot take symbolically). Anything else is a bug, raised as it is.
+MODULE_ERRORS = (
+    TypeError,
+    ValueError,
+    IndexError,
+    KeyError,
+    ArithmeticError,
+    AssertionError,
+    NotImplementedError,
+    flax.errors.FlaxError,
+)
 
 _repr = reprlib.Repr()
 _repr.maxstring = 80
@@ -439,4 +453,54 @@ def weights_count_mismatch(layer_name, expected, received):
         f"The weights file for layer '{layer_name}' must hold one array per "
         f"leaf of the model: {expected}. Received: {received} arrays. Load "
         "a file saved from a layer wrapping the same model (packed or not)."
+    )
+
+
+# Saving and loading configs.
+
+
+def unserializable(path, value):
+    return (
+        f"`{path}` cannot be saved: it is "
+        f"{value!r} ({type(value).__name__}), which has no import path. "
+        "Make the value importable (a function or class defined at the top "
+        "level of a module, or `functools.partial` of one). For a module "
+        "field, you can instead define `get_config()` on the module class "
+        "(and `from_config` if its constructor does not take that dict)."
+    )
+
+
+def not_a_module_class(import_path, api):
+    return (
+        f"The saved layer config names {import_path} as its module class, "
+        f"which is not a {api}.Module class. The file may be corrupted or "
+        "crafted; it was not loaded."
+    )
+
+
+def load_refused(import_path, why):
+    module_name = import_path.partition(":")[0]
+    return (
+        f"Loading refused to resolve {import_path}: the module "
+        f"{module_name} {why}, and safe mode resolves classes and functions "
+        "only from packages already imported or registered with Keras. If "
+        f"you trust this file, import {module_name} before loading, or pass "
+        "`safe_mode=False` to `keras.saving.load_model`."
+    )
+
+
+def unknown_config_kind(path, kind, config):
+    return (
+        f"The saved config of `{path}` has an entry of unknown kind "
+        f"{kind!r}. Received: {config!r}. The file was saved by another "
+        "version of keras-flax, or altered; load it with the version that "
+        "saved it."
+    )
+
+
+def not_found(qualname, module_name, import_path):
+    return (
+        f"Cannot find {qualname} in module {module_name} while loading "
+        f"a saved layer. Received: {import_path}. Check that the code "
+        "that defines it is the same as when the model was saved."
     )

@@ -200,66 +200,8 @@ def search(fn, specs, arg):
             try:
                 result = fn(placeholders(specs, size, dtype))
                 return result, specs.found(dtype, size)
-            except Exception as error:  # any failure: try the next size
+            except _errors.MODULE_ERRORS as error:  # refused: the next size
                 first_error = first_error or error
     raise ValueError(
         _errors.cannot_initialize(arg, str(specs), sizes, first_error)
     ) from first_error
-
-
-def check(inputs, specs, layer_name):
-    """Raises if `inputs` do not fit the specs the layer was built for."""
-    given = jax.tree_util.tree_leaves(inputs)
-    built = specs.leaves()
-    if len(given) != len(built):
-        raise ValueError(
-            _errors.inputs_structure_changed(
-                layer_name,
-                str(specs),
-                _structure_text(inputs),
-            )
-        )
-    for x, s in zip(given, built):
-        shape = shape_of(x)
-        fits = len(shape) == len(s.shape) and all(
-            d is None or g is None or g == d
-            for g, d in zip(shape[1:], s.shape[1:])
-        )
-        if not fits:
-            raise ValueError(
-                _errors.inputs_misfit(
-                    layer_name,
-                    "shape",
-                    str(specs),
-                    _errors.format_shape(shape),
-                )
-            )
-        if specs.guessed or getattr(x, "dtype", None) is None:
-            continue
-        dtype = dtype_of(x)
-        if _kind(dtype) != _kind(s.dtype):
-            raise ValueError(
-                _errors.inputs_misfit(
-                    layer_name,
-                    "dtype",
-                    f"{_kind(s.dtype)} ({str(specs)})",
-                    f"{_kind(dtype)} ({jnp.dtype(dtype)})",
-                )
-            )
-
-
-def _kind(dtype):
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return "floating"
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return "complex"
-    return "integer or bool"
-
-
-def _structure_text(inputs):
-    return str(
-        jax.tree_util.tree_map(
-            lambda x: _errors.format_shape(shape_of(x)), inputs
-        )
-    )

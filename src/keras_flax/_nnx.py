@@ -1,10 +1,11 @@
-"""A Flax NNX module as `call_fn`, through `nnx.split` / `nnx.merge`.
+"""A Flax NNX module as a `Model`, through `nnx.split` / `nnx.merge`.
 
 An NNX module is built eagerly, so its variables exist before the layer
-does. `NNXModel` splits them into `params` (every `nnx.Param`) and `state`
-(every other `nnx.Variable`: batch statistics, RNG keys and counts, caches,
-user variable types) for `JaxLayer` to hold; `call_fn` merges them into a
-module in train or eval mode, calls it, and splits the new state out.
+does: they are the given `params` (every `nnx.Param`) and `state` (every
+other `nnx.Variable`: batch statistics, RNG keys and counts, caches, user
+variable types, plain array attributes). `apply` merges them into a module
+in train or eval mode, calls it, and splits the new state out; the layer's
+values are written back into the user's module (`write_back`).
 """
 
 import functools
@@ -16,78 +17,117 @@ from flax import nnx
 
 from keras_flax import _errors
 from keras_flax import _rng
+from keras_flax import _serialization
+from keras_flax import _variables
+from keras_flax._model import Model
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-class NNXModel:
-    """An NNX module and method as `call_fn`.
+def adapt(module, method, takes_training, seed=None, recorded_call=None):
+    """The `Model` of an NNX module.
 
     Args:
-        module: the `flax.nnx.Module` instance (left as it is).
+        module: the `flax.nnx.Module` instance (left as it is; the layer
+            writes its values back into it).
         method: None, a method name, or a function taking the module first.
         takes_training: whether the method takes `training`.
         seed: if not None, every RNG stream of the module is reseeded from
             it (in the layer's copy of the module).
+        recorded_call: the module's constructor call
+            (`_serialization.RecordedCall`), or None.
     """
+    targets = {
+        _variables.path_text(path): (path, leaf)
+        for path, leaf in nnx.to_flat_state(nnx.state(module))
+    }
+    copy = nnx.merge(*nnx.split(module))
+    if seed is not None:
+        _reseed(copy, seed)
+    _, params, state = nnx.split(copy, nnx.Param, ...)
+    graphdefs = {
+        training: _graphdef_in_mode(copy, training)
+        for training in (False, True)
+    }  # `copy` ends in eval mode; its values are unchanged
 
-    def __init__(self, module, method, takes_training, seed=None):
-        self._module = module
-        self._targets = {
-            "/".join(str(k) for k in path): (path, leaf)
-            for path, leaf in nnx.to_flat_state(nnx.state(module))
-        }
-        copy = nnx.merge(*nnx.split(module))
-        if seed is not None:
-            _reseed(copy, seed)
-        _, self.params, self.state = nnx.split(copy, nnx.Param, ...)
-        self._graphdefs = {
-            training: _graphdef_in_mode(copy, training)
-            for training in (False, True)
-        }  # `copy` ends in eval mode; its values are unchanged
-        self.method = method
-        self.takes_training = takes_training
-
-    def apply(self, params, state, rng, inputs, training):
-        outputs, _, new_state = self._run(params, state, inputs, training)
-        return outputs, new_state
-
-    def _run(self, params, state, inputs, training):
-        module = nnx.merge(self._graphdefs[bool(training)], params, state)
-        kwargs = {"training": training} if self.takes_training else {}
-        outputs = invoke(module, self.method, inputs, kwargs)
-        _, new_params, new_state = nnx.split(module, nnx.Param, ...)
+    def run(params, state, inputs, training):
+        """The outputs, new params and new state of one call."""
+        called = nnx.merge(graphdefs[bool(training)], params, state)
+        kwargs = {"training": training} if takes_training else {}
+        outputs = invoke(called, method, inputs, kwargs)
+        _, new_params, new_state = nnx.split(called, nnx.Param, ...)
         return outputs, new_params, new_state
 
-    def variable_metadata(self, parts):
-        """`FlaxVariable` arguments: mirrored into the user's module's
-        Variables, laid out after their sharding metadata."""
-        key = "/".join(variable_name(parts))
-        if key not in self._targets:
-            return {"axes": None, "mirror": None}
-        path, target = self._targets[key]
+    def apply(params, state, rng, inputs, training):
+        outputs, _, new_state = run(params, state, inputs, training)
+        return outputs, new_state
+
+    def write_back(parts):
+        """Copies a variable's values into the user's module."""
+        found = targets.get(_variables.path_text(variable_name(parts)))
+        if found is None:
+            return None
+        path, target = found
         if not isinstance(target, nnx.Variable):
             # A plain array attribute (data of the module, not a Variable):
             # held as non-trainable state, written back as an attribute.
-            mirror = functools.partial(
-                _write_attribute, self._module, path, target.dtype
+            return functools.partial(
+                _write_attribute, module, path, target.dtype
             )
-            return {"axes": None, "mirror": mirror}
-        return {
-            "axes": _sharding(target),
-            "mirror": functools.partial(_write, target),
-        }
+        return functools.partial(_write, target)
 
-    def created_variables(self, params, state, inputs):
+    def created(params, state, inputs):
         """Paths of variables that a call creates (a lazily built module).
 
         Traced abstractly; raises what the module raises.
         """
-        _, new_params, new_state = jax.eval_shape(
-            lambda p, s, x: self._run(p, s, x, True), params, state, inputs
-        )
+        try:
+            _, new_params, new_state = jax.eval_shape(
+                lambda p, s, x: run(p, s, x, True), params, state, inputs
+            )
+        except _errors.MODULE_ERRORS:
+            if has_linen_bridge(module):
+                # A linen module inside that was never initialised.
+                return ["its linen variables"]
+            raise
         return _new_paths(params, new_params) + _new_paths(state, new_state)
+
+    axes = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(copy)):
+        found = isinstance(leaf, nnx.Variable) and _sharding(leaf)
+        if found:
+            axes[_variables.path_text((*path, "value"))] = found
+
+    return Model(
+        apply=apply,
+        params=params,
+        state=state,
+        axes=axes,
+        name=lambda trainable, parts: variable_name(parts),
+        write_back=write_back,
+        initializer="module",
+        label=type(module).__name__,
+        created=created,
+        view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
+        user_variables=nnx.merge_state,
+        config=config_fn(module, method, recorded_call),
+    )
+
+
+def config_fn(module, method, recorded_call):
+    """The `Model.config` of an NNX module: its recorded constructor call
+    when there is one, else its class's own `get_config()`."""
+
+    def config():
+        if recorded_call is None and not hasattr(type(module), "get_config"):
+            raise TypeError(_errors.nnx_not_serializable(module))
+        return {
+            "module": _serialization.serialize_nnx(module, recorded_call),
+            "method": _serialization.serialize_method(module, method),
+        }
+
+    return config
 
 
 def invoke(module, method, inputs, kwargs):
@@ -124,7 +164,7 @@ def _reseed(module, seed):
         if isinstance(node, nnx.RngStream):
             streams.setdefault(node.tag, []).append((path, node.key.shape))
     stacked = [
-        "/".join(str(p) for p in path)
+        _variables.path_text(path)
         for found in streams.values()
         for path, shape in found
         if shape != ()
@@ -159,7 +199,7 @@ def variable_name(parts):
 def _new_paths(held, returned):
     held_paths = {path for path, _ in nnx.to_flat_state(held)}
     return [
-        "/".join(str(p) for p in path)
+        _variables.path_text(path)
         for path, _ in nnx.to_flat_state(returned)
         if path not in held_paths
     ]
@@ -181,14 +221,29 @@ def _write(target, value):
     therefore holds the trained values without being asked. A copy, so that
     Keras donating its own buffers never invalidates the module's arrays.
     """
-    current = target.get_value()
+    current = _get_value(target)
     if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
         value = jax.random.wrap_key_data(
             jnp.array(value, copy=True), impl=jax.random.key_impl(current)
         )
     else:
         value = jnp.array(value, dtype=current.dtype, copy=True)
-    target.set_value(value)
+    _set_value(target, value)
+
+
+# `Variable.get_value` / `set_value` in newer Flax; `.value` in Flax 0.12.0.
+_ACCESSORS = hasattr(nnx.Variable, "get_value")
+
+
+def _get_value(variable):
+    return variable.get_value() if _ACCESSORS else variable.value
+
+
+def _set_value(variable, value):
+    if _ACCESSORS:
+        variable.set_value(value)
+    else:
+        variable.value = value
 
 
 def _write_attribute(module, path, dtype, value):

@@ -12,11 +12,11 @@ version guard) and run by a test:
   tracked as a layer attribute, which Keras tracks publicly.
 - `serialization_lib.in_safe_mode`: whether `load_model` runs in safe
   mode. Fallback: safe mode assumed (the stricter rule).
-- `Variable._initialize_layout` / `_direct_assign` (overridden by
-  `FlaxVariable`): Flax partitioning metadata becomes the layout, and every
-  assigned value is copied into the user's NNX module. Fallback: plain
-  Keras variables (layouts from the `LayoutMap` alone; the NNX module is
-  synced when read through `FlaxLayer.module`).
+- `Variable._initialize_layout` (overridden by `FlaxVariable`, with the
+  public `assign`): Flax partitioning metadata becomes the layout, and
+  every value assigned outside a `StatelessScope` is copied into the user's
+  NNX module. Fallback: plain Keras variables (layouts from the `LayoutMap`
+  alone; the NNX module is synced when read through `FlaxLayer.module`).
 - `ModelParallel._layout_map`: a `LayoutMap` entry wins over Flax's axes.
   Fallback: Flax's axes where they fit the mesh.
 - JAX equation internals (`eqn.ctx`, `get_bind_params`,
@@ -45,10 +45,13 @@ try:
 except ImportError:  # pragma: no cover (a Keras without it)
     _safe_mode = None
 
+# Files saved before configs named public import paths name JAX's
+# initializer factories by their private module; loading still calls them.
+SAVED_FACTORY_MODULES = ("jax._src.nn.initializers",)
+
 TRACK_VARIABLE = hasattr(keras.layers.Layer, "_track_variable")
-VARIABLE_HOOKS = all(
-    hasattr(keras.Variable, name)
-    for name in ("_initialize_layout", "_direct_assign")
+VARIABLE_HOOKS = SCOPE_CHECKS is not None and hasattr(
+    keras.Variable, "_initialize_layout"
 )
 
 
@@ -108,10 +111,14 @@ class FlaxVariable(keras.Variable):
             self._layout = self._flax_layout(self.path)
         super()._initialize_layout()
 
-    def _direct_assign(self, value):
-        super()._direct_assign(value)
-        if self._mirror is not None and _backends.is_concrete(value):
-            self._mirror(_backends.to_jax(value))
+    def assign(self, value):
+        value = super().assign(value)
+        # Not a `StatelessScope`'s update (whose values are not written).
+        written = SCOPE_CHECKS is not None and not SCOPE_CHECKS[0]()
+        if written and self._mirror is not None:
+            if value is not None and _backends.is_concrete(value):
+                self._mirror(_backends.to_jax(value))
+        return value
 
 
 # JAX programs run once.

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from flax import nnx
 
+from keras_flax import _errors
 from keras_flax import _private
 
 _TAG = "__keras_flax__"
@@ -114,7 +115,9 @@ def serialize_nnx(module, recorded_call):
 def _nnx_class(config):
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
-        raise ValueError(_not_a_module_class(config["class"], "flax.nnx"))
+        raise ValueError(
+            _errors.not_a_module_class(config["class"], "flax.nnx")
+        )
     return cls
 
 
@@ -191,7 +194,7 @@ def _encode(value, path):
         return _closure_config(value, path)
     if callable(value):
         return {_TAG: "object", "path": _import_path(value, path)}
-    raise UnserializableError(_unserializable(path, value))
+    raise UnserializableError(_errors.unserializable(path, value))
 
 
 def _rng_streams(rngs):
@@ -225,6 +228,7 @@ def _closure_config(fn, path):
         zip(
             fn.__code__.co_freevars,
             (cell.cell_contents for cell in fn.__closure__),
+            strict=True,
         )
     )
     try:
@@ -232,7 +236,7 @@ def _closure_config(fn, path):
     except (TypeError, ValueError):
         parameters = {}
     if factory is None or not set(captured) <= set(parameters):
-        raise UnserializableError(_unserializable(path, fn))
+        raise UnserializableError(_errors.unserializable(path, fn))
     return {
         _TAG: "closure",
         "factory": _import_path(factory, path),
@@ -252,6 +256,8 @@ def _is_dtype(value):
 
 
 def _import_path(obj, path):
+    """`module:qualname` of `obj`, by a public module where one has it
+    (`jax.nn:gelu`, not `jax._src.nn.functions:gelu`)."""
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if (
@@ -260,8 +266,32 @@ def _import_path(obj, path):
         or "<" in qualname
         or _lookup(module, qualname) is not obj
     ):
-        raise UnserializableError(_unserializable(path, obj))
-    return f"{module}:{qualname}"
+        raise UnserializableError(_errors.unserializable(path, obj))
+    return f"{_public_module(obj, module, qualname)}:{qualname}"
+
+
+def _is_public(module_name):
+    return not any(part.startswith("_") for part in module_name.split("."))
+
+
+def _public_module(obj, module, qualname):
+    """The shortest public module of `module`'s package holding `obj` at
+    `qualname`, or `module` itself."""
+    if _is_public(module):
+        return module
+    top = module.split(".")[0]
+    candidates = sorted(
+        (
+            name
+            for name in list(sys.modules)
+            if (name == top or name.startswith(top + ".")) and _is_public(name)
+        ),
+        key=lambda name: (name.count("."), name),
+    )
+    for name in candidates:
+        if _lookup(name, qualname) is obj:
+            return name
+    return module
 
 
 def _lookup(module_name, qualname):
@@ -269,17 +299,6 @@ def _lookup(module_name, qualname):
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj
-
-
-def _unserializable(path, value):
-    return (
-        f"`{path}` cannot be saved: it is "
-        f"{value!r} ({type(value).__name__}), which has no import path. "
-        "Make the value importable (a function or class defined at the top "
-        "level of a module, or `functools.partial` of one). For a module "
-        "field, you can instead define `get_config()` on the module class "
-        "(and `from_config` if its constructor does not take that dict)."
-    )
 
 
 def _decode(config, path):
@@ -311,18 +330,15 @@ def _decode(config, path):
         return nnx.Rngs(**{stream: 0 for stream in config["streams"]})
     if kind == "module":
         return _decode_module(config, path)
-    raise ValueError(
-        f"The saved config of `{path}` has an entry of unknown kind "
-        f"{kind!r}. Received: {config!r}. The file was saved by another "
-        "version of keras-flax, or altered; load it with the version that "
-        "saved it."
-    )
+    raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 
 def _decode_module(config, path):
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(_not_a_module_class(config["class"], "flax.linen"))
+        raise ValueError(
+            _errors.not_a_module_class(config["class"], "flax.linen")
+        )
     if config.get("custom"):
         if hasattr(cls, "from_config"):
             return cls.from_config(config["config"])
@@ -331,17 +347,9 @@ def _decode_module(config, path):
     return cls(**fields)
 
 
-def _not_a_module_class(import_path, api):
-    return (
-        f"The saved layer config names {import_path} as its module class, "
-        f"which is not a {api}.Module class. The file may be corrupted or "
-        "crafted; it was not loaded."
-    )
-
-
 # Modules whose factories a file may call in safe mode: initializers.
 _CALLABLE_FACTORIES = (
-    "jax._src.nn.initializers",
+    *_private.SAVED_FACTORY_MODULES,
     "jax.nn.initializers",
     "flax.linen.initializers",
     "flax.nnx.initializers",
@@ -363,31 +371,22 @@ def resolve(import_path, call=False):
     top = module_name.split(".")[0]
     safe = _private.in_safe_mode()
     if safe and (top in sys.stdlib_module_names or top == "builtins"):
-        raise ValueError(_refused(import_path, "is in the standard library"))
+        raise ValueError(
+            _errors.load_refused(import_path, "is in the standard library")
+        )
     if safe and call and module_name not in _CALLABLE_FACTORIES:
         raise ValueError(
-            _refused(import_path, "is not a JAX or Flax initializer module")
+            _errors.load_refused(
+                import_path, "is not a JAX or Flax initializer module"
+            )
         )
     if module_name not in sys.modules:
         if safe:
-            raise ValueError(_refused(import_path, "is not imported"))
+            raise ValueError(
+                _errors.load_refused(import_path, "is not imported")
+            )
         importlib.import_module(module_name)
     obj = _lookup(module_name, qualname)
     if obj is None:
-        raise ValueError(
-            f"Cannot find {qualname} in module {module_name} while loading "
-            f"a saved layer. Received: {import_path}. Check that the code "
-            "that defines it is the same as when the model was saved."
-        )
+        raise ValueError(_errors.not_found(qualname, module_name, import_path))
     return obj
-
-
-def _refused(import_path, why):
-    module_name = import_path.partition(":")[0]
-    return (
-        f"Loading refused to resolve {import_path}: the module "
-        f"{module_name} {why}, and safe mode resolves classes and functions "
-        "only from packages already imported or registered with Keras. If "
-        f"you trust this file, import {module_name} before loading, or pass "
-        "`safe_mode=False` to `keras.saving.load_model`."
-    )

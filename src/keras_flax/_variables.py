@@ -18,7 +18,6 @@ import keras
 import numpy as np
 
 from keras_flax import _backends
-from keras_flax import _errors
 from keras_flax import _private
 
 
@@ -42,11 +41,14 @@ def path_parts(keypath):
     return tuple(parts)
 
 
-def path_text(parts):
+def path_text(path):
+    """The one text of a path: a `jax.tree_util` key path, an NNX path or
+    name parts, as `Dense_0/kernel` (`(root)` for the empty path)."""
+    parts = path_parts(path)
     return "/".join(parts) if parts else "(root)"
 
 
-def _is_typed_key(value):
+def is_typed_key(value):
     dtype = getattr(value, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(
         dtype, jax.dtypes.prng_key
@@ -56,14 +58,12 @@ def _is_typed_key(value):
 class VariableTree:
     """A PyTree whose array leaves are held in Keras variables of one layer.
 
-    Each array leaf is a variable of its own, named after its path, or,
-    with `packed=True`, a view into one flat variable per dtype ("pack"),
-    so that a module with hundreds of leaves costs Keras' per-step work of
-    a few variables.
+    Each array leaf is a variable of its own, named after its path (see
+    `_packing.PackedTree` for leaves sharing variables).
 
     Attributes:
-        tree: the PyTree with a `keras.Variable` (or a `PackedLeaf` view)
-            at each array leaf, and its static leaves.
+        tree: the PyTree with a `keras.Variable` at each array leaf, and
+            its static leaves.
         variables: the Keras variables.
         names: the path of each leaf inside the tree, as a string.
     """
@@ -76,7 +76,6 @@ class VariableTree:
         name_fn,
         autocast=True,
         metadata_fn=None,
-        packed=False,
         frozen=(),
     ):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
@@ -86,87 +85,48 @@ class VariableTree:
         self.paths = []
         arrays, metadata, parts_list = [], [], []
         for keypath, leaf in leaves:
-            if not (is_array_leaf(leaf) or _is_typed_key(leaf)):
+            if not (is_array_leaf(leaf) or is_typed_key(leaf)):
                 self._static.append(leaf)
                 continue
             parts = name_fn(path_parts(keypath))
             self._static.append(_VARIABLE)
             self._key_impls.append(
-                jax.random.key_impl(leaf) if _is_typed_key(leaf) else None
+                jax.random.key_impl(leaf) if is_typed_key(leaf) else None
             )
             arrays.append(_initial_array(layer, leaf))
             metadata.append(metadata_fn and metadata_fn(path_parts(keypath)))
             parts_list.append(parts)
             self.names.append(path_text(parts))
-            self.paths.append(path_text(path_parts(keypath)))
+            self.paths.append(path_text(keypath))
         self._leaf_specs = [(a.shape, a.dtype) for a in arrays]
         # Whether each leaf trains: leaves at `frozen` paths do not.
         trains = [trainable and p not in frozen for p in self.paths]
         self.autocast = autocast
-        self._slots = None
-        if packed:
-            self._pack(layer, arrays, metadata, trains, trainable, autocast)
-        else:
-            self.variables = [
-                _new_variable(layer, parts, a, t, autocast, meta)
-                for parts, a, t, meta in zip(
-                    parts_list, arrays, trains, metadata, strict=True
-                )
-            ]
-            self._mirrors = [(meta or {}).get("mirror") for meta in metadata]
-            self.tree = self._unflatten(self.variables)
+        self._make_variables(
+            layer, arrays, metadata, trains, parts_list, trainable
+        )
+
+    def _make_variables(
+        self, layer, arrays, metadata, trains, parts_list, trainable
+    ):
+        """One variable per leaf."""
+        self.variables = [
+            new_variable(layer, parts, a, t, self.autocast, meta)
+            for parts, a, t, meta in zip(
+                parts_list, arrays, trains, metadata, strict=True
+            )
+        ]
+        self._mirrors = [(meta or {}).get("mirror") for meta in metadata]
+        self.tree = self.unflatten(self.variables)
 
     def freeze(self, paths):
-        """Makes the variables of the leaves at `paths` non-trainable (a
-        packed tree takes `frozen` when it is made)."""
-        if not paths:
-            return
-        assert self._slots is None, "packed leaves are frozen when packed"
+        """Makes the variables of the leaves at `paths` non-trainable."""
         for path, variable in zip(self.paths, self.variables, strict=True):
             if path in paths:
                 variable.trainable = False
 
-    def _pack(self, layer, arrays, metadata, trains, trainable, autocast):
-        """One flat variable per dtype (and trainability); `_slots[i]` is
-        leaf i's place."""
-        groups = {}  # (dtype, trains) -> leaf indices, in order of appearance
-        for i, a in enumerate(arrays):
-            groups.setdefault((jnp.dtype(a.dtype), trains[i]), []).append(i)
-        self._slots = [None] * len(arrays)
-        self._members = list(groups.values())  # leaf indices of each pack
-        self.variables = []
-        self._mirrors = []
-        for g, ((dtype, trains_g), indices) in enumerate(groups.items()):
-            offset, mirrors = 0, []
-            for i in indices:
-                size = int(np.prod(arrays[i].shape, dtype=np.int64))
-                self._slots[i] = (g, offset, size, arrays[i].shape)
-                mirror = (metadata[i] or {}).get("mirror")
-                if mirror is not None:
-                    mirrors.append((offset, size, arrays[i].shape, mirror))
-                offset += size
-            flat = jnp.concatenate(
-                [arrays[i].reshape(-1) for i in indices]
-            ).astype(dtype)
-            parts = ("packed", dtype.name)
-            if not trainable:
-                parts = ("state", *parts)
-            elif not trains_g:  # parameters the model does not use
-                parts = ("packed", "frozen", dtype.name)
-            meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
-            self._mirrors.append(meta["mirror"])
-            self.variables.append(
-                _new_variable(layer, parts, flat, trains_g, autocast, meta)
-            )
-        views = [
-            PackedLeaf(self.variables[g], offset, size, shape, layer, name)
-            for (g, offset, size, shape), name in zip(self._slots, self.names)
-        ]
-        self.tree = self._unflatten(views)
-
-    @property
-    def packed(self):
-        return self._slots is not None
+    # Whether leaves share variables (`_packing.PackedTree`).
+    packed = False
 
     def values(self):
         """The current values of the variables."""
@@ -177,17 +137,7 @@ class VariableTree:
 
     def leaves(self, values):
         """The array leaves, in leaf order, from the variables' `values`."""
-        if self._slots is None:
-            return list(values)
-        # One split per pack (its gradient is one concatenation; separate
-        # slices would each be padded to the pack's size and summed).
-        pieces = {}
-        for g, value in enumerate(values):
-            ends = [self._slots[i][1] for i in self._members[g][1:]]
-            pieces[g] = iter(jnp.split(value, ends))
-        return [
-            next(pieces[g]).reshape(shape) for g, _, _, shape in self._slots
-        ]
+        return list(values)
 
     def rebuild(self, values):
         """The PyTree with the variables' `values` at its leaves.
@@ -198,12 +148,13 @@ class VariableTree:
 
     def unflatten_leaves(self, leaves):
         """The PyTree of array `leaves` (leaf order)."""
-        return self._unflatten(
+        return self.unflatten(
             jax.random.wrap_key_data(v, impl=impl) if impl else v
-            for v, impl in zip(leaves, self._key_impls)
+            for v, impl in zip(leaves, self._key_impls, strict=True)
         )
 
-    def _unflatten(self, values):
+    def unflatten(self, values):
+        """The PyTree of `values` at the variables' places (leaf order)."""
         values = iter(values)
         leaves = [next(values) if s is _VARIABLE else s for s in self._static]
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
@@ -217,7 +168,7 @@ class VariableTree:
         leaves = self._treedef.flatten_up_to(tree)
         return [
             _key_data(leaf)
-            for leaf, s in zip(leaves, self._static)
+            for leaf, s in zip(leaves, self._static, strict=True)
             if s is _VARIABLE
         ]
 
@@ -225,31 +176,9 @@ class VariableTree:
         """New values for the variables, `None` for those left unchanged.
 
         A leaf is unchanged when a call returns the very array it was
-        given (or `None`); a pack is written when any of its leaves changed.
+        given (or `None`).
         """
-        changed = [
-            None if new is None or new is old else new
-            for new, old in zip(new_leaves, old_leaves)
-        ]
-        if self._slots is None:
-            return changed
-        updates = [None] * len(self.variables)
-        for g, (variable, members) in enumerate(
-            zip(self.variables, self._members)
-        ):
-            if all(changed[i] is None for i in members):
-                continue
-            dtype = jnp.dtype(keras.backend.standardize_dtype(variable.dtype))
-            updates[g] = jnp.concatenate(
-                [
-                    jnp.reshape(
-                        old_leaves[i] if changed[i] is None else changed[i],
-                        (-1,),
-                    ).astype(dtype)
-                    for i in members
-                ]
-            )
-        return updates
+        return changed_leaves(new_leaves, old_leaves)
 
     def mirror_values(self):
         """Copies each variable's current value into its mirror (the
@@ -264,7 +193,7 @@ class VariableTree:
 
     def assign(self, values):
         """Assigns `values` (`None` to skip) to the variables."""
-        for variable, value in zip(self.variables, values):
+        for variable, value in zip(self.variables, values, strict=True):
             if value is not None:
                 variable.assign(value)
 
@@ -273,68 +202,20 @@ class VariableTree:
         return self._treedef
 
 
-class PackedLeaf:
-    """A view of one leaf inside a packed variable.
-
-    Reads and writes go to the pack: `value`, `numpy()`, `assign(value)`,
-    with the leaf's `shape`, `dtype` and Flax `path`.
-    """
-
-    def __init__(self, pack, offset, size, shape, layer, name):
-        self._pack = pack
-        self._offset = offset
-        self._size = size
-        self.shape = tuple(shape)
-        self.path = f"{layer.name}/{name}"
-        self.name = name.rsplit("/", 1)[-1]
-
-    @property
-    def dtype(self):
-        return self._pack.dtype
-
-    @property
-    def trainable(self):
-        return self._pack.trainable
-
-    @property
-    def value(self):
-        flat = self._pack.value[self._offset : self._offset + self._size]
-        return keras.ops.reshape(flat, self.shape)
-
-    def numpy(self):
-        return keras.ops.convert_to_numpy(self.value)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.numpy(), dtype=dtype)
-
-    def assign(self, value):
-        value = keras.ops.reshape(keras.ops.cast(value, self.dtype), (-1,))
-        self._pack.assign(
-            keras.ops.slice_update(self._pack.value, (self._offset,), value)
-        )
-
-    def __repr__(self):
-        return (
-            f"<PackedLeaf path={self.path} shape={self.shape} "
-            f"dtype={self.dtype}>"
-        )
-
-
-def _slices_mirror(mirrors):
-    """A mirror writing each leaf's slice of a pack into its own mirror."""
-
-    def mirror(value):
-        for offset, size, shape, leaf_mirror in mirrors:
-            leaf_mirror(jnp.reshape(value[offset : offset + size], shape))
-
-    return mirror
-
-
 _VARIABLE = object()
 
 
+def changed_leaves(new_leaves, old_leaves):
+    """`new_leaves`, with None where a call returned the very array it was
+    given (or None): those are not written back."""
+    return [
+        None if new is None or new is old else new
+        for new, old in zip(new_leaves, old_leaves, strict=True)
+    ]
+
+
 def _key_data(value):
-    if value is not None and _is_typed_key(value):
+    if value is not None and is_typed_key(value):
         return jax.random.key_data(value)
     return value
 
@@ -346,7 +227,7 @@ def _initial_array(layer, value):
     passed stay valid when Keras donates the variables' buffers to a
     jitted train step.
     """
-    if _is_typed_key(value):
+    if is_typed_key(value):
         value = jax.random.key_data(value)
     dtype = getattr(value, "dtype", None)
     dtype = np.asarray(value).dtype if dtype is None else dtype
@@ -357,7 +238,7 @@ def _initial_array(layer, value):
     return jnp.array(value, dtype=dtype, copy=True)
 
 
-def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
+def new_variable(layer, parts, initial, trainable, autocast, metadata=None):
     """Creates a variable named `parts` in the layer's scope and tracks it.
 
     `Layer.add_weight` takes a single name, so the scopes for the Flax path
@@ -393,49 +274,12 @@ def _new_variable(layer, parts, initial, trainable, autocast, metadata=None):
 
 def shape_struct(value):
     """`jax.ShapeDtypeStruct` of an array-like leaf, or the leaf itself."""
-    if _is_typed_key(value):
+    if is_typed_key(value):
         value = jax.eval_shape(jax.random.key_data, value)
     if is_array_leaf(value) or isinstance(value, jax.ShapeDtypeStruct):
         shape = np.shape(value)
         return jax.ShapeDtypeStruct(shape, getattr(value, "dtype", None))
     return value
-
-
-def compare(given, expected):
-    """Differences between two PyTrees of arrays, by path.
-
-    Returns:
-        (missing, extra, mismatched): paths in `expected` but not `given`,
-        paths in `given` but not `expected`, and `(path, given, expected)`
-        for leaves whose shapes, or kinds of dtype (floating, integer, key),
-        differ; `given` and `expected` are shapes, or dtypes where the
-        shapes agree.
-    """
-    given = specs_by_path(given)
-    expected = specs_by_path(expected)
-    missing = [p for p in expected if p not in given]
-    extra = [p for p in given if p not in expected]
-    mismatched = []
-    for p in expected:
-        if p not in given or None in (given[p], expected[p]):
-            continue
-        (g_shape, g_dtype), (e_shape, e_dtype) = given[p], expected[p]
-        if tuple(g_shape) != tuple(e_shape):
-            mismatched.append((p, tuple(g_shape), tuple(e_shape)))
-        elif dtype_kind(g_dtype) != dtype_kind(e_dtype):
-            mismatched.append((p, jnp.dtype(g_dtype), jnp.dtype(e_dtype)))
-    return missing, extra, mismatched
-
-
-def dtype_kind(dtype):
-    if dtype is None:
-        return None
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return "key"
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.inexact):
-        return "floating"
-    return "integer or bool"
 
 
 def with_leaves(tree, leaves):
@@ -461,12 +305,12 @@ def _dict_copy(tree):
 
 def specs_by_path(tree):
     """`(shape, dtype)` of each leaf of `tree` (arrays or variables), by
-    path text (None for a leaf that is not an array)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        path_text(path_parts(keypath)): _spec_or_none(leaf)
-        for keypath, leaf in leaves
-    }
+    path text (None for a leaf that is not an array). A Keras variable is
+    a leaf (in Keras' NNX mode it is also a PyTree node)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, keras.Variable)
+    )[0]
+    return {path_text(keypath): _spec_or_none(leaf) for keypath, leaf in leaves}
 
 
 def _spec_or_none(leaf):
@@ -474,45 +318,6 @@ def _spec_or_none(leaf):
     if not hasattr(leaf, "shape"):
         return None
     return tuple(leaf.shape), getattr(leaf, "dtype", None)
-
-
-def non_array_leaves(tree):
-    """`(path, leaf)` of the leaves of `tree` that are not arrays."""
-    return [
-        (path_text(path_parts(keypath)), leaf)
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if not (is_array_leaf(leaf) or _is_typed_key(leaf))
-    ]
-
-
-def check_no_state(arg, new_state):
-    """Raises if a layer holding no state is given some to keep."""
-    leaves = jax.tree_util.tree_flatten_with_path(new_state)[0]
-    if leaves:
-        paths = [path_text(path_parts(keypath)) for keypath, _ in leaves]
-        raise ValueError(_errors.state_without_room(arg, paths))
-
-
-def check_state_structure(arg, new_state, state_tree):
-    """Raises if `new_state` has another structure than the held state."""
-    new_def = jax.tree_util.tree_structure(new_state)
-    if new_def == state_tree.treedef:
-        leaves = state_tree.leaves_of(new_state)
-        held = state_tree.leaf_specs()
-        if all(
-            new is None
-            or (
-                np.shape(new) == tuple(shape)
-                and dtype_kind(getattr(new, "dtype", None))
-                in (None, dtype_kind(dtype))
-            )
-            for new, (shape, dtype) in zip(leaves, held)
-        ):
-            return
-    missing, extra, mismatched = compare(new_state, state_tree.tree)
-    raise ValueError(
-        _errors.state_structure_changed(arg, missing, extra, mismatched)
-    )
 
 
 def flax_layout(path, axes):

@@ -62,13 +62,16 @@ def test_tensors_cross_through_dlpack_without_copies():
 
 
 def test_compiled_once_per_signature_in_fit_and_predict():
-    layer = FlaxLayer(modules.BatchNormDropout(), seed=0)
+    traces = modules.TraceCounter()
+    layer = FlaxLayer(modules.BatchNormDropout(), method=traces, seed=0)
     model = keras.Sequential([keras.Input((5,)), layer])
     model.compile("adam", "mse")
+    model.fit(data(32, 5), data(32, 2), batch_size=8, epochs=1, verbose=0)
+    trained = traces.count
     model.fit(data(32, 5), data(32, 2), batch_size=8, epochs=2, verbose=0)
-    runner = layer._runner
-    assert runner._forward_with_vjp._cache_size() == 1
-    assert runner._backward._cache_size() == 1
+    assert traces.count == trained  # no step traced again
     model.predict(data(16, 5), batch_size=8, verbose=0)
+    predicted = traces.count
+    assert predicted == trained + 1  # one trace for inference
     model.predict(data(16, 5), batch_size=8, verbose=0)
-    assert runner._jitted._cache_size() == 1
+    assert traces.count == predicted

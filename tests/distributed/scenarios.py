@@ -20,6 +20,14 @@ from flax import nnx  # noqa: E402
 
 from keras_flax import FlaxLayer  # noqa: E402
 
+
+def _spec_text(sharding):
+    """A sharding's partition spec as a tuple's text (`('batch',)`), the
+    same on every JAX version; other shardings as JAX prints them."""
+    spec = getattr(sharding, "spec", None)
+    return str(sharding) if spec is None else repr(tuple(spec))
+
+
 SEEN = []  # shardings of the inputs seen inside the compiled steps
 
 
@@ -29,7 +37,7 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x, training=False):
         jax.debug.inspect_array_sharding(
-            x, callback=lambda s: SEEN.append(str(getattr(s, "spec", s)))
+            x, callback=lambda s: SEEN.append(_spec_text(s))
         )
         x = nn.Dense(16)(x)
         x = nn.BatchNorm(use_running_average=not training, momentum=0.9)(x)
@@ -71,7 +79,7 @@ def train(module, **layer_kwargs):
 def shardings(layer):
     return {
         w.path.split(f"{layer.name}/", 1)[-1]: {
-            "spec": str(w.value.sharding.spec),
+            "spec": _spec_text(w.value.sharding),
             "shard": list(w.value.addressable_shards[0].data.shape),
             "replicated": w.value.sharding.is_fully_replicated,
         }

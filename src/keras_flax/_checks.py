@@ -1,0 +1,463 @@
+"""Every "does it fit" check: arguments, signatures, inputs, variables and
+returned state. Each raises one error from `_errors`, at the earliest
+point, before anything is built.
+"""
+
+import collections.abc
+import dataclasses
+import inspect
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from flax import nnx
+
+from keras_flax import _backends
+from keras_flax import _errors
+from keras_flax import _inputs
+from keras_flax import _variables
+
+CALL_FN_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
+INIT_FN_ARGUMENTS = ("rng", "inputs", "training")
+TRAINING_LIKE_FLAGS = (
+    "deterministic",
+    "train",
+    "is_training",
+    "use_running_average",
+)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _parameters(fn, arg):
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as error:
+        raise TypeError(_errors.unsignable(arg, fn)) from error
+
+
+def function_arguments(fn, arg, allowed):
+    """The argument names of `fn` (`call_fn` or `init_fn`), in order.
+
+    Arguments are matched by name, as `keras.layers.JaxLayer` does: each
+    must be one of `allowed`, and `inputs` is required.
+    """
+    if not callable(fn):
+        raise TypeError(
+            _errors.not_callable(arg, fn, f"Pass a function `{arg}(...)`.")
+        )
+    names = [p.name for p in _parameters(fn, arg)]
+    for name in names:
+        if name not in allowed:
+            raise ValueError(
+                _errors.unsupported_argument(arg, fn, name, allowed)
+            )
+    if "inputs" not in names:
+        raise ValueError(_errors.missing_argument(arg, fn, "inputs", allowed))
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSignature:
+    """How a Flax forward method is called: inputs first, then `training`."""
+
+    takes_training: bool
+
+
+def method_signature(fn, method_name, call_prefix, skip_module):
+    """Checks a Flax forward method and tells how to call it.
+
+    The first argument after the module receives the inputs, whatever its
+    name (Flax passes it positionally); `training` is passed by name when
+    the method takes it. Any other argument must have a default.
+
+    Args:
+        fn: the method (bound, so without `self`) or free function.
+        method_name: how to name the method in messages.
+        call_prefix: how the method is called in example code, e.g.
+            "module(" or "module.encode(".
+        skip_module: whether the first argument of `fn` is the module.
+    """
+    parameters = _parameters(fn, "method")
+    if skip_module:
+        parameters = parameters[1:]
+    positional = [
+        p
+        for p in parameters
+        if p.kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.VAR_POSITIONAL,
+        )
+    ]
+    if not positional or positional[0].name == "training":
+        raise ValueError(
+            _errors.method_without_inputs(method_name, call_prefix)
+        )
+    rest = [p for p in parameters if p is not positional[0]]
+    names = {p.name for p in rest}
+    takes_training = "training" in names
+    example_args = _example_args(positional[0], rest)
+    for p in rest:
+        if p.name == "training" or p.kind in _VARIADIC:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise ValueError(
+                _errors.method_unfillable(
+                    method_name,
+                    call_prefix,
+                    p.name,
+                    _signature_text(fn, skip_module),
+                    example_args,
+                )
+            )
+    if not takes_training:
+        for flag in TRAINING_LIKE_FLAGS:
+            if flag in names:
+                warnings.warn(
+                    _errors.training_flag_warning(
+                        method_name, call_prefix, flag, example_args
+                    ),
+                    UserWarning,
+                    stacklevel=4,
+                )
+                break
+    return MethodSignature(takes_training=takes_training)
+
+
+def _example_args(inputs_parameter, rest):
+    """Arguments for the wrapper shown in messages, mapping `training`."""
+    args = ["inputs"]
+    for p in rest:
+        if p.kind in _VARIADIC or p.default is not inspect.Parameter.empty:
+            if p.name not in TRAINING_LIKE_FLAGS:
+                continue
+        value = {
+            "deterministic": "not training",
+            "use_running_average": "not training",
+            "train": "training",
+            "is_training": "training",
+        }.get(p.name, "...")
+        args.append(f"{p.name}={value}")
+    if inputs_parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+        args[0] = "*inputs"
+    return ", ".join(args)
+
+
+def _signature_text(fn, skip_module):
+    parameters = _parameters(fn, "method")
+    if skip_module:
+        parameters = parameters[1:]
+    return "(" + ", ".join(str(p) for p in parameters) + ")"
+
+
+def _defined_methods(module, base):
+    names = [
+        name
+        for name in dir(type(module))
+        if name not in set(dir(base))
+        and not name.startswith("_")
+        and callable(getattr(type(module), name, None))
+    ]
+    own = [c for c in type(module).__mro__ if c not in base.__mro__]
+    if any("__call__" in vars(c) for c in own):
+        names.insert(0, "__call__")
+    return names
+
+
+def resolve_method(module, method, base):
+    """Checks `method` of a Flax module and tells how to call it.
+
+    Args:
+        module: the module instance.
+        method: None (`__call__`), a method name, a method of the module,
+            or a function whose first argument is the module.
+        base: the module base class (`flax.linen.Module` or
+            `flax.nnx.Module`).
+
+    Returns:
+        `(target, signature)`: `target` is None, a method name or a
+        function taking the module first (what `Module.apply` takes as
+        `method`); `signature` a `MethodSignature`.
+    """
+    cls_name = type(module).__name__
+    if method is None:
+        fn, target, name, skip = module.__call__, None, "__call__", False
+    elif isinstance(method, str):
+        if not callable(getattr(type(module), method, None)):
+            raise ValueError(
+                _errors.unknown_method(
+                    module, method, _defined_methods(module, base)
+                )
+            )
+        fn, target, name, skip = getattr(module, method), method, method, False
+    elif inspect.ismethod(method) and isinstance(method.__self__, base):
+        fn, name, skip = method, method.__name__, False
+        on_class = getattr(type(module), name, None) is method.__func__
+        target = name if on_class else method.__func__
+    elif callable(method):
+        fn, target, skip = method, method, True
+        name = getattr(method, "__name__", repr(method))
+    else:
+        raise TypeError(_errors.bad_method_type(method))
+    if skip:
+        label, prefix = name, f"{name}(module, "
+    else:
+        label = f"{cls_name}.{name}"
+        prefix = "module(" if name == "__call__" else f"module.{name}("
+    return target, method_signature(fn, label, prefix, skip)
+
+
+def inputs_fit(inputs, specs, layer_name):
+    """Raises if `inputs` do not fit the specs the layer was built for."""
+    given = jax.tree_util.tree_leaves(inputs)
+    built = specs.leaves()
+    if len(given) != len(built):
+        raise ValueError(
+            _errors.inputs_structure_changed(
+                layer_name,
+                str(specs),
+                _structure_text(inputs),
+            )
+        )
+    for x, s in zip(given, built, strict=True):
+        shape = _inputs.shape_of(x)
+        fits = len(shape) == len(s.shape) and all(
+            d is None or g is None or g == d
+            for g, d in zip(shape[1:], s.shape[1:], strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                _errors.inputs_misfit(
+                    layer_name,
+                    "shape",
+                    str(specs),
+                    _errors.format_shape(shape),
+                )
+            )
+        if specs.guessed or getattr(x, "dtype", None) is None:
+            continue
+        dtype = _inputs.dtype_of(x)
+        if _kind(dtype) != _kind(s.dtype):
+            raise ValueError(
+                _errors.inputs_misfit(
+                    layer_name,
+                    "dtype",
+                    f"{_kind(s.dtype)} ({str(specs)})",
+                    f"{_kind(dtype)} ({jnp.dtype(dtype)})",
+                )
+            )
+
+
+def _kind(dtype):
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "floating"
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex"
+    return "integer or bool"
+
+
+def _structure_text(inputs):
+    return str(
+        jax.tree_util.tree_map(
+            lambda x: _errors.format_shape(_inputs.shape_of(x)), inputs
+        )
+    )
+
+
+def compare(given, expected):
+    """Differences between two PyTrees of arrays, by path.
+
+    Returns:
+        (missing, extra, mismatched): paths in `expected` but not `given`,
+        paths in `given` but not `expected`, and `(path, given, expected)`
+        for leaves whose shapes, or kinds of dtype (floating, integer, key),
+        differ; `given` and `expected` are shapes, or dtypes where the
+        shapes agree.
+    """
+    given = _variables.specs_by_path(given)
+    expected = _variables.specs_by_path(expected)
+    missing = [p for p in expected if p not in given]
+    extra = [p for p in given if p not in expected]
+    mismatched = []
+    for p in expected:
+        if p not in given or None in (given[p], expected[p]):
+            continue
+        (g_shape, g_dtype), (e_shape, e_dtype) = given[p], expected[p]
+        if tuple(g_shape) != tuple(e_shape):
+            mismatched.append((p, tuple(g_shape), tuple(e_shape)))
+        elif dtype_kind(g_dtype) != dtype_kind(e_dtype):
+            mismatched.append((p, jnp.dtype(g_dtype), jnp.dtype(e_dtype)))
+    return missing, extra, mismatched
+
+
+def dtype_kind(dtype):
+    if dtype is None:
+        return None
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return "key"
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return "floating"
+    return "integer or bool"
+
+
+def non_array_leaves(tree):
+    """`(path, leaf)` of the leaves of `tree` that are not arrays."""
+    return [
+        (_variables.path_text(keypath), leaf)
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if not (_variables.is_array_leaf(leaf) or _variables.is_typed_key(leaf))
+    ]
+
+
+def no_state(arg, new_state):
+    """Raises if a layer holding no state is given some to keep."""
+    leaves = jax.tree_util.tree_flatten_with_path(new_state)[0]
+    if leaves:
+        paths = [_variables.path_text(keypath) for keypath, _ in leaves]
+        raise ValueError(_errors.state_without_room(arg, paths))
+
+
+def state_structure(arg, new_state, state_tree):
+    """Raises if `new_state` has another structure than the held state."""
+    new_def = jax.tree_util.tree_structure(new_state)
+    if new_def == state_tree.treedef:
+        leaves = state_tree.leaves_of(new_state)
+        held = state_tree.leaf_specs()
+        if all(
+            new is None
+            or (
+                np.shape(new) == tuple(shape)
+                and dtype_kind(getattr(new, "dtype", None))
+                in (None, dtype_kind(dtype))
+            )
+            for new, (shape, dtype) in zip(leaves, held, strict=True)
+        ):
+            return
+    missing, extra, mismatched = compare(new_state, state_tree.tree)
+    raise ValueError(
+        _errors.state_structure_changed(arg, missing, extra, mismatched)
+    )
+
+
+def linen_variables(variables):
+    if not isinstance(variables, collections.abc.Mapping) or not all(
+        isinstance(v, collections.abc.Mapping) for v in variables.values()
+    ):
+        raise TypeError(_errors.variables_not_mapping(variables))
+    bad = non_array_leaves(nn.meta.unbox(variables))
+    if bad:
+        raise TypeError(_errors.variables_not_arrays(bad))
+    return variables
+
+
+def layer_arguments(cls_name, pack_weights):
+    """Refuses a layer on a backend it cannot run on, or a `pack_weights`
+    that is not a bool."""
+    backend(cls_name)
+    if not isinstance(pack_weights, bool):
+        raise TypeError(_errors.not_a_bool("pack_weights", pack_weights))
+
+
+def backend(cls_name):
+    """Refuses to construct a layer on a backend it cannot run on."""
+    backend = keras.backend.backend()
+    if backend not in _backends.SUPPORTED:
+        raise ValueError(_errors.unsupported_backend(cls_name, backend))
+
+
+def packing_allowed():
+    distribution = keras.distribution.distribution()
+    if isinstance(distribution, keras.distribution.ModelParallel):
+        raise ValueError(_errors.packing_under_model_parallel())
+
+
+def stateful_result(result):
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise ValueError(_errors.stateful_result(result))
+    return result
+
+
+def flax_module(module):
+    """Refuses what is not a Flax module; whether it is an NNX one."""
+    is_nnx = isinstance(module, nnx.Module)
+    if not (is_nnx or isinstance(module, nn.Module)):
+        raise TypeError(_errors.not_a_module(module))
+    return is_nnx
+
+
+def nnx_class(module_class):
+    """Refuses what is not an NNX module class."""
+    if not (
+        isinstance(module_class, type) and issubclass(module_class, nnx.Module)
+    ):
+        raise TypeError(_errors.not_an_nnx_class(module_class))
+
+
+def nnx_arguments(variables, rng_collections):
+    if variables is not None:
+        raise ValueError(_errors.nnx_with_variables(variables))
+    if rng_collections is not None:
+        raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
+
+
+def nothing_created(model, params, state, inputs):
+    """Refuses a model that creates variables when first called."""
+    try:
+        created = model.created(params, state, inputs)
+    except _errors.MODULE_ERRORS:
+        return  # the call raises the module's own error
+    if created:
+        raise ValueError(_errors.lazy_nnx_module(model.label, created))
+
+
+def unused_leaves(model, given, expected, spec, check_shapes):
+    """The given leaves `model.init` does not create, by tree (`"params"`,
+    `"state"`): path -> `(shape, dtype)`. Missing or mis-shaped leaves are
+    refused (their shapes only when `check_shapes`).
+
+    Args:
+        model: the `Model`.
+        given: `(params, state)` as given.
+        expected: `(params, state)` as `init` creates them (shapes).
+        spec: the input specs, for messages.
+        check_shapes: whether the shapes are known.
+    """
+    params, state = given
+    held = {
+        "params": _variables.specs_by_path(params),
+        "state": _variables.specs_by_path(state),
+    }
+    trees = model.user_trees(params, state)
+    if len(trees) == 1 and not params and expected[0]:
+        # One tree of collections (linen's `variables`) without `params`.
+        raise ValueError(_errors.variables_without_params(sorted(state or {})))
+    unused = {"params": {}, "state": {}}
+    for (arg, tree), (_, want) in zip(
+        trees, model.user_trees(*expected), strict=True
+    ):
+        if tree is None or want is None:
+            continue
+        missing, extra, mismatched = compare(tree, want)
+        if check_shapes and (missing or mismatched):
+            raise ValueError(
+                _errors.variables_misfit(
+                    arg,
+                    f"of {spec}",
+                    missing,
+                    mismatched,
+                    model.misfit_fix.format(arg=arg),
+                )
+            )
+        for path in extra:  # `arg` is "params", "state" or both's
+            which = "state" if arg == "state" else "params"
+            if path not in held[which]:
+                which = "state"
+            if held[which][path] is not None:  # not a static leaf
+                unused[which][path] = held[which][path]
+    return unused

@@ -1,0 +1,76 @@
+"""A model given as JAX functions (`call_fn`, `init_fn`) as a `Model`.
+
+The arguments are matched by name, as `keras.layers.JaxLayer` matches
+them; Haiku's `hk.transform(...)` / `hk.transform_with_state(...)` pairs
+fit as they are.
+"""
+
+from keras_flax import _checks
+from keras_flax import _errors
+from keras_flax import _rng
+from keras_flax import _serialization
+from keras_flax._model import Model
+
+
+def arguments(call_fn, init_fn):
+    """The argument names of `call_fn` and of `init_fn` (None without
+    one), checked."""
+    call_arguments = _checks.function_arguments(
+        call_fn, "call_fn", _checks.CALL_FN_ARGUMENTS
+    )
+    if init_fn is None:
+        return call_arguments, None
+    init_arguments = _checks.function_arguments(
+        init_fn, "init_fn", _checks.INIT_FN_ARGUMENTS
+    )
+    return call_arguments, init_arguments
+
+
+def adapt(call_fn, init_fn=None, params=None, state=None):
+    """The `Model` of `call_fn` and `init_fn` (checked here)."""
+    call_arguments, init_arguments = arguments(call_fn, init_fn)
+    has_weights = {"params", "state"} & set(call_arguments)
+    if init_fn is None and params is None and state is None and has_weights:
+        raise ValueError(_errors.nothing_to_initialize())
+    takes_state = "state" in call_arguments
+    takes_training = "training" in call_arguments
+
+    def apply(params, state, rng, inputs, training):
+        args = {
+            "params": params,
+            "state": state,
+            "rng": rng,
+            "inputs": inputs,
+            # One trace per mode only if `call_fn` sees the mode.
+            "training": training,
+        }
+        result = call_fn(*(args[a] for a in call_arguments))
+        if not takes_state:
+            return result, None
+        return _checks.stateful_result(result)
+
+    def init(rng, inputs):
+        args = {"rng": rng, "inputs": inputs, "training": True}
+        result = init_fn(*(args[a] for a in init_arguments))
+        return result if takes_state else (result, None)
+
+    def config():
+        return {
+            "call_fn": _serialization.serialize_function(call_fn, "call_fn"),
+            "init_fn": _serialization.serialize_function(init_fn, "init_fn"),
+        }
+
+    return Model(
+        apply=apply,
+        init=None if init_fn is None else init,
+        params=params,
+        state=state,
+        uses_rng="rng" in call_arguments,
+        init_rng=_rng.key_from_seed,
+        takes_training=takes_training,
+        misfit_fix=(
+            "Call the layer on inputs of the shape the weights were made "
+            "for, or pass {arg}=None with `init_fn` to initialise new ones."
+        ),
+        config=config,
+    )

@@ -1,0 +1,510 @@
+"""ModelLayer: the Keras lifecycle around a `Model` (see `_model`).
+
+Data flows one way: `model.init` -> `model.split` -> PyTrees of arrays ->
+Keras variables (`_variables.VariableTree`) -> their values ->
+`model.apply` -> outputs and new state -> assigned back. The layer never
+asks what kind of model it holds; `JaxLayer` and `FlaxLayer` only make the
+`Model` and name the public attributes.
+"""
+
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+from keras_flax import _backends
+from keras_flax import _checks
+from keras_flax import _errors
+from keras_flax import _inputs
+from keras_flax import _packing
+from keras_flax import _variables
+from keras_flax._model import Model
+
+
+class ModelLayer(keras.layers.Layer):
+    """A Keras layer holding a `Model`'s weights and calling it.
+
+    Args:
+        model: the `Model`.
+        seed: int seed of the RNG given to `model.init` and `model.apply`.
+        native_serialization_platforms: platforms `jax2tf` compiles for on
+            the TensorFlow backend (None: the platform in use).
+        pack_weights: hold the leaves of each dtype in one flat variable.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        seed: int | None = None,
+        native_serialization_platforms: list[str] | None = None,
+        pack_weights: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self._model = model
+        self.seed = seed
+        self.pack_weights = pack_weights
+        self.jax2tf_native_serialization_platforms = (
+            native_serialization_platforms
+        )
+        self.seed_generator = None
+        if model.uses_rng:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        # Whether the model asked for randomness outside training.
+        self._inference_rng = False
+        self._params_tree = None
+        self._state_tree = None
+        self._input_record = None
+        self._built_spec = None
+        self._axes = dict(model.axes)
+        self._runner = _backends.make_runner(
+            self._forward, native_serialization_platforms
+        )
+        self._pending_weights = None
+        # Given leaves that `init` does not create, by the tree holding
+        # them: path -> (shape, dtype). Unused parameters are frozen.
+        self._unused_leaves = no_unused_leaves()
+        if model.params is not None or model.state is not None:
+            if pack_weights and model.init is not None:
+                # Packed at build, once it is known which leaves the model
+                # uses (those it does not are packed apart, frozen).
+                self._pending_weights = _Untracked((model.params, model.state))
+            else:
+                self._create_weights(model.params, model.state)
+
+    @property
+    def params(self) -> Any:
+        """The trainable weights: a PyTree of Keras variables, or None."""
+        return self._model.view(_tree(self._params_tree))
+
+    @property
+    def state(self) -> Any:
+        """The non-trainable state: a PyTree of Keras variables, or None."""
+        return self._model.view(_tree(self._state_tree))
+
+    def _current_values(self):
+        """`(params, state)`: copies of the current values, as trees."""
+        return tuple(
+            None
+            if tree is None
+            else tree.rebuild([_copy(v) for v in tree.values()])
+            for tree in (self._params_tree, self._state_tree)
+        )
+
+    def _write_back(self):
+        """Copies every current value into the user's object, where the
+        model writes back (an NNX module); not inside traced computations.
+        """
+        if not all(_backends.is_concrete(v.value) for v in self.variables):
+            return
+        for tree in (self._params_tree, self._state_tree):
+            if tree is not None:
+                tree.mirror_values()
+
+    # Weights.
+
+    def _create_weights(self, params, state, frozen=()):
+        self._params_tree = self._variable_tree(params, True, frozen)
+        self._state_tree = self._variable_tree(state, False)
+
+    def _variable_tree(self, values, trainable, frozen=()):
+        if values is None:
+            return None
+        if self.pack_weights:
+            _checks.packing_allowed()
+        model = self._model
+
+        def metadata(parts):
+            return {
+                "axes": self._axes.get(_variables.path_text(parts)),
+                "mirror": model.write_back(parts),
+            }
+
+        tree_class = _variables.VariableTree
+        if self.pack_weights:
+            tree_class = _packing.PackedTree
+        return tree_class(
+            self,
+            values,
+            trainable=trainable,
+            name_fn=lambda parts: model.name(trainable, parts),
+            autocast=trainable,
+            metadata_fn=metadata,
+            frozen=frozen,
+        )
+
+    def _given_trees(self):
+        """The weights given at construction: `(params, state)`, as
+        arrays until they are packed, else as Keras variables."""
+        if self._pending_weights is not None:
+            return self._pending_weights.value
+        return _tree(self._params_tree), _tree(self._state_tree)
+
+    def _init(self, inputs):
+        """`(params, state, axes)` at `inputs` (placeholders)."""
+        raw = self._model.init(self._model.init_rng(self.seed), inputs)
+        return self._model.split(raw)
+
+    # Keras lifecycle.
+
+    def __call__(self, *args, **kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        if not self.built:
+            self._input_record = _inputs.record(inputs, self.compute_dtype)
+        elif self._built_spec is not None:
+            _checks.inputs_fit(inputs, self._built_spec, self.name)
+        return super().__call__(*args, **kwargs)
+
+    def build(self, input_shape):
+        spec = self._input_record
+        if spec is None:
+            spec = _inputs.from_shape(input_shape, self.compute_dtype)
+        if all(tree is None for tree in self._given_trees()):
+            if self._model.init is not None:
+                (params, state, axes), spec = _inputs.search(
+                    self._init, spec, self._model.initializer
+                )
+                self._axes.update(axes)
+                # A layer saved with unused leaves gets them back, for the
+                # weights file to fill.
+                unused = self._unused_leaves
+                params = _variables.with_leaves(params, unused["params"])
+                state = _variables.with_leaves(state, unused["state"])
+                self._pending_weights = _Untracked((params, state))
+        else:
+            self._unused_leaves = self._check_given_weights(spec)
+        frozen = set(self._unused_leaves["params"])
+        if self._pending_weights is not None:
+            params, state = self._pending_weights.value
+            self._pending_weights = None
+            self._create_weights(
+                params, state, frozen if self.pack_weights else ()
+            )
+        if self._params_tree is not None and not self._params_tree.packed:
+            self._params_tree.freeze(frozen)
+        self._built_spec = spec
+        self._input_record = None
+
+    def get_build_config(self):
+        config = super().get_build_config()
+        if config is not None and self._built_spec is not None:
+            config["input_dtypes"] = self._built_spec.dtype_names()
+        if config is not None and any(self._unused_leaves.values()):
+            config["unused_leaves"] = {
+                which: {
+                    path: [list(shape), jax.numpy.dtype(dtype).name]
+                    for path, (shape, dtype) in leaves.items()
+                }
+                for which, leaves in self._unused_leaves.items()
+            }
+        return config
+
+    def build_from_config(self, config):
+        if config and "unused_leaves" in config:
+            self._unused_leaves = {
+                which: {
+                    path: (tuple(shape), dtype)
+                    for path, (shape, dtype) in leaves.items()
+                }
+                for which, leaves in config["unused_leaves"].items()
+            }
+        if config and "input_dtypes" in config and "input_shape" in config:
+            self._input_record = _inputs.from_shape(
+                config["input_shape"],
+                self.compute_dtype,
+                config["input_dtypes"],
+            )
+        super().build_from_config(config)
+
+    def _check_given_weights(self, spec):
+        """Compares the given weights with what `init` creates.
+
+        Missing or mis-shaped leaves are refused; a model that would create
+        variables when called (a lazily built NNX module) is refused.
+        Returns the given leaves that `init` does not create (a pretrained
+        model's head, used through another method), by tree: they are
+        kept, the parameters frozen, as Flax's `apply` accepts them. With
+        unknown sizes only the paths are compared, at the first sizes the
+        model accepts.
+        """
+        model = self._model
+        if model.created is not None:
+            given = self._current_values()
+            if self._pending_weights is not None:
+                given = self._pending_weights.value
+            _checks.nothing_created(
+                model, *given, _inputs.placeholders(spec, 1)
+            )
+        if model.init is None:
+            return no_unused_leaves()  # nothing to compare with
+        sizes_known = not _inputs.has_unknown(spec, skip_batch=True)
+
+        def expected_shapes(inputs):
+            return jax.eval_shape(lambda: self._init(inputs)[:2])
+
+        try:
+            if sizes_known:
+                expected = expected_shapes(_inputs.placeholders(spec, 1))
+            else:
+                expected, _ = _inputs.search(expected_shapes, spec, "inputs")
+        except _errors.MODULE_ERRORS:
+            return no_unused_leaves()  # the call raises the model's error
+        return _checks.unused_leaves(
+            model, self._given_trees(), expected, spec, sizes_known
+        )
+
+    def call(self, inputs, training=False):
+        try:
+            return self._call(inputs, training)
+        except self._model.inference_rng_error:
+            if training or self._inference_rng:
+                raise
+            # The model draws randomness in inference too: feed it.
+            self._inference_rng = True
+            return self._call(inputs, training)
+
+    def _call(self, inputs, training):
+        if _backends.is_meta(inputs):
+            # Keras' shape inference on PyTorch ("meta" tensors): shapes
+            # alone, nothing run, no state written.
+            spec = self._output_spec(inputs, training)
+            return _backends.meta_tensors(spec)
+        seed = self._call_seed(bool(training))
+        outputs, new_state = self._runner(
+            _values(self._params_tree),
+            _values(self._state_tree),
+            seed,
+            inputs,
+            training=self._static_training(training),
+            spec=self._built_spec,
+        )
+        if new_state is not None:
+            self._state_tree.assign(new_state)
+        return outputs
+
+    def _static_training(self, training):
+        """The mode `model.apply` is traced in (one trace per mode only
+        where the model sees the mode)."""
+        return bool(training) and self._model.takes_training
+
+    def _wants_seed(self, training):
+        """Whether a call in this mode is given a seed."""
+        return self.seed_generator is not None and (
+            training or self._inference_rng
+        )
+
+    def _call_seed(self, training):
+        """The seed for this call (None for no RNG), drawn outside `jit`."""
+        if not self._wants_seed(training):
+            return None
+        return self.seed_generator.next()
+
+    def compute_output_spec(self, inputs, training=False):
+        """The outputs' shapes, by `jax.eval_shape` on other backends.
+
+        (Keras' own way on TensorFlow and PyTorch runs the layer on real
+        or placeholder tensors of two made-up batch sizes.)
+        """
+        if _backends.name() != "jax":
+            try:
+                return self._output_spec(inputs, training)
+            except _errors.MODULE_ERRORS:  # run it as Keras would
+                return super().compute_output_spec(inputs, training=training)
+        try:
+            return super().compute_output_spec(inputs, training=training)
+        except (*_errors.MODULE_ERRORS, AttributeError) as error:
+            # The module's, on symbolic sizes (an AttributeError where Keras
+            # fails to re-raise JAX's tracer errors with its message; a bug
+            # of ours would fail again at the concrete sizes below).
+            if not _inputs.unknown_dimensions(inputs):
+                raise  # no size to try: the error is what it is
+            return self._output_spec_by_sizes(inputs, training, error)
+
+    def _output_spec(self, inputs, training, size=None):
+        training = bool(training)
+        seed = None
+        if self._wants_seed(training):
+            seed = jax.ShapeDtypeStruct((2,), "uint32")
+        return _backends.output_spec(
+            self._forward,
+            _specs(self._params_tree, self.compute_dtype),
+            _specs(self._state_tree, self.compute_dtype),
+            seed,
+            inputs,
+            self._static_training(training),
+            size=size,
+        )
+
+    def _output_spec_by_sizes(self, inputs, training, symbolic_error):
+        """Output specs for a module that cannot take unknown sizes
+        symbolically (a ViT adding position embeddings for a fixed number
+        of patches): shapes at the sizes the module accepts, the batch kept
+        symbolic. An output dimension that differs between two accepted
+        sizes is unknown; with one accepted size it is that size's.
+        """
+        spec = self._built_spec
+        searched = () if spec is None or spec.size is None else (spec.size,)
+        sizes = dict.fromkeys(searched + _inputs.CANDIDATE_SIZES)
+        found = []
+        for size in sizes:
+            try:
+                found.append(self._output_spec(inputs, training, size))
+            except _errors.MODULE_ERRORS:  # the module refuses this size
+                continue
+            if len(found) == 2:
+                break
+        if not found:
+            raise ValueError(
+                _errors.output_shape_unknown(
+                    self.name,
+                    _inputs.unknown_dimensions(inputs),
+                    tuple(sizes),
+                    symbolic_error,
+                )
+            ) from symbolic_error
+        return jax.tree_util.tree_map(_common_shape, *found)
+
+    def _forward(self, param_values, state_values, seed, inputs, training):
+        """The pure forward pass, jitted once per input signature.
+
+        Returns the outputs and the new state values in leaf order, with
+        `None` for leaves the call left unchanged (not written back).
+        """
+        state_leaves = _leaves(self._state_tree, state_values)
+        params = _rebuild(self._params_tree, param_values)
+        state = None
+        if state_leaves is not None:
+            state = self._state_tree.unflatten_leaves(state_leaves)
+        rng = self._model.call_rng(_backends.key_data(seed))
+        outputs, new_state = self._model.apply(
+            params, state, rng, inputs, training
+        )
+        if self._state_tree is None:
+            # No state held (`state=None`, or `init_fn` returned none):
+            # the outputs, as `keras.layers.JaxLayer` returns them.
+            _checks.no_state("call_fn", new_state)
+            return outputs, None
+        _checks.state_structure("call_fn", new_state, self._state_tree)
+        new_leaves = self._state_tree.leaves_of(new_state)
+        return outputs, self._state_tree.updates(new_leaves, state_leaves)
+
+    # Serialization.
+
+    def save_own_variables(self, store):
+        if self.pack_weights and self.built:
+            # Leaf by leaf, as without packing: the files are the same.
+            for i, value in enumerate(self._leaf_values()):
+                store[str(i)] = value
+        else:
+            super().save_own_variables(store)
+        if self.seed_generator is not None:
+            # Keras does not save seed generators; resumed training must
+            # draw the same randomness as uninterrupted training.
+            store[_SEED_STATE] = self.seed_generator.state.value
+
+    def load_own_variables(self, store):
+        if _SEED_STATE in store.keys():
+            if self.seed_generator is not None:
+                self.seed_generator.state.assign(store[_SEED_STATE])
+            store = {k: store[k] for k in store.keys() if k != _SEED_STATE}
+        if self.pack_weights and self.built:
+            self._load_leaves(store)
+        else:
+            super().load_own_variables(store)
+
+    def _leaf_values(self):
+        """Every leaf's value, trainable then non-trainable, leaf order."""
+        values = []
+        for tree in (self._params_tree, self._state_tree):
+            if tree is not None:
+                arrays = [keras.ops.convert_to_numpy(v) for v in tree.values()]
+                values.extend(tree.leaves(arrays))
+        return values
+
+    def _load_leaves(self, store):
+        trees = [t for t in (self._params_tree, self._state_tree) if t]
+        specs = [spec for tree in trees for spec in tree.leaf_specs()]
+        if len(store.keys()) != len(specs):
+            raise ValueError(
+                _errors.weights_count_mismatch(
+                    self.name, len(specs), len(store.keys())
+                )
+            )
+        arrays = iter(np.asarray(store[str(i)]) for i in range(len(specs)))
+        for tree in trees:
+            leaves = [next(arrays) for _ in tree.leaf_specs()]
+            values = tree.updates(leaves, [None] * len(leaves))
+            tree.assign([np.asarray(v) for v in values])
+
+    def get_config(self):
+        config = {
+            "seed": self.seed,
+            "pack_weights": self.pack_weights,
+            "native_serialization_platforms": (
+                self.jax2tf_native_serialization_platforms
+            ),
+        }
+        return {**super().get_config(), **config, **self._model.config()}
+
+
+_SEED_STATE = "seed_generator_state"
+
+
+def no_unused_leaves():
+    """Unused given leaves by tree holding them: none."""
+    return {"params": {}, "state": {}}
+
+
+class _Untracked:
+    """A value held by a layer as it is (Keras would wrap a tuple or dict
+    set as a layer attribute into its own tracked types)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _common_shape(*tensors):
+    """The Keras tensor with the dimensions all `tensors` agree on."""
+    first = tensors[0]
+    shape = tuple(
+        dims[0] if len(set(dims)) == 1 else None
+        for dims in zip(*(t.shape for t in tensors), strict=True)
+    )
+    return keras.KerasTensor(shape, dtype=first.dtype)
+
+
+def _copy(value):
+    return jax.numpy.array(_backends.to_jax(value), copy=True)
+
+
+def _tree(tree):
+    return None if tree is None else tree.tree
+
+
+def _values(tree):
+    return None if tree is None else tree.values()
+
+
+def _specs(tree, compute_dtype):
+    """`ShapeDtypeStruct`s of the values a call reads from `tree`."""
+    if tree is None:
+        return None
+
+    def spec(variable):
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        if tree.autocast and floating:
+            dtype = compute_dtype
+        return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
+
+    return [spec(v) for v in tree.variables]  # the variables, packed or not
+
+
+def _leaves(tree, values):
+    return None if tree is None else tree.leaves(values)
+
+
+def _rebuild(tree, values):
+    return None if tree is None else tree.rebuild(values)

@@ -1,0 +1,100 @@
+"""The shape of the package: one layer class over one contract, public
+names of Keras, JAX and Flax outside `_private.py`, typed public API."""
+
+import ast
+import inspect
+import pathlib
+import typing
+
+import keras_flax
+from keras_flax import FlaxLayer
+from keras_flax import JaxLayer
+from keras_flax import layer_flax_module_wrapper
+from keras_flax import layer_jax_model_wrapper
+from keras_flax._layer import ModelLayer
+
+PACKAGE = pathlib.Path(keras_flax.__file__).parent
+SOURCES = {p.name: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+
+
+def _own_names():
+    """Names the package defines: its modules, and every attribute,
+    function, class and method it creates."""
+    names = {p.removesuffix(".py") for p in SOURCES}
+    for tree in SOURCES.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(
+                node.ctx, ast.Store
+            ):
+                names.add(node.attr)
+            elif isinstance(
+                node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)
+            ):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return names
+
+
+def test_no_private_name_of_keras_jax_or_flax_outside_private_py():
+    # NamedTuple's public methods are spelled with an underscore.
+    own = _own_names() | {"_replace", "_asdict", "_fields"}
+    reached = []
+    for name, tree in SOURCES.items():
+        if name == "_private.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names]
+                if isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                for module in modules:
+                    parts = module.split(".")
+                    if parts[0] in ("keras", "jax", "flax") and (
+                        "src" in parts or any(p.startswith("_") for p in parts)
+                    ):
+                        reached.append(f"{name}: import {module}")
+            if isinstance(node, ast.Attribute):
+                attr = node.attr
+                private = attr.startswith("_") and not attr.startswith("__")
+                if private and attr not in own:
+                    reached.append(f"{name}: .{attr}")
+    assert reached == []
+
+
+def test_the_public_classes_override_no_hook_of_the_layer():
+    # JaxLayer and FlaxLayer make a Model and name public attributes.
+    for cls in (JaxLayer, FlaxLayer):
+        private = [
+            name
+            for name in vars(cls)
+            if name.startswith("_") and not name.startswith("__")
+        ]
+        assert private == [], cls
+        overridden = [
+            name
+            for name in vars(cls)
+            if name in vars(ModelLayer) and not name.startswith("__")
+        ]
+        assert overridden == [], cls
+    assert issubclass(FlaxLayer, JaxLayer)  # as in keras.layers
+
+
+def test_the_public_api_is_typed():
+    assert (PACKAGE / "py.typed").exists()
+    functions = [
+        JaxLayer.__init__,
+        FlaxLayer.__init__,
+        FlaxLayer.from_nnx,
+        layer_flax_module_wrapper,
+        layer_jax_model_wrapper,
+    ]
+    for fn in functions:
+        hints = typing.get_type_hints(fn)
+        named = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.name not in ("self", "cls")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        assert set(named) <= set(hints), fn
