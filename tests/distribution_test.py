@@ -65,7 +65,7 @@ def test_flax_partitioning_metadata_becomes_the_layout():
         assert (kernel["spec"], kernel["shard"]) == ("(None, 'model')", [8, 4])
         assert result[case]["Dense_1/kernel"]["replicated"]
     assert result["nnx"]["kernel"]["shard"] == [8, 4]
-    assert result["given_diff"] == 0.0 and result["nnx_diff"] < 1e-6
+    assert result["given_diff"] < 1e-6 and result["nnx_diff"] < 1e-6
     # A LayoutMap entry overrides the metadata.
     assert result["overridden"]["Dense_0/kernel"]["replicated"]
 

@@ -181,10 +181,13 @@ def _evaluate(jaxpr, consts, args, eqns):
         if params.get("compiler_options_kvs") == ():  # a nested `jax.jit`
             options = tuple(RUN_ONCE_OPTIONS.items())
             params = {**params, "compiler_options_kvs": options}
+        bind_params = eqn.primitive.get_bind_params(params)
+        subfuns = ()
+        if isinstance(bind_params, tuple):  # JAX 0.8: (subfuns, params)
+            subfuns, bind_params = bind_params
         with eqn.ctx.manager:
             out = eqn.primitive.bind(
-                *map(read, eqn.invars),
-                **eqn.primitive.get_bind_params(params),
+                *subfuns, *map(read, eqn.invars), **bind_params
             )
         if not eqn.primitive.multiple_results:
             out = [out]
