@@ -26,9 +26,9 @@ def arguments(call_fn, init_fn):
     return call_arguments, init_arguments
 
 
-def adapt(call_fn, init_fn=None, params=None, state=None):
-    """The `Model` of `call_fn` and `init_fn` (checked here)."""
-    call_arguments, init_arguments = arguments(call_fn, init_fn)
+def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
+    """The `Model` of `call_fn` and `init_fn`, whose argument names
+    `arguments` gave."""
     has_weights = {"params", "state"} & set(call_arguments)
     if init_fn is None and params is None and state is None and has_weights:
         raise ValueError(_errors.nothing_to_initialize())

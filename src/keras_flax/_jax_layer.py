@@ -94,7 +94,9 @@ class JaxLayer(ModelLayer):
     ):
         _checks.layer_arguments(type(self).__name__, pack_weights)
         call_arguments, init_arguments = _functions.arguments(call_fn, init_fn)
-        model = _functions.adapt(call_fn, init_fn, params, state)
+        model = _functions.adapt(
+            call_fn, call_arguments, init_fn, init_arguments, params, state
+        )
         super().__init__(
             model,
             seed=seed,

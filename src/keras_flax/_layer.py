@@ -231,9 +231,10 @@ class ModelLayer(keras.layers.Layer):
         """
         model = self._model
         if model.created is not None:
-            given = self._current_values()
             if self._pending_weights is not None:
                 given = self._pending_weights.value
+            else:
+                given = self._current_values()
             _checks.nothing_created(
                 model, *given, _inputs.placeholders(spec, 1)
             )

@@ -257,7 +257,7 @@ def _is_dtype(value):
 
 def _import_path(obj, path):
     """`module:qualname` of `obj`, by a public module where one has it
-    (`jax.nn:gelu`, not `jax._src.nn.functions:gelu`)."""
+    (`jax.nn:gelu`, not the private module defining `gelu`)."""
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if (
