@@ -34,9 +34,10 @@ def name():
 def make_runner(fn, native_serialization_platforms=None):
     """A callable running `fn` on the current backend's tensors.
 
-    It takes `(params, state, seed, inputs, training, spec)`: lists of
-    weight values (backend tensors), the seed (or None), the inputs, the
-    static training flag and the `_inputs.Specs` the layer was built for.
+    It takes `(params, state, seed, inputs, training, spec, remat)`: lists
+    of weight values (backend tensors), the seed (or None), the inputs, the
+    static training flag, the `_inputs.Specs` the layer was built for and
+    whether a traced call is rematerialised (JAX; `keras.RematScope`).
     """
     backend = name()
     if backend == "tensorflow":
@@ -140,13 +141,13 @@ def dimension_names():
                 yield name
 
 
-def output_spec(fn, params, state, seed, inputs, training, size=None):
-    """Keras tensors for what `fn` returns, from shapes alone.
+def symbolic_structs(specs, size=None):
+    """`jax.ShapeDtypeStruct`s for a structure of tensor specs (anything
+    with `shape` and `dtype`: Keras tensors, `keras.InputSpec`s, arrays).
 
-    `params`, `state`, `seed` and `inputs` are `jax.ShapeDtypeStruct`s or
-    Keras tensors; unknown sizes become symbolic dimensions (one shared
-    batch dimension) and come back as None. With `size`, unknown sizes
-    other than the batch dimension are given that size instead.
+    Unknown sizes (None) become symbolic dimensions of one scope: the first
+    axis of every input is the one batch dimension "b", each other unknown
+    size a dimension of its own; with `size`, those others get that size.
     """
     scope = jax.export.SymbolicScope()
     names = dimension_names()
@@ -167,7 +168,18 @@ def output_spec(fn, params, state, seed, inputs, training, size=None):
         dtype = jnp.dtype(keras.backend.standardize_dtype(x.dtype))
         return jax.ShapeDtypeStruct(shape, dtype)
 
-    inputs = jax.tree_util.tree_map(symbolic, inputs)
+    return jax.tree_util.tree_map(symbolic, specs)
+
+
+def output_spec(fn, params, state, seed, inputs, training, size=None):
+    """Keras tensors for what `fn` returns, from shapes alone.
+
+    `params`, `state`, `seed` and `inputs` are `jax.ShapeDtypeStruct`s or
+    Keras tensors; unknown sizes become symbolic dimensions (one shared
+    batch dimension) and come back as None. With `size`, unknown sizes
+    other than the batch dimension are given that size instead.
+    """
+    inputs = symbolic_structs(inputs, size)
     outputs, _ = jax.eval_shape(
         functools.partial(fn, training=training), params, state, seed, inputs
     )
@@ -191,12 +203,18 @@ class _JaxRunner:
         self.fn = fn
         self.jitted = jax.jit(fn, static_argnames="training")
 
-    def __call__(self, params, state, seed, inputs, training, spec):
+    def __call__(
+        self, params, state, seed, inputs, training, spec, remat=False
+    ):
         if any(
             isinstance(x, jax.core.Tracer)
             for x in jax.tree_util.tree_leaves(inputs)
         ):
-            return self.fn(params, state, seed, inputs, training=training)
+            fn = functools.partial(self.fn, training=training)
+            if remat:
+                # `keras.RematScope`: recomputed in the backward pass.
+                fn = jax.checkpoint(fn)
+            return fn(params, state, seed, inputs)
         return self.jitted(params, state, seed, inputs, training=training)
 
 
@@ -223,7 +241,9 @@ class _TensorFlowRunner:
         self._platforms = platforms
         self._converted = {}
 
-    def __call__(self, params, state, seed, inputs, training, spec):
+    def __call__(
+        self, params, state, seed, inputs, training, spec, remat=False
+    ):
         leaves, treedef = jax.tree_util.tree_flatten(inputs)
         key = (training, treedef)
         if key not in self._converted:
@@ -287,7 +307,9 @@ class _TorchRunner:
         self._backward = jax.jit(lambda vjp, cotangents: vjp(cotangents)[0])
         self._output_treedefs = {}
 
-    def __call__(self, params, state, seed, inputs, training, spec):
+    def __call__(
+        self, params, state, seed, inputs, training, spec, remat=False
+    ):
         import torch
 
         args = (params, state, seed, inputs)

@@ -504,3 +504,37 @@ def not_found(qualname, module_name, import_path):
         f"a saved layer. Received: {import_path}. Check that the code "
         "that defines it is the same as when the model was saved."
     )
+
+
+def onnx_unconvertible(layer_name, primitives):
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX: jax2onnx has no "
+        f"conversion for the JAX operation(s) {_quoted(primitives)} that "
+        f"its module runs in inference. Received: operations="
+        f"{list(primitives)}. Fix: keep the operation out of the inference "
+        "path (for example `jax.debug.print` or `jax.pure_callback`, which "
+        "no exported artifact can hold), replace it by operations jax2onnx "
+        "converts, or register a conversion with "
+        "`jax2onnx.plugins.plugin_system.register_primitive`."
+    )
+
+
+def export_backend(backend_name):
+    return (
+        "`export_stablehlo` writes `jax.export` artifacts, on the JAX "
+        f"backend only. Received: backend={backend_name!r}. Fix: set "
+        "`KERAS_BACKEND=jax` before importing Keras, or on this backend use "
+        '`model.export(path, format="tf_saved_model")`.'
+    )
+
+
+def export_without_signature(model):
+    return (
+        "`export_stablehlo` needs `input_signature` for a model without "
+        f"`model.input`. Received: model={describe(model)}, "
+        "input_signature=None. Fix: pass the inputs' specs, e.g. "
+        "`input_signature=keras.InputSpec(shape=(None, 5))` (None: any "
+        "size), or "
+        "build the model as a functional or `Sequential` model with "
+        "`keras.Input`."
+    )

@@ -7,6 +7,7 @@ asks what kind of model it holds; `JaxLayer` and `FlaxLayer` only make the
 `Model` and name the public attributes.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _inputs
+from keras_flax import _onnx
 from keras_flax import _packing
 from keras_flax import _variables
 from keras_flax._model import Model
@@ -257,29 +259,46 @@ class ModelLayer(keras.layers.Layer):
         )
 
     def call(self, inputs, training=False):
+        return self._run(inputs, training, remat=False)
+
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Under `keras.RematScope` on JAX, the pure forward pass is
+        checkpointed, with `training` static; the seed is drawn outside
+        the checkpoint, as a Keras state update must be."""
+        remat_call = super().rematerialized_call(layer_call, *args, **kwargs)
+        if (
+            remat_call is layer_call
+            or layer_call != self.call
+            or _backends.name() != "jax"
+        ):
+            return remat_call
+        return functools.partial(self._run, remat=True)
+
+    def _run(self, inputs, training=False, *, remat):
         try:
-            return self._call(inputs, training)
+            return self._call(inputs, training, remat)
         except self._model.inference_rng_error:
             if training or self._inference_rng:
                 raise
             # The model draws randomness in inference too: feed it.
             self._inference_rng = True
-            return self._call(inputs, training)
+            return self._call(inputs, training, remat)
 
-    def _call(self, inputs, training):
+    def _call(self, inputs, training, remat):
         if _backends.is_meta(inputs):
             # Keras' shape inference on PyTorch ("meta" tensors): shapes
             # alone, nothing run, no state written.
             spec = self._output_spec(inputs, training)
             return _backends.meta_tensors(spec)
         seed = self._call_seed(bool(training))
+        args = (_values(self._params_tree), _values(self._state_tree), seed)
+        training = self._static_training(training)
+        if _onnx.converting(inputs):
+            _onnx.check(
+                self.name, self._forward, *args, inputs, training=training
+            )
         outputs, new_state = self._runner(
-            _values(self._params_tree),
-            _values(self._state_tree),
-            seed,
-            inputs,
-            training=self._static_training(training),
-            spec=self._built_spec,
+            *args, inputs, training=training, spec=self._built_spec, remat=remat
         )
         if new_state is not None:
             self._state_tree.assign(new_state)
@@ -388,7 +407,7 @@ class ModelLayer(keras.layers.Layer):
             _checks.no_state("call_fn", new_state)
             return outputs, None
         _checks.state_structure("call_fn", new_state, self._state_tree)
-        new_leaves = self._state_tree.leaves_of(new_state)
+        new_leaves = self._state_tree.leaves_of(new_state, state)
         return outputs, self._state_tree.updates(new_leaves, state_leaves)
 
     # Serialization.

@@ -159,16 +159,19 @@ class VariableTree:
         leaves = [next(values) if s is _VARIABLE else s for s in self._static]
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
-    def leaves_of(self, tree):
+    def leaves_of(self, tree, given=None):
         """The leaves of `tree` (same structure) at the variables' places.
 
         `None` at a variable's place stays `None`: it marks a leaf that a
-        call left unchanged.
+        call left unchanged; so does a leaf that is the very object at its
+        place in `given` (the tree the call was given). Typed keys are
+        compared before they become key data, which is a new array.
         """
         leaves = self._treedef.flatten_up_to(tree)
+        old = leaves if given is None else self._treedef.flatten_up_to(given)
         return [
-            _key_data(leaf)
-            for leaf, s in zip(leaves, self._static, strict=True)
+            None if given is not None and leaf is was else _key_data(leaf)
+            for leaf, was, s in zip(leaves, old, self._static, strict=True)
             if s is _VARIABLE
         ]
 

@@ -1,0 +1,78 @@
+"""StableHLO export: a Keras model as a serialised `jax.export` artifact.
+
+Keras' `model.export` writes SavedModel and ONNX; `export_stablehlo` is the
+same call for the format Flax recommends: the inference function
+`model(inputs, training=False)` with the weights inside, traced with
+symbolic sizes for unknown dimensions and written by `jax.export`. The
+artifact carries its input signature and runs with JAX alone.
+"""
+
+import os
+
+import jax
+import keras
+
+from keras_flax import _backends
+from keras_flax import _errors
+
+
+def export_stablehlo(
+    model, filepath, input_signature=None, platforms=None, verbose=None
+):
+    """Writes `model`'s inference function as a serialised StableHLO artifact.
+
+    Args:
+        model: a Keras model (or layer) on the JAX backend, built.
+        filepath: where the artifact is written (`bytes` of
+            `jax.export.Exported.serialize()`).
+        input_signature: a structure of `keras.InputSpec`,
+            `jax.ShapeDtypeStruct` or Keras tensors, as `model` takes its
+            inputs; `None` sizes are exported symbolically (the first axis
+            of every input is one batch dimension). Defaults to what a
+            functional or `Sequential` model was built with, any batch size.
+        platforms: the platforms the artifact serves on, e.g.
+            `("cpu", "cuda")`; defaults to the current one.
+        verbose: whether to print what was written (default True, as
+            `model.export`).
+
+    Returns:
+        The `jax.export.Exported`. Load and run it with JAX alone:
+        `jax.export.deserialize(bytearray(data)).call(x)`.
+    """
+    if _backends.name() != "jax":
+        raise ValueError(_errors.export_backend(_backends.name()))
+    if input_signature is None:
+        input_signature = _model_input(model)
+    specs = _backends.symbolic_structs(input_signature)
+
+    def serve(inputs):
+        # The weights' current values become the artifact's constants; a
+        # `StatelessScope` keeps any state update from being written.
+        with keras.StatelessScope():
+            return model(inputs, training=False)
+
+    exported = jax.export.export(jax.jit(serve), platforms=platforms)(specs)
+    with open(os.fspath(filepath), "wb") as f:
+        f.write(exported.serialize())
+    if verbose is None or verbose:
+        print(
+            f"Saved StableHLO artifact at '{os.fspath(filepath)}': inputs "
+            f"{exported.in_avals}, platforms {exported.platforms}."
+        )
+    return exported
+
+
+def _model_input(model):
+    """The specs of what `model` takes, any batch size: `model.input`
+    (functional models) or `model.inputs` (a `Sequential` model)."""
+    try:
+        inputs = model.input
+    except (AttributeError, ValueError):
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError(_errors.export_without_signature(model)) from None
+        inputs = inputs[0] if len(inputs) == 1 else list(inputs)
+    return jax.tree_util.tree_map(
+        lambda x: keras.InputSpec(shape=(None, *x.shape[1:]), dtype=x.dtype),
+        inputs,
+    )
