@@ -394,9 +394,10 @@ class ModelLayer(keras.layers.Layer):
         """
         state_leaves = _leaves(self._state_tree, state_values)
         params = _rebuild(self._params_tree, param_values)
-        state = None
+        state = given = None
         if state_leaves is not None:
             state = self._state_tree.unflatten_leaves(state_leaves)
+            given = self._state_tree.treedef.flatten_up_to(state)
         rng = self._model.call_rng(_backends.key_data(seed))
         outputs, new_state = self._model.apply(
             params, state, rng, inputs, training
@@ -407,7 +408,7 @@ class ModelLayer(keras.layers.Layer):
             _checks.no_state("call_fn", new_state)
             return outputs, None
         _checks.state_structure("call_fn", new_state, self._state_tree)
-        new_leaves = self._state_tree.leaves_of(new_state, state)
+        new_leaves = self._state_tree.leaves_of(new_state, given)
         return outputs, self._state_tree.updates(new_leaves, state_leaves)
 
     # Serialization.

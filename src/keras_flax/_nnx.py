@@ -43,6 +43,9 @@ def adapt(module, method, takes_training, seed=None, recorded_call=None):
         for path, leaf in nnx.to_flat_state(nnx.state(module))
     }
     copy = nnx.merge(*nnx.split(module))
+    # Values sown outside `nnx.capture` (`Module.sow`) are a call's output,
+    # not the module's state: none is held, none is kept.
+    nnx.pop(copy, nnx.Intermediate)
     if seed is not None:
         _reseed(copy, seed)
     _, params, state = nnx.split(copy, nnx.Param, ...)
@@ -56,6 +59,7 @@ def adapt(module, method, takes_training, seed=None, recorded_call=None):
         called = nnx.merge(graphdefs[bool(training)], params, state)
         kwargs = {"training": training} if takes_training else {}
         outputs = invoke(called, method, inputs, kwargs)
+        nnx.pop(called, nnx.Intermediate)
         _, new_params, new_state = nnx.split(called, nnx.Param, ...)
         return outputs, new_params, new_state
 
@@ -221,29 +225,14 @@ def _write(target, value):
     therefore holds the trained values without being asked. A copy, so that
     Keras donating its own buffers never invalidates the module's arrays.
     """
-    current = _get_value(target)
+    current = target.get_value()
     if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
         value = jax.random.wrap_key_data(
             jnp.array(value, copy=True), impl=jax.random.key_impl(current)
         )
     else:
         value = jnp.array(value, dtype=current.dtype, copy=True)
-    _set_value(target, value)
-
-
-# `Variable.get_value` / `set_value` in newer Flax; `.value` in Flax 0.12.0.
-_ACCESSORS = hasattr(nnx.Variable, "get_value")
-
-
-def _get_value(variable):
-    return variable.get_value() if _ACCESSORS else variable.value
-
-
-def _set_value(variable, value):
-    if _ACCESSORS:
-        variable.set_value(value)
-    else:
-        variable.value = value
+    target.set_value(value)
 
 
 def _write_attribute(module, path, dtype, value):

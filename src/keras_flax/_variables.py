@@ -164,11 +164,12 @@ class VariableTree:
 
         `None` at a variable's place stays `None`: it marks a leaf that a
         call left unchanged; so does a leaf that is the very object at its
-        place in `given` (the tree the call was given). Typed keys are
-        compared before they become key data, which is a new array.
+        place in `given` (`flatten_up_to` of the tree the call was given,
+        taken before the call, whose containers it may mutate). Typed keys
+        are compared before they become key data, which is a new array.
         """
         leaves = self._treedef.flatten_up_to(tree)
-        old = leaves if given is None else self._treedef.flatten_up_to(given)
+        old = leaves if given is None else given
         return [
             None if given is not None and leaf is was else _key_data(leaf)
             for leaf, was, s in zip(leaves, old, self._static, strict=True)

@@ -248,3 +248,27 @@ def test_packed_weights_train_as_unpacked():
         layers.append(layer)
     assert len(layers[1].trainable_variables) == 1
     assert_trees_close(layers[0].flax_variables, layers[1].flax_variables, 1e-5)
+
+
+def test_export_stablehlo_on_jax_refused_elsewhere_with_the_fix(tmp_path):
+    import keras_flax
+
+    model = keras.Sequential([keras.Input((5,)), FlaxLayer(modules.MLP())])
+    x = data(3, 5)
+    expected = numpy(model.predict(x, verbose=0))
+    path = tmp_path / "m.stablehlo"
+    if keras.backend.backend() == "jax":
+        exported = keras_flax.export_stablehlo(model, path, verbose=False)
+        np.testing.assert_allclose(exported.call(x), expected, 1e-6, 1e-6)
+        return
+    try:
+        keras_flax.export_stablehlo(model, path)
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError(
+            "export_stablehlo ran on " + keras.backend.backend()
+        )
+    assert f"Received: backend='{keras.backend.backend()}'" in message
+    assert "Fix: set `KERAS_BACKEND=jax`" in message
+    assert not path.exists()
