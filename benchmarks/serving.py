@@ -36,7 +36,7 @@ def servers(name, batch, folder):
     _, cls, shape, _ = run.WORKLOADS[name]
     model, _ = run.keras_model(cls, shape)
     x, _ = run.make_data(shape, batch, 1)
-    model.predict(x, verbose=0)
+    model(x)  # Keras' exporters ask for a model that was called
 
     onnx_path = os.path.join(folder, f"{name}.onnx")
     model.export(onnx_path, format="onnx", verbose=False)

@@ -35,8 +35,41 @@ def trained(layer, shape, outputs):
     return model
 
 
+class PositionalPool(modules.nn.Module):
+    """`nn.avg_pool` with positional arguments, as Flax allows (jax2onnx's
+    stand-in for it takes them by keyword only)."""
+
+    @modules.nn.compact
+    def __call__(self, x):
+        x = modules.nn.relu(modules.nn.Conv(4, (3, 3))(x))
+        x = modules.nn.avg_pool(x, (2, 2), (2, 2), "VALID")
+        return modules.nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+class NNXPositionalPool(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4 * 4 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.avg_pool(nnx.relu(self.conv(x)), (2, 2), (2, 2))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
 # name: (layer, input shape, outputs, other sizes for a None dimension)
 CASES = {
+    "linen_positional_pool": (
+        lambda: FlaxLayer(PositionalPool()),
+        (8, 8, 1),
+        3,
+        (),
+    ),
+    "nnx_positional_pool": (
+        lambda: FlaxLayer(NNXPositionalPool(nnx.Rngs(0))),
+        (8, 8, 1),
+        3,
+        (),
+    ),
     "linen_cnn": (lambda: FlaxLayer(modules.CNN()), (28, 28, 1), 10, ()),
     "linen_batchnorm_dropout": (
         lambda: FlaxLayer(modules.BatchNormDropout(), seed=0),

@@ -293,11 +293,10 @@ class ModelLayer(keras.layers.Layer):
         seed = self._call_seed(bool(training))
         args = (_values(self._params_tree), _values(self._state_tree), seed)
         training = self._static_training(training)
+        run = self._runner
         if _onnx.converting(inputs):
-            _onnx.check(
-                self.name, self._forward, *args, inputs, training=training
-            )
-        outputs, new_state = self._runner(
+            run = _onnx.converted(self.name, run, self._forward)
+        outputs, new_state = run(
             *args, inputs, training=training, spec=self._built_spec, remat=remat
         )
         if new_state is not None:
