@@ -7,12 +7,12 @@ import numpy as np
 import tensorflow as tf
 
 from tests.conftest import data
-from tests.export_test import trained_model
+from tests.export_test import serving_model
 
 
 def test_saved_model_export_on_jax_serves_what_predict_returns(tmp_path):
     assert keras.backend.backend() == "jax"
-    model = trained_model()
+    model = serving_model()
     path = str(tmp_path / "served")
     model.export(path, format="tf_saved_model", verbose=False)
     served = tf.saved_model.load(path)
