@@ -508,12 +508,18 @@ def main():
             "first": first_steps(name, variants, 1 if args.quick else 3),
         }
         print(f"{name} done", file=sys.stderr)
-    text = report(results, machine_name(), args.quick)
+    write_report(report(results, machine_name(), args.quick))
+
+
+def write_report(text, suffix=""):
+    """Prints `text` and writes it to
+    benchmarks/results/<date>-<machine><suffix>.md."""
     print(text)
     folder = os.path.join(HERE, "results")
     os.makedirs(folder, exist_ok=True)
     machine = platform.node().split(".")[0] or "machine"
-    path = os.path.join(folder, f"{datetime.date.today()}-{machine}.md")
+    name = f"{datetime.date.today()}-{machine}{suffix}.md"
+    path = os.path.join(folder, name)
     with open(path, "w") as f:
         f.write(text)
     print(f"written to {path}", file=sys.stderr)

@@ -15,7 +15,6 @@ benchmarks/results/<date>-<machine>-serving.md.
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 
@@ -97,14 +96,7 @@ def main():
                     f"{run.ratio(t['S'], t['K'])} |"
                 )
                 print(f"{name} batch {batch} done", file=sys.stderr)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    folder = os.path.join(run.HERE, "results")
-    machine = platform.node().split(".")[0] or "machine"
-    path = os.path.join(folder, f"{datetime.date.today()}-{machine}-serving.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written to {path}", file=sys.stderr)
+    run.write_report("\n".join(lines) + "\n", suffix="-serving")
 
 
 if __name__ == "__main__":

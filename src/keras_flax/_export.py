@@ -52,11 +52,12 @@ def export_stablehlo(
             return model(inputs, training=False)
 
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(specs)
-    with open(os.fspath(filepath), "wb") as f:
+    filepath = os.fspath(filepath)
+    with open(filepath, "wb") as f:
         f.write(exported.serialize())
     if verbose is None or verbose:
         print(
-            f"Saved StableHLO artifact at '{os.fspath(filepath)}': inputs "
+            f"Saved StableHLO artifact at '{filepath}': inputs "
             f"{exported.in_avals}, platforms {exported.platforms}."
         )
     return exported

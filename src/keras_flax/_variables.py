@@ -169,10 +169,11 @@ class VariableTree:
         are compared before they become key data, which is a new array.
         """
         leaves = self._treedef.flatten_up_to(tree)
-        old = leaves if given is None else given
+        if given is None:
+            given = [None] * len(leaves)
         return [
-            None if given is not None and leaf is was else _key_data(leaf)
-            for leaf, was, s in zip(leaves, old, self._static, strict=True)
+            None if leaf is was else _key_data(leaf)
+            for leaf, was, s in zip(leaves, given, self._static, strict=True)
             if s is _VARIABLE
         ]
 
