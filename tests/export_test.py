@@ -265,3 +265,31 @@ def test_stablehlo_takes_named_inputs_and_a_given_signature(tmp_path):
     np.testing.assert_allclose(
         exported.call(x), subclassed.predict(x, verbose=0), 1e-6, 1e-6
     )
+
+
+def test_stablehlo_refuses_a_signature_of_sizes_with_the_fix(tmp_path):
+    model = serving_model()
+    path = tmp_path / "m.stablehlo"
+    with pytest.raises(ValueError) as raised:
+        keras_flax.export_stablehlo(model, path, input_signature=(None, 5))
+    message = str(raised.value)
+    assert (
+        "`input_signature` must be a structure of `keras.InputSpec`" in message
+    )
+    assert "Received: input_signature=(None, 5) (tuple)" in message
+    assert (
+        "Fix: e.g. `input_signature=keras.InputSpec(shape=(None, 5))`"
+        in message
+    )
+    assert not path.exists()
+    # Fixed as the message says:
+    exported = keras_flax.export_stablehlo(
+        model,
+        path,
+        input_signature=keras.InputSpec(shape=(None, 5)),
+        verbose=False,
+    )
+    x = data(4, 5)
+    np.testing.assert_allclose(
+        exported.call(x), model.predict(x, verbose=0), 1e-6, 1e-6
+    )

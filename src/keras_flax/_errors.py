@@ -538,3 +538,13 @@ def export_without_signature(model):
         "build the model as a functional or `Sequential` model with "
         "`keras.Input`."
     )
+
+
+def bad_input_signature(input_signature):
+    return (
+        "`input_signature` must be a structure of `keras.InputSpec`, "
+        "`jax.ShapeDtypeStruct` or Keras tensors, as the model takes its "
+        f"inputs. Received: input_signature={describe(input_signature)}. "
+        "Fix: e.g. `input_signature=keras.InputSpec(shape=(None, 5))` for "
+        "one input of 5 features, any batch size."
+    )

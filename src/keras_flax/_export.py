@@ -43,6 +43,11 @@ def export_stablehlo(
         raise ValueError(_errors.export_backend(_backends.name()))
     if input_signature is None:
         input_signature = _model_input(model)
+    leaves = jax.tree_util.tree_leaves(input_signature)
+    if not leaves or not all(
+        hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves
+    ):
+        raise ValueError(_errors.bad_input_signature(input_signature))
     specs = _backends.symbolic_structs(input_signature)
 
     def serve(inputs):
