@@ -9,6 +9,7 @@ In one process, interleaved, medians over repeats:
       variables, donated buffers, looping over device-resident batches;
   (B) keras_flax.FlaxLayer in `model.fit`, default settings and with
       `steps_per_execution=8`;
+  (O) (B) with `keras_flax.OptaxOptimizer(optax.adam)`, A's optimizer;
   (C) keras.layers.FlaxLayer in `model.fit`, the same (linen only; built
       from given variables, which needs no TensorFlow).
 Also: time to the end of the first training step and peak memory (each in
@@ -215,7 +216,9 @@ def hand_written(cls, shape, batch, steps):
 # (B) and (C): Keras models.
 
 
-def keras_model(cls, shape, builtin=False, spe=1, packed=False):
+def keras_model(
+    cls, shape, builtin=False, spe=1, packed=False, optax_adam=False
+):
     if is_nnx(cls):
         layer = FlaxLayer(cls(nnx.Rngs(0)), pack_weights=packed)
     elif builtin:
@@ -225,8 +228,12 @@ def keras_model(cls, shape, builtin=False, spe=1, packed=False):
     else:
         layer = FlaxLayer(cls(), seed=0, pack_weights=packed)
     model = keras.Sequential([keras.Input(shape), layer])
+    if optax_adam:
+        optimizer = keras_flax.OptaxOptimizer(optax.adam, learning_rate=1e-3)
+    else:
+        optimizer = keras.optimizers.Adam(1e-3)
     model.compile(
-        keras.optimizers.Adam(1e-3),
+        optimizer,
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=spe,
     )
@@ -269,6 +276,8 @@ def steady_state(name, repeats, steps, spes=(1, 8)):
         runners[f"B{spe}"] = fit_runner(model, shape, batch, steps)
         model, _ = keras_model(cls, shape, spe=spe, packed=True)
         runners[f"P{spe}"] = fit_runner(model, shape, batch, steps)
+        model, _ = keras_model(cls, shape, spe=spe, optax_adam=True)
+        runners[f"O{spe}"] = fit_runner(model, shape, batch, steps)
         if not is_nnx(cls):
             model, _ = keras_model(cls, shape, builtin=True, spe=spe)
             runners[f"C{spe}"] = fit_runner(model, shape, batch, steps)
@@ -416,22 +425,25 @@ def report(results, machine, quick):
         f"{', --quick' if quick else ''}.",
         "",
         "Per training step (ms, medians). A: hand-written jit + optax loop; "
-        "B: keras_flax.FlaxLayer in fit; P: the same with "
-        "`pack_weights=True`; C: keras.layers.FlaxLayer in fit; "
+        "B: keras_flax.FlaxLayer in fit (Keras' Adam); P: the same with "
+        "`pack_weights=True`; O: B with `OptaxOptimizer(optax.adam)`, A's "
+        "optimizer; C: keras.layers.FlaxLayer in fit; "
         "1 / 8: steps_per_execution.",
         "",
-        "| workload | A | B1 | B8 | P1 | P8 | C1 | C8 | B1/A | B8/A "
-        "| P1/A | P8/A | B1/C1 | B8/C8 |",
-        "|" + " --- |" * 14,
+        "| workload | A | B1 | B8 | P1 | P8 | O1 | O8 | C1 | C8 | B1/A "
+        "| B8/A | P1/A | P8/A | O1/A | O8/A | B1/C1 | B8/C8 |",
+        "|" + " --- |" * 18,
     ]
     for name, r in results.items():
-        s = dict.fromkeys(("B1", "P1", "C1", "C8")) | r["steps"]
+        s = dict.fromkeys(("B1", "P1", "O1", "C1", "C8")) | r["steps"]
         lines.append(
             f"| {name} {WORKLOADS[name][0]} | {ms(s['A'])} | {ms(s['B1'])} | "
             f"{ms(s['B8'])} | {ms(s['P1'])} | {ms(s['P8'])} | "
+            f"{ms(s['O1'])} | {ms(s['O8'])} | "
             f"{ms(s['C1'])} | {ms(s['C8'])} | "
             f"{ratio(s['B1'], s['A'])} | {ratio(s['B8'], s['A'])} | "
             f"{ratio(s['P1'], s['A'])} | {ratio(s['P8'], s['A'])} | "
+            f"{ratio(s['O1'], s['A'])} | {ratio(s['O8'], s['A'])} | "
             f"{ratio(s['B1'], s['C1'])} | {ratio(s['B8'], s['C8'])} |"
         )
     lines += [

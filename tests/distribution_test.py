@@ -58,6 +58,18 @@ def test_model_parallel_layout_map_on_flax_path_names():
     assert all(w["replicated"] for w in others.values())
 
 
+def test_optax_state_is_sharded_as_its_weights():
+    result = _scenario("optax")
+    for run in ("data_parallel", "model_parallel"):
+        np.testing.assert_allclose(result[run], result["single"], rtol=1e-6)
+    state = result["state"]
+    kernel = {k: v for k, v in state.items() if "Dense_0_kernel" in k}
+    assert sorted(k.rsplit("_", 2)[-2:][1] for k in kernel) == ["mu", "nu"]
+    assert all(v["spec"] == "(None, 'model')" for v in kernel.values())
+    others = {k: v for k, v in state.items() if k not in kernel}
+    assert all(v["replicated"] for v in others.values())
+
+
 def test_flax_partitioning_metadata_becomes_the_layout():
     result = _scenario("metadata")
     for case in ("linen", "logical", "given"):

@@ -16,12 +16,16 @@ from keras_flax._compose import layer_jax_model_wrapper  # noqa: E402
 from keras_flax._export import export_stablehlo  # noqa: E402
 from keras_flax._flax_layer import FlaxLayer  # noqa: E402
 from keras_flax._jax_layer import JaxLayer  # noqa: E402
+from keras_flax._optax import LearningRateLogger  # noqa: E402
+from keras_flax._optax import OptaxOptimizer  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlaxLayer",
     "JaxLayer",
+    "LearningRateLogger",
+    "OptaxOptimizer",
     "export_stablehlo",
     "layer_flax_module_wrapper",
     "layer_jax_model_wrapper",

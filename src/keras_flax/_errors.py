@@ -548,3 +548,75 @@ def bad_input_signature(input_signature):
         "Fix: e.g. `input_signature=keras.InputSpec(shape=(None, 5))` for "
         "one input of 5 features, any batch size."
     )
+
+
+# OptaxOptimizer.
+
+
+def optax_backend(backend_name):
+    return (
+        "`OptaxOptimizer` runs Optax, on the JAX backend only. Received: "
+        f"backend={backend_name!r}. Fix: set `KERAS_BACKEND=jax` before "
+        "importing Keras, or use a Keras optimizer (`keras.optimizers.Adam`)."
+    )
+
+
+def optax_transformation(value):
+    return (
+        "`transformation` must be an `optax.GradientTransformation` or a "
+        "function returning one. Received: transformation="
+        f"{describe(value)}. Fix: e.g. `OptaxOptimizer(optax.adam(1e-3))` or "
+        "`OptaxOptimizer(optax.adam, learning_rate=1e-3)`."
+    )
+
+
+def optax_factory_result(factory, result):
+    return (
+        "`transformation`, called with the given keyword arguments, must "
+        "return an `optax.GradientTransformation`. Received: "
+        f"transformation={describe(factory)}, which returned "
+        f"{describe(result)}. Fix: pass the factory of a transformation "
+        "(`optax.adamw`) or your function that returns `optax.chain(...)`."
+    )
+
+
+def optax_kwargs_with_transformation(names):
+    return (
+        "Keyword arguments go to a factory; a ready transformation takes "
+        f"none. Received: an `optax.GradientTransformation` and {names}. "
+        "Fix: pass the factory and its arguments, "
+        "`OptaxOptimizer(optax.adamw, learning_rate=1e-3)`, or the "
+        "transformation alone, `OptaxOptimizer(optax.adamw(1e-3))`."
+    )
+
+
+def optax_duplicate_paths(paths):
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    return (
+        "`OptaxOptimizer` keys parameters by their Keras variable paths, "
+        f"which must be unique. Received: paths {repeated} more than once. "
+        "Fix: give the layers holding them distinct names."
+    )
+
+
+def optax_learning_rate_set(value):
+    return (
+        "The learning rate of an `OptaxOptimizer` is Optax's: Keras cannot "
+        f"set it. Received: learning_rate={describe(value)} (e.g. from "
+        "`keras.callbacks.LearningRateScheduler`). Fix: give the schedule "
+        "to Optax, `OptaxOptimizer(optax.inject_hyperparams(optax.adam)("
+        "learning_rate=optax.cosine_decay_schedule(1e-3, 1000)))`, and drop "
+        "the callback."
+    )
+
+
+def optax_not_serializable(transformation):
+    return (
+        "An `OptaxOptimizer` made from a ready transformation cannot be "
+        "saved in a model file. Received: transformation="
+        f"{type(transformation).__name__}(...), which has no import path. "
+        "Fix: pass an importable factory and JSON-able arguments, "
+        "`OptaxOptimizer(optax.adamw, learning_rate=1e-3)` (or your own "
+        "top-level function building the chain); `model.save_weights(...)` "
+        "works in any case."
+    )

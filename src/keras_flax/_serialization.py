@@ -91,6 +91,16 @@ def deserialize_function(config, arg):
     return keras.saving.deserialize_keras_object(config)
 
 
+def serialize_value(value, path):
+    """A JSON-ready config of `value`: what a module field may hold
+    (numbers, strings, containers, functions by import path, ...)."""
+    return _encode(value, path)
+
+
+def deserialize_value(config, path):
+    return _decode(config, path)
+
+
 def serialize_nnx(module, recorded_call):
     """The config of an NNX module.
 

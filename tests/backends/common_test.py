@@ -272,3 +272,21 @@ def test_export_stablehlo_on_jax_refused_elsewhere_with_the_fix(tmp_path):
     assert f"Received: backend='{keras.backend.backend()}'" in message
     assert "Fix: set `KERAS_BACKEND=jax`" in message
     assert not path.exists()
+
+
+def test_optax_optimizer_on_jax_refused_elsewhere_with_the_fix():
+    import keras_flax
+
+    if keras.backend.backend() == "jax":
+        assert keras_flax.OptaxOptimizer(optax.adam(1e-3)).name == "optax"
+        return
+    try:
+        keras_flax.OptaxOptimizer(optax.adam(1e-3))
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError(
+            "OptaxOptimizer made on " + keras.backend.backend()
+        )
+    assert f"Received: backend='{keras.backend.backend()}'" in message
+    assert "Fix: set `KERAS_BACKEND=jax`" in message

@@ -67,10 +67,10 @@ def data():
     )
 
 
-def train(module, **layer_kwargs):
+def train(module, optimizer=None, **layer_kwargs):
     layer = FlaxLayer(module, seed=0, **layer_kwargs)
     model = keras.Sequential([keras.Input((8,)), layer])
-    model.compile(keras.optimizers.SGD(0.05), "mse")
+    model.compile(optimizer or keras.optimizers.SGD(0.05), "mse")
     x, y = data()
     history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
     return layer, history.history["loss"], model.predict(x, verbose=0)
@@ -165,6 +165,33 @@ def run_metadata():
     layer = FlaxLayer(Partitioned(), seed=0)
     layer(x)
     results["overridden"] = shardings(layer)
+    return results
+
+
+def run_optax():
+    """`OptaxOptimizer(optax.adam)` on one device, under DataParallel and
+    under ModelParallel: the losses, and the layout of each Optax moment
+    of the sharded kernel."""
+    import optax
+
+    def adam():
+        return keras_flax.OptaxOptimizer(optax.adam, learning_rate=1e-2)
+
+    results = {"single": train(Net(), adam())[1]}
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    results["data_parallel"] = train(Net(), adam())[1]
+    layout_map = keras.distribution.LayoutMap(mesh_2x4())
+    layout_map[".*Dense_0/kernel"] = (None, "model")
+    keras.distribution.set_distribution(model_parallel(layout_map))
+    optimizer = adam()
+    results["model_parallel"] = train(Net(), optimizer)[1]
+    results["state"] = {
+        v.path: {
+            "spec": _spec_text(v.value.sharding),
+            "replicated": v.value.sharding.is_fully_replicated,
+        }
+        for v in optimizer.variables
+    }
     return results
 
 

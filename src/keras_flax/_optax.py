@@ -1,0 +1,216 @@
+"""Optax in `model.compile`: `OptaxOptimizer`, a Keras optimizer whose
+whole update is an `optax.GradientTransformation`'s.
+
+The Optax state lives in Keras optimizer variables, one per array leaf, so
+Keras saves, loads, restores and shards it as its own. Each step hands
+Optax the gradients and parameters as dicts keyed by the Keras variables'
+paths (our Flax-path names: `"mlp/Dense_0/kernel"`), which `optax.masked`
+and `optax.multi_transform` labels can key on.
+"""
+
+import math
+
+import jax
+import keras
+import optax
+
+from keras_flax import _backends
+from keras_flax import _errors
+from keras_flax import _serialization
+
+
+@keras.saving.register_keras_serializable(package="keras_flax")
+class OptaxOptimizer(keras.optimizers.Optimizer):
+    """A Keras optimizer running an Optax gradient transformation.
+
+    Args:
+        transformation: an `optax.GradientTransformation` (also
+            `GradientTransformationExtraArgs`), or a factory returning one
+            when called with `**kwargs` (`optax.adamw`, or your own
+            importable function building a chain). A factory with
+            JSON-able arguments is saved with the model; a ready
+            transformation is not (`save_weights` works for both).
+        name: the optimizer's name (the prefix of its variables).
+        **kwargs: the factory's arguments.
+
+    Example:
+        ```python
+        model.compile(
+            optimizer=keras_flax.OptaxOptimizer(
+                optax.adamw, learning_rate=1e-3, weight_decay=1e-4
+            ),
+            loss="mse",
+        )
+        ```
+    """
+
+    def __init__(self, transformation, /, *, name="optax", **kwargs):
+        if _backends.name() != "jax":
+            raise ValueError(_errors.optax_backend(_backends.name()))
+        factory, tx = None, _transformation(transformation)
+        if tx is not None:
+            if kwargs:
+                raise TypeError(
+                    _errors.optax_kwargs_with_transformation(sorted(kwargs))
+                )
+        elif callable(transformation):
+            factory, result = transformation, transformation(**kwargs)
+            tx = _transformation(result)
+            if tx is None:
+                raise TypeError(
+                    _errors.optax_factory_result(transformation, result)
+                )
+        else:
+            raise TypeError(_errors.optax_transformation(transformation))
+        # Keras' own learning rate is unused: Optax's schedules apply.
+        super().__init__(learning_rate=math.nan, name=name)
+        self._factory = factory
+        self._tx = tx
+        self._kwargs = kwargs
+        self._treedef = None
+        self._state_variables = []
+        self._learning_rate_variable = None
+        self._names = []
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._names = [v.path for v in variables]
+        if len(set(self._names)) != len(self._names):
+            raise ValueError(_errors.optax_duplicate_paths(self._names))
+        by_name = dict(zip(self._names, variables, strict=True))
+        state = self._tx.init({n: v.value for n, v in by_name.items()})
+        leaves, self._treedef = jax.tree_util.tree_flatten_with_path(state)
+        for path, leaf in leaves:
+            variable = self._state_variable(path, leaf, by_name)
+            self._state_variables.append(variable)
+            if _key_names(path)[-2:] == ["hyperparams", "learning_rate"]:
+                # `optax.inject_hyperparams`: the schedule's current value.
+                self._learning_rate_variable = variable
+
+    def _state_variable(self, path, leaf, by_name):
+        """A Keras variable holding one leaf of the Optax state; laid out
+        (sharded) as the parameter it belongs to, where it has one."""
+        value = leaf
+
+        def initializer(shape, dtype=None):
+            return value
+
+        names = _key_names(path)
+        owner = next((n for n in names if n in by_name), None)
+        if owner is not None and tuple(by_name[owner].shape) != leaf.shape:
+            owner = None
+        # Named by its place in the state; Keras prefixes a parameter's
+        # own state with the parameter's path ("model_mlp_..._kernel_0_mu").
+        parts = [str(n) for n in names if n != owner]
+        name = "_".join(parts).replace("/", "_") or "state"
+        if owner is not None:
+            return self.add_variable_from_reference(
+                by_name[owner], name=name, initializer=initializer
+            )
+        return self.add_variable(
+            shape=leaf.shape,
+            dtype=leaf.dtype,
+            initializer=initializer,
+            name=name,
+        )
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            self.build(trainable_variables)
+        params = {
+            n: v.value
+            for n, v in zip(self._names, trainable_variables, strict=True)
+        }
+        grads = dict(zip(self._names, grads, strict=True))
+        state = self._treedef.unflatten(
+            [v.value for v in self._state_variables]
+        )
+        updates, state = self._tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for name, variable in zip(
+            self._names, trainable_variables, strict=True
+        ):
+            variable.assign(params[name])
+        for variable, value in zip(
+            self._state_variables,
+            self._treedef.flatten_up_to(state),
+            strict=True,
+        ):
+            variable.assign(value)
+        self.iterations.assign_add(1)
+
+    @property
+    def transformation(self):
+        """The `optax.GradientTransformation` this optimizer runs."""
+        return self._tx
+
+    @property
+    def learning_rate(self):
+        """The current learning rate of an `optax.inject_hyperparams`
+        transformation (the Keras variable holding it), else NaN."""
+        if self._learning_rate_variable is not None:
+            return self._learning_rate_variable
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        raise ValueError(_errors.optax_learning_rate_set(value))
+
+    def get_config(self):
+        if self._factory is None:
+            raise TypeError(_errors.optax_not_serializable(self._tx))
+        return {
+            "name": self.name,
+            "factory": _serialization.serialize_value(self._factory, "factory"),
+            "kwargs": _serialization.serialize_value(self._kwargs, "kwargs"),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        factory = _serialization.deserialize_value(config["factory"], "factory")
+        kwargs = _serialization.deserialize_value(config["kwargs"], "kwargs")
+        return cls(factory, name=config["name"], **kwargs)
+
+
+def _key_names(path):
+    """The dict keys, attribute names and indices of a key path."""
+    return [
+        getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        for k in path
+    ]
+
+
+def _transformation(value):
+    """`value` as an `optax.GradientTransformation`, or None.
+
+    `optax.MultiSteps` (gradient accumulation) is a wrapper object: its
+    transformation is `gradient_transformation()`.
+    """
+    if isinstance(value, optax.MultiSteps):
+        value = value.gradient_transformation()
+    if isinstance(value, optax.GradientTransformation):
+        return value
+    return None
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Logs the learning rate of an `OptaxOptimizer` at each epoch's end.
+
+    With a transformation made by `optax.inject_hyperparams`, the current
+    learning rate goes into the epoch's logs as `learning_rate`, so the
+    progress bar shows it and `History` records it (as Keras does for its
+    own optimizers under `ReduceLROnPlateau`). Pass it to `fit`:
+    `model.fit(..., callbacks=[keras_flax.LearningRateLogger()])`.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        found = getattr(optimizer, "_learning_rate_variable", None)
+        if logs is not None and found is not None:
+            logs["learning_rate"] = float(found.numpy())
