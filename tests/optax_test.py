@@ -267,7 +267,7 @@ def test_loading_follows_safe_mode_for_the_factory(tmp_path):
     assert result.stdout.strip().endswith("OptaxOptimizer")
 
 
-def test_learning_rate_of_inject_hyperparams_in_logs_and_history():
+def test_learning_rate_of_inject_hyperparams_in_logs_and_history(capsys):
     schedule = optax.linear_schedule(1e-2, 1e-3, 8)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
     model = model_with(OptaxOptimizer(tx))
@@ -277,9 +277,11 @@ def test_learning_rate_of_inject_hyperparams_in_logs_and_history():
         batch_size=8,
         epochs=2,
         shuffle=False,
-        verbose=0,
+        verbose=2,
         callbacks=[keras_flax.LearningRateLogger()],
     )
+    printed = capsys.readouterr().out
+    assert printed.count("learning_rate: ") == 2  # the progress bar
     # After steps 4 and 8 the state holds the rates of steps 3 and 7.
     np.testing.assert_allclose(
         history.history["learning_rate"],
@@ -289,7 +291,8 @@ def test_learning_rate_of_inject_hyperparams_in_logs_and_history():
     np.testing.assert_allclose(
         float(model.optimizer.learning_rate.numpy()), schedule(7), rtol=1e-6
     )
-    model.summary()  # shows the model as with any optimizer
+    model.summary()
+    assert "Total params" in capsys.readouterr().out
 
 
 def test_learning_rate_scheduler_is_refused_with_the_fix():

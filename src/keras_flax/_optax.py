@@ -70,12 +70,15 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         self._treedef = None
         self._state_variables = []
         self._learning_rate_variable = None
+        self._trained = _Trained([])
         self._names = []
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
+        # Not a list attribute: Keras would track it as its own variables.
+        self._trained = _Trained(variables)
         self._names = [v.path for v in variables]
         if len(set(self._names)) != len(self._names):
             raise ValueError(_errors.optax_duplicate_paths(self._names))
@@ -119,7 +122,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
         if trainable_variables is None:
-            trainable_variables = self._trainable_variables
+            trainable_variables = self._trained.variables
         else:
             trainable_variables = list(trainable_variables)
             self.build(trainable_variables)
@@ -156,7 +159,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         transformation (the Keras variable holding it), else NaN."""
         if self._learning_rate_variable is not None:
             return self._learning_rate_variable
-        return self._learning_rate
+        return math.nan
 
     @learning_rate.setter
     def learning_rate(self, value):
@@ -176,6 +179,13 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         factory = _serialization.deserialize_value(config["factory"], "factory")
         kwargs = _serialization.deserialize_value(config["kwargs"], "kwargs")
         return cls(factory, name=config["name"], **kwargs)
+
+
+class _Trained:
+    """The model variables the optimizer was built for."""
+
+    def __init__(self, variables):
+        self.variables = list(variables)
 
 
 def _key_names(path):
