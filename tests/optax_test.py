@@ -323,3 +323,35 @@ def test_bad_arguments_are_refused_with_the_fix(args, kwargs, fragment):
     assert fragment in str(raised.value)
     assert "Fix:" in str(raised.value)
     OptaxOptimizer(optax.adam, learning_rate=1e-3)  # fixed
+
+
+class TwoLayers(keras.Model):
+    """Two layers; Keras lets a subclassed model give both one name."""
+
+    def __init__(self, first, second):
+        super().__init__(name="two")
+        self.first = FlaxLayer(modules.MLP(), seed=0, name=first)
+        self.second = FlaxLayer(modules.MLP(), seed=1, name=second)
+
+    def call(self, x):
+        return self.first(x) + self.second(x)
+
+
+def test_variables_sharing_a_path_are_refused_with_the_fix():
+    model = TwoLayers("same", "same")
+    model(X[:2])
+    model.compile(OptaxOptimizer(optax.adam(1e-2)), "mse")
+    with pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    message = str(raised.value)
+    assert "keys parameters by their Keras variable paths" in message
+    assert "Received: paths ['two/same/Dense_0/bias'" in message
+    assert "Fix: give the layers holding them distinct names" in message
+    assert not model.optimizer.built  # nothing half-built
+
+    fixed = TwoLayers("first", "second")
+    fixed.compile(OptaxOptimizer(optax.adam(1e-2)), "mse")
+    fixed(X[:2])
+    initial = [v.numpy() for v in fixed.trainable_variables]
+    fixed.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert_trained_as(fixed, hand_written(fixed, optax.adam(1e-2), initial))

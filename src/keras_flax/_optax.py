@@ -76,12 +76,13 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        names = [v.path for v in variables]
+        if len(set(names)) != len(names):
+            raise ValueError(_errors.optax_duplicate_paths(names))
         super().build(variables)
         # Not a list attribute: Keras would track it as its own variables.
         self._trained = _Trained(variables)
-        self._names = [v.path for v in variables]
-        if len(set(self._names)) != len(self._names):
-            raise ValueError(_errors.optax_duplicate_paths(self._names))
+        self._names = names
         by_name = dict(zip(self._names, variables, strict=True))
         state = self._tx.init({n: v.value for n, v in by_name.items()})
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(state)
