@@ -319,3 +319,18 @@ class TraceCounter:
     def without_training(self, module, inputs):
         self.count += 1
         return module(inputs)
+
+
+class BackboneHead(nn.Module):
+    """A pretrained backbone and a task head, as fine-tuning sees them."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(8, name="backbone")(x))
+        x = nn.relu(nn.Dense(8, name="middle")(x))
+        return nn.Dense(3, name="head")(x)
+
+
+def trains_head(path, value):
+    """A `wrt` filter defined at the top level: saveable by import path."""
+    return path[0] == "head"

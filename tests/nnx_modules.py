@@ -178,3 +178,26 @@ class ScannedBlocks(nnx.Module):
             return block(x)
 
         return forward(x, self.blocks)
+
+
+class LoRAMLP(nnx.Module):
+    """Two LoRA-wrapped linear layers (`nnx.LoRAParam` adapters)."""
+
+    def __init__(self, rngs):
+        self.linear1 = nnx.LoRALinear(4, 8, lora_rank=2, rngs=rngs)
+        self.linear2 = nnx.LoRALinear(8, 3, lora_rank=2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear2(nnx.relu(self.linear1(x)))
+
+
+class Tagged(nnx.Module):
+    """Parameters carrying NNX tags, which string filters select."""
+
+    def __init__(self, rngs):
+        key = rngs.params()
+        self.adapter = nnx.Param(jax.random.normal(key, (4, 3)), tag="tune")
+        self.base = nnx.Param(jnp.ones((4, 3)))
+
+    def __call__(self, x):
+        return x @ (self.base + self.adapter)

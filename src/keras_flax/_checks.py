@@ -279,8 +279,13 @@ def compare(given, expected):
         differ; `given` and `expected` are shapes, or dtypes where the
         shapes agree.
     """
-    given = _variables.specs_by_path(given)
-    expected = _variables.specs_by_path(expected)
+    return compare_specs(
+        _variables.specs_by_path(given), _variables.specs_by_path(expected)
+    )
+
+
+def compare_specs(given, expected):
+    """`compare` of two dicts of path text -> `(shape, dtype)` (or None)."""
     missing = [p for p in expected if p not in given]
     extra = [p for p in given if p not in expected]
     mismatched = []
@@ -345,15 +350,35 @@ def state_structure(arg, new_state, state_tree):
     )
 
 
-def linen_variables(variables):
+def linen_variables(variables, arg="variables"):
     if not isinstance(variables, collections.abc.Mapping) or not all(
         isinstance(v, collections.abc.Mapping) for v in variables.values()
     ):
-        raise TypeError(_errors.variables_not_mapping(variables))
+        raise TypeError(_errors.variables_not_mapping(variables, arg))
     bad = non_array_leaves(nn.meta.unbox(variables))
     if bad:
-        raise TypeError(_errors.variables_not_arrays(bad))
+        raise TypeError(_errors.variables_not_arrays(bad, arg))
     return variables
+
+
+def assignable(layer_name, given, held):
+    """Refuses `given` (path text -> leaf) unless it has an array of the
+    shape and kind of dtype of each `held` variable (path text ->
+    variable), and nothing else."""
+    not_arrays = [
+        (path, leaf)
+        for path, leaf in given.items()
+        if not (_variables.is_array_leaf(leaf) or _variables.is_typed_key(leaf))
+    ]
+    missing, extra, mismatched = compare_specs(
+        _variables.specs_of(given), _variables.specs_of(held)
+    )
+    if missing or extra or mismatched or not_arrays:
+        raise ValueError(
+            _errors.assignment_misfit(
+                layer_name, missing, extra, mismatched, not_arrays
+            )
+        )
 
 
 def layer_arguments(cls_name, pack_weights):

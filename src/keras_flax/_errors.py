@@ -196,21 +196,25 @@ def training_flag_warning(method_name, call_prefix, flag, example_args):
 # Variables.
 
 
-def variables_not_mapping(variables):
+def variables_not_mapping(variables, arg="variables"):
+    fix = (
+        "Pass `variables=module.init(rng, x)`, or None to initialise at "
+        "build time."
+    )
+    if arg != "variables":
+        fix = f"Assign `layer.{arg} = module.init(rng, x)` (or its values)."
     return (
-        "`variables` must be a dict in the format returned by "
+        f"`{arg}` must be a dict in the format returned by "
         "`module.init(...)`, e.g. {'params': {...}, 'batch_stats': {...}}. "
-        f"Received: variables={describe(variables)}. Pass "
-        "`variables=module.init(rng, x)`, or None to initialise at build "
-        "time."
+        f"Received: {arg}={describe(variables)}. {fix}"
     )
 
 
-def variables_not_arrays(bad):
+def variables_not_arrays(bad, arg="variables"):
     listed = ", ".join(f"{p} = {describe(v)}" for p, v in bad[:4])
     return (
-        "`variables` must hold arrays only, as `module.init(...)` returns. "
-        f"Received: variables with non-array leaves at {listed}. Pass the "
+        f"`{arg}` must hold arrays only, as `module.init(...)` returns. "
+        f"Received: {arg} with non-array leaves at {listed}. Pass the "
         "output of `module.init(rng, x)` (or arrays of the same structure)."
     )
 
@@ -620,3 +624,118 @@ def optax_not_serializable(transformation):
         "top-level function building the chain); `model.save_weights(...)` "
         "works in any case."
     )
+
+
+# Fine-tuning: `wrt` and assigned variables.
+
+_WRT_FIX = (
+    "Pass an NNX filter: a Variable type (`wrt=nnx.LoRAParam`), "
+    "`nnx.PathContains('head')`, `nnx.Any(...)` / `nnx.All(...)` / "
+    "`nnx.Not(...)`, a string (a tag), or a function `(path, value) -> "
+    "bool`; or wrt=None to train every parameter."
+)
+
+
+def wrt_not_a_filter(wrt):
+    return (
+        "`wrt` must be a Flax NNX filter choosing the parameters that train. "
+        f"Received: wrt={describe(wrt)}. {_WRT_FIX}"
+    )
+
+
+def wrt_bad_function(wrt, fn):
+    part = "" if fn is wrt else f", holding {describe(fn)},"
+    return (
+        "`wrt` functions are called as `fn(path, value)` and return whether "
+        f"the parameter trains. Received: wrt={describe(wrt)}{part} which "
+        f"takes {_names(fn)}. Fix: "
+        "`def trains(path, value): return 'head' in path`."
+    )
+
+
+def wrt_typed_for_linen(wrt, typed):
+    listed = ", ".join(repr(p) for p in typed[:4]) + _more(typed, 4)
+    return (
+        "`wrt` chooses linen parameters by their path inside `params`; they "
+        "have no Variable type or tag to filter on. Received: "
+        f"wrt={describe(wrt)}, which tests {listed}. Fix: filter on paths, "
+        "e.g. `wrt=nnx.PathContains('head')` or "
+        "`wrt=nnx.Not(nnx.PathContains('backbone'))`, or pass a function "
+        "`(path, value) -> bool`."
+    )
+
+
+def wrt_selects_nothing(wrt, label, candidates):
+    listed = ", ".join(candidates[:8]) + _more(candidates, 8)
+    return (
+        f"`wrt` selects none of the parameters of {label}, so nothing would "
+        f"train. Received: wrt={describe(wrt)}; the parameters are: "
+        f"{listed}. Fix: pass a filter matching some of them, or wrt=None "
+        "to train every parameter (or `trainable=False` to train none)."
+    )
+
+
+def wrt_not_serializable(wrt, part):
+    return (
+        "`wrt` cannot be saved in a model config: the filter "
+        f"{describe(part)} has no import path. Received: wrt={describe(wrt)}. "
+        "Fix: define the function at the top level of a module (or register "
+        "it with `keras.saving.register_keras_serializable`), or use NNX's "
+        "filters (a Variable type, `nnx.PathContains(...)`, `nnx.Any(...)`); "
+        "`model.save_weights(...)` works in any case."
+    )
+
+
+def wrt_set(layer_name, wrt):
+    return (
+        f"`wrt` of layer '{layer_name}' is fixed when the layer is made: its "
+        "weights are trainable or not from then on. Received: "
+        f"layer.wrt = {describe(wrt)}. Fix: make a new layer, "
+        "`FlaxLayer(module, wrt=...)`, and copy the values into it once "
+        "built: `new.flax_variables = layer.flax_variables`."
+    )
+
+
+def assigned_before_build(layer_name):
+    return (
+        f"`flax_variables` of layer '{layer_name}' cannot be assigned before "
+        "its weights exist. Received: an assignment to a layer not yet "
+        "built. Call the layer on inputs first (or `model.build(...)`), or "
+        "pass the variables at construction: `FlaxLayer(module, "
+        "variables=...)`."
+    )
+
+
+def nnx_variables_not_state(variables):
+    return (
+        "`flax_variables` of an NNX layer takes an `nnx.State` (as "
+        "`nnx.state(model)` returns) or a pure dict (as `nnx.to_pure_dict` "
+        f"returns). Received: flax_variables={describe(variables)}. Fix: "
+        "`layer.flax_variables = nnx.state(model)`."
+    )
+
+
+def assignment_misfit(layer_name, missing, extra, mismatched, not_arrays):
+    lines = [
+        f"`flax_variables` assigned to layer '{layer_name}' does not fit the "
+        "variables it holds; nothing was assigned."
+    ]
+    if missing:
+        listed = ", ".join(missing[:8]) + _more(missing, 8)
+        lines.append(f"Missing: {listed}.")
+    if extra:
+        listed = ", ".join(extra[:8]) + _more(extra, 8)
+        lines.append(f"Not held by the layer: {listed}.")
+    for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
+        lines.append(
+            f"At {path} the given array has {what} but the layer holds {want}."
+        )
+    for path, value in not_arrays[:4]:
+        lines.append(f"At {path} the given value is {describe(value)}.")
+    lines.append(
+        "Fix: assign every variable, in the format `layer.flax_variables` "
+        "returns; an Orbax checkpoint restores in it with "
+        "`checkpointer.restore(path, layer.flax_variables)`."
+    )
+    return " ".join(lines)

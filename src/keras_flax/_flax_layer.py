@@ -13,11 +13,13 @@ from flax import nnx
 
 from keras_flax import _backends
 from keras_flax import _checks
+from keras_flax import _errors
 from keras_flax import _linen
 from keras_flax import _nnx
 from keras_flax import _private
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _wrt
 from keras_flax._jax_layer import JaxLayer
 from keras_flax._layer import ModelLayer
 
@@ -48,6 +50,15 @@ class FlaxLayer(JaxLayer):
         rng_collections: linen only: names of the RNG streams fed to the
             module. Default: `("dropout", "params")`, through which any
             stream the module asks for works.
+        wrt: the parameters `fit` trains, as a Flax NNX filter: a Variable
+            type (`nnx.LoRAParam`; NNX only), `nnx.PathContains("head")`,
+            `nnx.Any` / `nnx.All` / `nnx.Not`, a string (a tag), a list
+            (any of them), or a function `(path, value) -> bool`. It is
+            given each NNX `nnx.Param`'s path and Variable, as
+            `nnx.Optimizer(model, tx, wrt=...)` is, or each linen
+            parameter's path inside `params` and its array. The others are
+            non-trainable weights of the same names. Default (None): every
+            parameter.
         **kwargs: `seed` (int: reproducible initialisation and RNGs; for
             NNX, the module's RNG streams are reseeded from it),
             `pack_weights` (bool: hold all leaves of one dtype in one Keras
@@ -89,6 +100,7 @@ class FlaxLayer(JaxLayer):
         variables: Any = None,
         *,
         rng_collections: tuple[str, ...] | None = None,
+        wrt: Any = None,
         **kwargs,
     ):
         _checks.layer_arguments(
@@ -103,7 +115,11 @@ class FlaxLayer(JaxLayer):
         if is_nnx:
             _checks.nnx_arguments(variables, rng_collections)
             model = _nnx.adapt(
-                module, target, signature.takes_training, kwargs.get("seed")
+                module,
+                target,
+                signature.takes_training,
+                kwargs.get("seed"),
+                wrt=wrt,
             )
         else:
             model = _linen.adapt(
@@ -112,11 +128,13 @@ class FlaxLayer(JaxLayer):
                 signature.takes_training,
                 variables,
                 self.rng_collections,
+                wrt=wrt,
             )
         # `JaxLayer.__init__` takes functions: the model is made here.
         ModelLayer.__init__(self, model, **kwargs)
         self._module = module
         self.method = method
+        self._wrt = wrt
         self.call_fn = model.apply
         self.init_fn = model.init
 
@@ -184,6 +202,26 @@ class FlaxLayer(JaxLayer):
         """
         self._write_back()
 
+    # Set as they are, not wrapped by Keras' attribute tracking (a dict
+    # of values to assign, a list of filters).
+    _UNTRACKED = ("flax_variables", "wrt", "_wrt")
+
+    def __setattr__(self, name, value):
+        if name in self._UNTRACKED:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def wrt(self) -> Any:
+        """The filter of the parameters that train (None: all), fixed
+        when the layer is made."""
+        return self._wrt
+
+    @wrt.setter
+    def wrt(self, value: Any) -> None:
+        raise AttributeError(_errors.wrt_set(self.name, value))
+
     @property
     def flax_variables(self) -> Any:
         """The current variables (copies), in Flax's format.
@@ -191,12 +229,30 @@ class FlaxLayer(JaxLayer):
         For linen, a dict in `Module.init()` format, which `module.apply`
         takes; for NNX, an `nnx.State`, which `nnx.update(module, ...)`
         takes.
+
+        Assigning sets every value (a restored checkpoint, say): for linen
+        a dict in `Module.init()` format, boxed or not; for NNX an
+        `nnx.State` or a pure dict (`nnx.to_pure_dict`), and the NNX module
+        is updated too. All values are checked first: on any misfit the
+        error names the paths, and nothing is changed.
         """
         return self._model.user_variables(*self._current_values())
+
+    @flax_variables.setter
+    def flax_variables(self, variables: Any) -> None:
+        self._assign_user_variables(variables)
+
+    def get_config(self):
+        config = super().get_config()
+        if self._wrt is not None:
+            config["wrt"] = _wrt.to_config(self._wrt)
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if "wrt" in config:
+            config["wrt"] = _wrt.from_config(config["wrt"])
         module_config = config.pop("module")
         method = _serialization.deserialize_method(config.pop("method", None))
         call = _serialization.nnx_call(module_config)

@@ -68,13 +68,19 @@ class ModelLayer(keras.layers.Layer):
         # Given leaves that `init` does not create, by the tree holding
         # them: path -> (shape, dtype). Unused parameters are frozen.
         self._unused_leaves = no_unused_leaves()
+        # Parameters the user's choice (`wrt`) does not train, by path.
+        self._not_trained = frozenset()
         if model.params is not None or model.state is not None:
+            if model.params is not None:
+                self._not_trained = model.not_trained(model.params)
             if pack_weights and model.init is not None:
                 # Packed at build, once it is known which leaves the model
                 # uses (those it does not are packed apart, frozen).
                 self._pending_weights = _Untracked((model.params, model.state))
             else:
-                self._create_weights(model.params, model.state)
+                self._create_weights(
+                    model.params, model.state, self._not_trained
+                )
 
     @property
     def params(self) -> Any:
@@ -108,8 +114,29 @@ class ModelLayer(keras.layers.Layer):
     # Weights.
 
     def _create_weights(self, params, state, frozen=()):
+        """Variables of `params` (trainable, but at the paths `frozen`) and
+        of `state`. Frozen ones are made non-trainable, so that Keras holds
+        them apart (`layer.trainable = True` leaves them frozen)."""
         self._params_tree = self._variable_tree(params, True, frozen)
         self._state_tree = self._variable_tree(state, False)
+
+    def _assign_user_variables(self, variables):
+        """Assigns every value of `variables` (the model's own format);
+        all are checked first, and on a misfit nothing changes."""
+        trees = [t for t in (self._params_tree, self._state_tree) if t]
+        if not trees:
+            raise ValueError(_errors.assigned_before_build(self.name))
+        given = _variables.by_path(self._model.from_user(variables))
+        held = {}
+        for tree in trees:
+            held.update(_variables.by_path(self._model.view(tree.tree)))
+        _checks.assignable(self.name, given, held)
+        for path, variable in held.items():
+            # A copy: `fit` donates the variables' buffers, and the given
+            # arrays stay the user's.
+            value = _copy(_variables.key_data(given[path]))
+            variable.assign(_backends.initial_value(value))
+        self._write_back()
 
     def _variable_tree(self, values, trainable, frozen=()):
         if values is None:
@@ -169,6 +196,7 @@ class ModelLayer(keras.layers.Layer):
                     self._init, spec, self._model.initializer
                 )
                 self._axes.update(axes)
+                self._not_trained = self._model.not_trained(params)
                 # A layer saved with unused leaves gets them back, for the
                 # weights file to fill.
                 unused = self._unused_leaves
@@ -182,7 +210,9 @@ class ModelLayer(keras.layers.Layer):
             params, state = self._pending_weights.value
             self._pending_weights = None
             self._create_weights(
-                params, state, frozen if self.pack_weights else ()
+                params,
+                state,
+                self._not_trained | (frozen if self.pack_weights else set()),
             )
         if self._params_tree is not None and not self._params_tree.packed:
             self._params_tree.freeze(frozen)
@@ -412,9 +442,13 @@ class ModelLayer(keras.layers.Layer):
 
     # Serialization.
 
+    def _holds_weights(self):
+        return self._params_tree is not None or self._state_tree is not None
+
     def save_own_variables(self, store):
-        if self.pack_weights and self.built:
-            # Leaf by leaf, as without packing: the files are the same.
+        if self._holds_weights():
+            # Leaf by leaf, parameters then state, whichever train and
+            # however they are packed: the files are the same.
             for i, value in enumerate(self._leaf_values()):
                 store[str(i)] = value
         else:
@@ -429,7 +463,7 @@ class ModelLayer(keras.layers.Layer):
             if self.seed_generator is not None:
                 self.seed_generator.state.assign(store[_SEED_STATE])
             store = {k: store[k] for k in store.keys() if k != _SEED_STATE}
-        if self.pack_weights and self.built:
+        if self._holds_weights():
             self._load_leaves(store)
         else:
             super().load_own_variables(store)

@@ -16,13 +16,14 @@ from keras_flax import _fast_init
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
+from keras_flax import _wrt
 from keras_flax._model import Model
 
 # Collections never held as state: what modules `sow`.
 _NEVER_STATE = ("params", "intermediates")
 
 
-def adapt(module, method, takes_training, variables=None, rngs=None):
+def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
     """The `Model` of a linen module.
 
     Args:
@@ -31,7 +32,10 @@ def adapt(module, method, takes_training, variables=None, rngs=None):
         takes_training: whether the method takes `training`.
         variables: initial variables (`Module.init()` format) or None.
         rngs: the RNG streams fed to `apply`.
+        wrt: the filter of the parameters that train (see `_wrt`), given
+            each parameter's path inside `params`; None for all.
     """
+    trains = _wrt.predicate(wrt, is_nnx=False)
     # Logical axis rules in force when the layer is made, for boxes
     # without rules of their own that are split outside any rules scope.
     rules = tuple(nn.get_logical_axis_rules())
@@ -57,6 +61,21 @@ def adapt(module, method, takes_training, variables=None, rngs=None):
 
     def split_variables(variables):
         return split(variables, rules)
+
+    def from_user(variables):
+        variables = _checks.linen_variables(variables, "flax_variables")
+        return variables_in_init_format(*split(variables, rules)[:2])
+
+    def not_trained(params):
+        candidates = [
+            (
+                _variables.path_parts(keypath)[1:],
+                leaf,
+                _variables.path_text(keypath),
+            )
+            for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+        return _wrt.left_out(wrt, trains, type(module).__name__, candidates)
 
     params = state = None
     axes = {}
@@ -95,6 +114,8 @@ def adapt(module, method, takes_training, variables=None, rngs=None):
         ),
         initializer="module",
         user_variables=variables_in_init_format,
+        from_user=from_user,
+        not_trained=not_trained,
         config=config,
     )
 

@@ -56,6 +56,13 @@ class Model(NamedTuple):
         view: `tree -> tree`: `params` / `state` as the layer shows them.
         user_variables: `(params, state) -> ` the variables in the model's
             own format (`flax_variables`).
+        from_user: `variables -> tree`: variables in the model's own
+            format as one tree whose paths are those of `view(params)` and
+            `view(state)` (assigned to `flax_variables`); None where the
+            model has no own format.
+        not_trained: `params -> keys` (path texts, as `VariableTree.paths`)
+            of the parameters `fit` does not train (the user's `wrt` leaves
+            them out); it raises where the user's choice selects none.
         config: `() -> dict`: the config entries describing the model.
     """
 
@@ -84,4 +91,6 @@ class Model(NamedTuple):
     created: Callable | None = None
     view: Callable = lambda tree: tree
     user_variables: Callable = lambda params, state: (params, state)
+    from_user: Callable | None = None
+    not_trained: Callable = lambda params: frozenset()
     config: Callable = dict

@@ -8,6 +8,7 @@ in train or eval mode, calls it, and splits the new state out; the layer's
 values are written back into the user's module (`write_back`).
 """
 
+import collections.abc
 import functools
 import inspect
 
@@ -19,13 +20,16 @@ from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
+from keras_flax import _wrt
 from keras_flax._model import Model
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def adapt(module, method, takes_training, seed=None, recorded_call=None):
+def adapt(
+    module, method, takes_training, seed=None, recorded_call=None, wrt=None
+):
     """The `Model` of an NNX module.
 
     Args:
@@ -37,7 +41,10 @@ def adapt(module, method, takes_training, seed=None, recorded_call=None):
             it (in the layer's copy of the module).
         recorded_call: the module's constructor call
             (`_serialization.RecordedCall`), or None.
+        wrt: the filter of the parameters (`nnx.Param`) that train, read
+            as `nnx.Optimizer(module, tx, wrt=...)` reads it; None for all.
     """
+    trains = _wrt.predicate(wrt, is_nnx=True)
     targets = {
         _variables.path_text(path): (path, leaf)
         for path, leaf in nnx.to_flat_state(nnx.state(module))
@@ -97,6 +104,13 @@ def adapt(module, method, takes_training, seed=None, recorded_call=None):
             raise
         return _new_paths(params, new_params) + _new_paths(state, new_state)
 
+    def not_trained(params):
+        candidates = [
+            (path, variable, _variables.path_text((*path, "value")))
+            for path, variable in nnx.to_flat_state(params)
+        ]
+        return _wrt.left_out(wrt, trains, type(module).__name__, candidates)
+
     axes = {}
     for path, leaf in nnx.to_flat_state(nnx.state(copy)):
         found = isinstance(leaf, nnx.Variable) and _sharding(leaf)
@@ -115,8 +129,21 @@ def adapt(module, method, takes_training, seed=None, recorded_call=None):
         created=created,
         view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
         user_variables=nnx.merge_state,
+        from_user=from_user,
+        not_trained=not_trained,
         config=config_fn(module, method, recorded_call),
     )
+
+
+def from_user(variables):
+    """An `nnx.State` or pure dict as a pure dict (values sown by the
+    module are no state: they are left out)."""
+    if isinstance(variables, nnx.State):
+        sown = nnx.Not(nnx.Intermediate)
+        return nnx.to_pure_dict(nnx.filter_state(variables, sown))
+    if isinstance(variables, collections.abc.Mapping):
+        return variables
+    raise TypeError(_errors.nnx_variables_not_state(variables))
 
 
 def config_fn(module, method, recorded_call):

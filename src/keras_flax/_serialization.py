@@ -91,6 +91,11 @@ def deserialize_function(config, arg):
     return keras.saving.deserialize_keras_object(config)
 
 
+def import_path(obj, path):
+    """`module:qualname` of a class or function; `resolve` finds it."""
+    return _import_path(obj, path)
+
+
 def serialize_value(value, path):
     """A JSON-ready config of `value`: what a module field may hold
     (numbers, strings, containers, functions by import path, ...)."""

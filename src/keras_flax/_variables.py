@@ -172,7 +172,7 @@ class VariableTree:
         if given is None:
             given = [None] * len(leaves)
         return [
-            None if leaf is was else _key_data(leaf)
+            None if leaf is was else key_data(leaf)
             for leaf, was, s in zip(leaves, given, self._static, strict=True)
             if s is _VARIABLE
         ]
@@ -219,7 +219,7 @@ def changed_leaves(new_leaves, old_leaves):
     ]
 
 
-def _key_data(value):
+def key_data(value):
     if value is not None and is_typed_key(value):
         return jax.random.key_data(value)
     return value
@@ -308,14 +308,25 @@ def _dict_copy(tree):
     return tree
 
 
-def specs_by_path(tree):
-    """`(shape, dtype)` of each leaf of `tree` (arrays or variables), by
-    path text (None for a leaf that is not an array). A Keras variable is
-    a leaf (in Keras' NNX mode it is also a PyTree node)."""
+def by_path(tree):
+    """The leaves of `tree` (arrays or variables) by path text. A Keras
+    variable is a leaf (in Keras' NNX mode it is also a PyTree node)."""
     leaves = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, keras.Variable)
     )[0]
-    return {path_text(keypath): _spec_or_none(leaf) for keypath, leaf in leaves}
+    return {path_text(keypath): leaf for keypath, leaf in leaves}
+
+
+def specs_of(leaves):
+    """`(shape, dtype)` of each of `leaves` (a dict of arrays or variables),
+    None for one that is not an array."""
+    return {path: _spec_or_none(leaf) for path, leaf in leaves.items()}
+
+
+def specs_by_path(tree):
+    """`(shape, dtype)` of each leaf of `tree` (arrays or variables), by
+    path text (None for a leaf that is not an array)."""
+    return specs_of(by_path(tree))
 
 
 def _spec_or_none(leaf):
