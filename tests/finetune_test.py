@@ -2,6 +2,9 @@
 Orbax checkpoints go both ways. Each against plain Flax / Optax on the
 same variables and batches."""
 
+import importlib.util
+import pathlib
+
 import flax
 import flax.linen as nn
 import jax
@@ -662,3 +665,29 @@ def test_layer_checkpoint_after_fit_restores_in_plain_flax(tmp_path):
     np.testing.assert_allclose(
         plain(X), nnx_model.predict(X, verbose=0), rtol=1e-6, atol=1e-6
     )
+
+
+# 4. The example.
+
+
+@orbax_notices
+def test_finetune_lora_example_moves_only_the_adapters_and_gains_accuracy():
+    path = pathlib.Path(__file__).parents[1] / "examples" / "finetune_lora.py"
+    spec = importlib.util.spec_from_file_location("finetune_lora", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    numbers = example.run(
+        hidden=16, rank=2, pretrain_epochs=3, finetune_epochs=3
+    )
+    # The checkpoint restored into the layer is the pretrained model.
+    assert numbers["restored accuracy"] == numbers["pretrained accuracy"]
+    assert numbers["pretrained accuracy"] > 0.8
+    assert numbers["largest change, pretrained parameters"] == 0.0
+    assert numbers["largest change, LoRA parameters"] > 0.01
+    assert (
+        numbers["fine-tuned accuracy, shifted task"]
+        > numbers["restored accuracy, shifted task"] + 0.2
+    )
+    # Two LoRA layers of rank 2 (64 -> 16 -> 10) train; the rest does not.
+    assert numbers["trainable parameters"] == (64 + 16) * 2 + (16 + 10) * 2
+    assert numbers["non-trainable parameters"] == 64 * 16 + 16 + 16 * 10 + 10

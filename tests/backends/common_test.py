@@ -192,6 +192,37 @@ def test_nnx_module_trains_like_nnx_and_the_module_follows():
     )
 
 
+def test_lora_trains_the_adapters_only_as_nnx_does_and_takes_assignment():
+    x, y = data(16, 4), data(16, 3, seed=1)
+    layer = FlaxLayer(nnx_modules.LoRAMLP(nnx.Rngs(0)), wrt=nnx.LoRAParam)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    reference = nnx_modules.LoRAMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.LoRAParam)
+
+    def loss(module, x, y):
+        return jnp.mean((module(x) - y) ** 2)
+
+    diff = nnx.DiffState(0, nnx.LoRAParam)
+    for i in (0, 8):
+        batch = x[i : i + 8], y[i : i + 8]
+        grads = nnx.grad(loss, argnums=diff)(reference, *batch)
+        optimizer.update(reference, grads)
+    assert_trees_close(
+        nnx.state(layer.module, nnx.Param),
+        nnx.state(reference, nnx.Param),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    fresh = nnx_modules.LoRAMLP(nnx.Rngs(3))
+    layer.flax_variables = nnx.state(fresh)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), fresh(x), rtol=1e-5, atol=1e-6
+    )
+
+
 LOADER = """
 import json, sys
 import numpy as np
