@@ -302,9 +302,44 @@ def test_weights_files_do_not_depend_on_what_trains(tmp_path):
     lora = FlaxLayer(
         nnx_modules.LoRAMLP(nnx.Rngs(1)), wrt=nnx.LoRAParam, name="m"
     )
-    model = keras.Sequential([keras.Input((4,)), lora])
+    model = fitted(lora, epochs=1)
     model.load_weights(tmp_path / "full.weights.h5")
     assert_trees_close(lora.flax_variables, full.layers[0].flax_variables, 0, 0)
+    # And back: the LoRA model's file into a model training everything.
+    fitted(lora, epochs=1)
+    model.save_weights(tmp_path / "lora.weights.h5")
+    full.load_weights(tmp_path / "lora.weights.h5")
+    assert_trees_close(full.layers[0].flax_variables, lora.flax_variables, 0, 0)
+
+
+def test_keras_trainable_false_freezes_one_more_weight():
+    layer = FlaxLayer(
+        nnx_modules.LoRAMLP(nnx.Rngs(0)), wrt=nnx.LoRAParam, name="m"
+    )
+    (lora_b,) = [v for v in layer.weights if v.path == "m/linear2/lora/lora_b"]
+    lora_b.trainable = False
+    before = values_by_path(layer.module)
+    fitted(layer, epochs=1)
+    after = values_by_path(layer.module)
+    for path, old in before.items():
+        moved = not np.array_equal(old, after[path])
+        assert moved == ("lora" in path and path[0] != "linear2"), path
+
+
+@keras.saving.register_keras_serializable(package="keras_flax_tests")
+def registered_filter(path, value):
+    return "lora" in path
+
+
+def test_a_registered_function_filter_round_trips():
+    layer = FlaxLayer.from_nnx(
+        nnx_modules.LoRAMLP,
+        nnx.Rngs(0),
+        layer_kwargs={"wrt": registered_filter, "name": "m"},
+    )
+    again = FlaxLayer.from_config(layer.get_config())
+    assert again.wrt is registered_filter
+    assert trainable_names(again) == trainable_names(layer)
 
 
 def test_packed_weights_train_only_the_choice():
@@ -375,6 +410,16 @@ def test_a_filter_selecting_nothing_is_refused_naming_the_candidates():
     for a, b in zip(before, arrays(nnx.state(module)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert FlaxLayer(module, wrt=nnx.LoRAParam)(X).shape == (32, 3)
+
+
+def test_linen_given_variables_selecting_nothing_is_refused_at_once():
+    variables = modules.BackboneHead().init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="backbone/bias, backbone/kernel"):
+        FlaxLayer(
+            modules.BackboneHead(),
+            variables=variables,
+            wrt=nnx.PathContains("Dense_0"),
+        )
 
 
 def test_linen_selecting_nothing_is_refused_at_build_leaving_nothing():
@@ -484,6 +529,7 @@ def test_assignment_after_fit_is_what_predict_uses():
     layer = FlaxLayer(modules.BackboneHead(), seed=0)
     model = fitted(layer, epochs=1)
     new = modules.BackboneHead().init(jax.random.key(3), X)
+    given = arrays(new)
     layer.flax_variables = new
     np.testing.assert_allclose(
         model.predict(X, verbose=0),
@@ -492,6 +538,13 @@ def test_assignment_after_fit_is_what_predict_uses():
         atol=1e-6,
     )
     fitted(layer, epochs=1)  # and training goes on from them
+    # The given arrays were copied: still the user's, unchanged, after `fit`.
+    for a, b in zip(arrays(new), given, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(
+        layer.flax_variables["params"]["head"]["bias"],
+        new["params"]["head"]["bias"],
+    )
 
 
 def misfits(variables):

@@ -23,6 +23,10 @@ from keras_flax import _wrt
 from keras_flax._jax_layer import JaxLayer
 from keras_flax._layer import ModelLayer
 
+# Attributes set as they are, not wrapped by Keras' attribute tracking: a
+# dict of values to assign, a list of filters.
+_UNTRACKED = ("flax_variables", "wrt", "_wrt")
+
 
 @keras.saving.register_keras_serializable(package="keras_flax")
 class FlaxLayer(JaxLayer):
@@ -173,7 +177,9 @@ class FlaxLayer(JaxLayer):
         _checks.nnx_class(module_class)
         layer = cls(module_class(*args, **kwargs), **(layer_kwargs or {}))
         recorded = _serialization.RecordedCall(args, kwargs)
-        config = _nnx.config_fn(layer._module, layer.method, recorded)
+        config = _nnx.config_fn(
+            layer._module, layer.method, recorded, layer.wrt
+        )
         layer._model = layer._model._replace(config=config)
         return layer
 
@@ -202,12 +208,8 @@ class FlaxLayer(JaxLayer):
         """
         self._write_back()
 
-    # Set as they are, not wrapped by Keras' attribute tracking (a dict
-    # of values to assign, a list of filters).
-    _UNTRACKED = ("flax_variables", "wrt", "_wrt")
-
     def __setattr__(self, name, value):
-        if name in self._UNTRACKED:
+        if name in _UNTRACKED:
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -241,12 +243,6 @@ class FlaxLayer(JaxLayer):
     @flax_variables.setter
     def flax_variables(self, variables: Any) -> None:
         self._assign_user_variables(variables)
-
-    def get_config(self):
-        config = super().get_config()
-        if self._wrt is not None:
-            config["wrt"] = _wrt.to_config(self._wrt)
-        return config
 
     @classmethod
     def from_config(cls, config):

@@ -89,6 +89,8 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
         }
         if tuple(rngs) != _rng.CALL_STREAMS:
             entries["rng_collections"] = list(rngs)
+        if wrt is not None:
+            entries["wrt"] = _wrt.to_config(wrt)
         return entries
 
     return Model(

@@ -131,7 +131,7 @@ def adapt(
         user_variables=nnx.merge_state,
         from_user=from_user,
         not_trained=not_trained,
-        config=config_fn(module, method, recorded_call),
+        config=config_fn(module, method, recorded_call, wrt),
     )
 
 
@@ -146,17 +146,20 @@ def from_user(variables):
     raise TypeError(_errors.nnx_variables_not_state(variables))
 
 
-def config_fn(module, method, recorded_call):
+def config_fn(module, method, recorded_call, wrt=None):
     """The `Model.config` of an NNX module: its recorded constructor call
-    when there is one, else its class's own `get_config()`."""
+    when there is one, else its class's own `get_config()`; and `wrt`."""
 
     def config():
         if recorded_call is None and not hasattr(type(module), "get_config"):
             raise TypeError(_errors.nnx_not_serializable(module))
-        return {
+        entries = {
             "module": _serialization.serialize_nnx(module, recorded_call),
             "method": _serialization.serialize_method(module, method),
         }
+        if wrt is not None:
+            entries["wrt"] = _wrt.to_config(wrt)
+        return entries
 
     return config
 
