@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from keras_flax import FlaxLayer
+from keras_flax.demo import load_digits_split
 
 
 class Classifier(nnx.Module):
@@ -37,18 +38,6 @@ class Classifier(nnx.Module):
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
         return self.out(nnx.relu(self.hidden(x)))
-
-
-def digits(seed=0):
-    """Digits as (N, 8, 8, 1) floats in [0, 1], split 80/20."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images / 16.0).astype("float32")[..., None]
-    y = data.target.astype("int32")
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
 def shifted(x):
@@ -99,7 +88,7 @@ def run(hidden=64, rank=4, pretrain_epochs=20, finetune_epochs=10, seed=0):
     """Pretrains, checkpoints, restores into a LoRA layer and fine-tunes;
     returns the numbers it prints."""
     keras.utils.set_random_seed(seed)
-    train, test = digits(seed)
+    train, test = load_digits_split(seed)
     (x_train, y_train), (x_test, y_test) = train, test
     numbers = {}
 
