@@ -69,9 +69,10 @@ def arrays(tree):
 
 
 def values_by_path(module):
-    """The module's parameter values now, by path."""
+    """The module's parameter values now, by path (NumPy copies: the
+    module shares its arrays with the layer, whose `fit` donates them)."""
     return {
-        path: variable.get_value()
+        path: np.array(variable.get_value())
         for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))
     }
 

@@ -18,6 +18,8 @@ from keras_flax._flax_layer import FlaxLayer  # noqa: E402
 from keras_flax._jax_layer import JaxLayer  # noqa: E402
 from keras_flax._optax import LearningRateLogger  # noqa: E402
 from keras_flax._optax import OptaxOptimizer  # noqa: E402
+from keras_flax._safetensors import load_safetensors  # noqa: E402
+from keras_flax._safetensors import save_safetensors  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,6 @@ __all__ = [
     "export_stablehlo",
     "layer_flax_module_wrapper",
     "layer_jax_model_wrapper",
+    "load_safetensors",
+    "save_safetensors",
 ]

@@ -76,6 +76,21 @@ def to_jax(value):
     return jnp.asarray(value)
 
 
+def own_array(value, dtype=None):
+    """`value` (a JAX array) for the user's object to hold, in `dtype`.
+
+    On JAX the very array (shared with the variable: Keras replaces a
+    variable's array on each update, never writes into it); a copy on
+    TensorFlow and PyTorch, whose variables are written in place, and
+    where the dtype differs.
+    """
+    if dtype is not None and value.dtype != dtype:
+        return value.astype(dtype)
+    if name() == "jax":
+        return value
+    return jnp.array(value, copy=True)
+
+
 def initial_value(array):
     """A JAX array as the initial value of a variable of the backend.
 

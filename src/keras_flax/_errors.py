@@ -739,3 +739,140 @@ def assignment_misfit(layer_name, missing, extra, mismatched, not_arrays):
         "`checkpointer.restore(path, layer.flax_variables)`."
     )
     return " ".join(lines)
+
+
+# Safetensors checkpoints.
+
+_RULES_FORM = (
+    "Each rule is (regex, replacement) or (regex, replacement, transforms), "
+    'e.g. (r"layers\\.(\\d+)\\.weight", r"blocks/\\1/kernel", '
+    '{"transpose": (1, 0)}), with transforms from "transpose", "reshape", '
+    '"dtype"; or the string "torch" for PyTorch\'s conventions.'
+)
+
+
+def checkpoint_unbuilt(function, layer_name):
+    return (
+        f"`{function}` needs a built layer: layer {layer_name!r} holds no "
+        f"weights yet. Received: layer={layer_name!r} (not built). Call it "
+        "on a batch first (`layer(x)`, or `model.build(input_shape)` / "
+        "`keras.Input` for the model holding it)."
+    )
+
+
+def checkpoint_not_found(filepath):
+    return (
+        "`filepath` must be a safetensors file or a sharded checkpoint's "
+        f"`*.safetensors.index.json`. Received: filepath={filepath!r}, "
+        "which does not exist. Check the path (a Hugging Face folder holds "
+        "`model.safetensors` or `model.safetensors.index.json`)."
+    )
+
+
+def checkpoint_not_safetensors(filepath, error):
+    return (
+        f"`filepath` must be a safetensors file. Received: "
+        f"filepath={filepath!r}, which safetensors cannot read ({error}). "
+        "Pass a `.safetensors` file or a `*.safetensors.index.json`; a "
+        "PyTorch `.bin`/`.pt` file can be converted with `torch.load` and "
+        "`safetensors.torch.save_file`."
+    )
+
+
+def checkpoint_bad_index(filepath, error):
+    return (
+        "`filepath` names a sharded checkpoint's index, which must be JSON "
+        f'with a "weight_map" of key -> file. Received: filepath='
+        f"{filepath!r} ({type(error).__name__}: {error}). Pass the "
+        "`*.safetensors.index.json` written with the shards."
+    )
+
+
+def checkpoint_missing_shard(filepath, shard):
+    return (
+        f"`filepath` is a sharded checkpoint's index naming the file "
+        f"{shard!r}, which is not beside it. Received: filepath="
+        f"{filepath!r}. Download or copy every shard the index names into "
+        "its folder."
+    )
+
+
+def rules_not_a_list(rules):
+    return (
+        '`rules` must be None, "torch" or a list of rules. Received: '
+        f"rules={describe(rules)}. {_RULES_FORM}"
+    )
+
+
+def bad_rule(index, rule, what):
+    return (
+        f"`rules[{index}]` is not a rule: {what} does not fit. Received: "
+        f"rules[{index}]={_repr.repr(rule)}. {_RULES_FORM}"
+    )
+
+
+def bad_transform(key, shape, kind, argument):
+    what = (
+        "a permutation of its axes"
+        if kind == "transpose"
+        else "a shape of the same element count"
+    )
+    return (
+        f"The rule placing key {key!r} (shape {format_shape(shape)}) asks "
+        f"for {{{kind!r}: {argument!r}}}, which must be {what}. Received: "
+        f"{kind}={argument!r}. Fix the rule's transforms for this key (a "
+        "rule matching tensors of several ranks needs one rule per rank)."
+    )
+
+
+def checkpoint_duplicate(arg, first, second):
+    return (
+        f"`{arg}`: two tensors land on one place, {first!r} and "
+        f"{second!r}. Received: both placed at the same name. Make the "
+        "rules place each key on a weight of its own."
+    )
+
+
+def checkpoint_keys(layer_name, missing, unexpected):
+    lines = [
+        f"`filepath` does not hold exactly the weights of layer "
+        f"{layer_name!r} (strict=True)."
+    ]
+    if missing:
+        lines.append(f"Missing weights ({len(missing)}): {', '.join(missing)}.")
+    if unexpected:
+        lines.append(
+            f"Keys placed on no weight ({len(unexpected)}): "
+            f"{', '.join(unexpected)}."
+        )
+    lines.append(
+        "Add `rules` renaming the keys to the layer's weight names "
+        "(`[w.path for w in layer.weights]` without the layer name), use "
+        'rules="torch" for a PyTorch checkpoint, or pass strict=False to '
+        "read what fits and get the rest reported."
+    )
+    return " ".join(lines)
+
+
+def checkpoint_misfit(misfits):
+    rows = "; ".join(
+        f"key {key!r} -> {name}: checkpoint {format_shape(shape)} {dtype}, "
+        f"layer {format_shape(held_shape)} {held_dtype}"
+        for key, name, shape, dtype, held_shape, held_dtype in misfits
+    )
+    return (
+        "`filepath` holds tensors that do not fit the weights they are "
+        f"placed on (shape, or dtype kind): {rows}. Nothing was written. "
+        'Give the rule a transform ({"transpose": axes}, {"reshape": '
+        'shape}, {"dtype": name}), or check that the layer was built for '
+        "the checkpoint's sizes."
+    )
+
+
+def safetensors_missing():
+    return (
+        "Reading and writing safetensors checkpoints needs the `safetensors` "
+        "package, which is not installed. Install it: "
+        '`pip install "keras-flax[safetensors]"` (or `pip install '
+        "safetensors`)."
+    )

@@ -44,6 +44,13 @@ class ModelLayer(keras.layers.Layer):
         pack_weights: bool = False,
         **kwargs,
     ):
+        # A dtype policy given to the layer, or a global one other than the
+        # default, decides the float storage; else the module's own dtypes
+        # are kept (a `param_dtype=bfloat16` module holds bfloat16).
+        self._policy_given = (
+            kwargs.get("dtype") is not None
+            or keras.config.dtype_policy().name != "float32"
+        )
         super().__init__(**kwargs)
         self._model = model
         self.seed = seed
@@ -73,14 +80,22 @@ class ModelLayer(keras.layers.Layer):
         if model.params is not None or model.state is not None:
             if model.params is not None:
                 self._not_trained = model.not_trained(model.params)
+            # Arrays the user passed are copied once; an NNX module's own
+            # arrays are shared with it (one copy of each weight).
+            copy = not model.given_shared
             if pack_weights and model.init is not None:
                 # Packed at build, once it is known which leaves the model
                 # uses (those it does not are packed apart, frozen).
-                self._pending_weights = _Untracked((model.params, model.state))
+                self._pending_weights = _Untracked(
+                    (model.params, model.state), copy=copy
+                )
             else:
                 self._create_weights(
-                    model.params, model.state, self._not_trained
+                    model.params, model.state, self._not_trained, copy
                 )
+            # The variables (or the pending trees) hold the given weights
+            # now: nothing else keeps them.
+            self._model = model._replace(params=None, state=None)
 
     @property
     def params(self) -> Any:
@@ -92,12 +107,28 @@ class ModelLayer(keras.layers.Layer):
         """The non-trainable state: a PyTree of Keras variables, or None."""
         return self._model.view(_tree(self._state_tree))
 
-    def _current_values(self):
-        """`(params, state)`: copies of the current values, as trees."""
+    def _current_values(self, copy=True):
+        """`(params, state)`: the current values (copies), as trees."""
         return tuple(
             None
             if tree is None
-            else tree.rebuild([_copy(v) for v in tree.values()])
+            else tree.rebuild([_copy(v) if copy else v for v in tree.values()])
+            for tree in (self._params_tree, self._state_tree)
+        )
+
+    def _weights_by_name(self):
+        """What holds each weight, by its name inside the layer (the Flax
+        path, `Dense_0/kernel`, `batch_stats/BatchNorm_0/mean`): a Keras
+        variable, or a packed leaf's view; `(params, state)`, two dicts.
+        RNG state is left out."""
+        return tuple(
+            {
+                name: holder
+                for name, holder in zip(tree.names, tree.holders(), strict=True)
+                if name not in self._model.rng_state
+            }
+            if tree is not None
+            else {}
             for tree in (self._params_tree, self._state_tree)
         )
 
@@ -113,12 +144,18 @@ class ModelLayer(keras.layers.Layer):
 
     # Weights.
 
-    def _create_weights(self, params, state, frozen=()):
+    def _create_weights(self, params, state, frozen=(), copy=False):
         """Variables of `params` (trainable, but at the paths `frozen`) and
-        of `state`. Frozen ones are made non-trainable, so that Keras holds
-        them apart (`layer.trainable = True` leaves them frozen)."""
-        self._params_tree = self._variable_tree(params, True, frozen)
-        self._state_tree = self._variable_tree(state, False)
+        of `state`, holding copies of the arrays where `copy` is set (else
+        the arrays themselves). Frozen ones are made non-trainable, so that
+        Keras holds them apart (`layer.trainable = True` leaves them
+        frozen)."""
+        self._params_tree = self._variable_tree(params, True, frozen, copy)
+        self._state_tree = self._variable_tree(state, False, copy=copy)
+
+    def _float_dtype(self, dtype):
+        """The storage dtype of a float leaf of `dtype`."""
+        return self.variable_dtype if self._policy_given else dtype
 
     def _assign_user_variables(self, variables):
         """Assigns every value of `variables` (the model's own format);
@@ -138,7 +175,7 @@ class ModelLayer(keras.layers.Layer):
             variable.assign(_backends.initial_value(value))
         self._write_back()
 
-    def _variable_tree(self, values, trainable, frozen=()):
+    def _variable_tree(self, values, trainable, frozen=(), copy=False):
         if values is None:
             return None
         if self.pack_weights:
@@ -162,6 +199,8 @@ class ModelLayer(keras.layers.Layer):
             autocast=trainable,
             metadata_fn=metadata,
             frozen=frozen,
+            float_dtype=self._float_dtype,
+            copy=copy,
         )
 
     def _given_trees(self):
@@ -202,17 +241,16 @@ class ModelLayer(keras.layers.Layer):
                 unused = self._unused_leaves
                 params = _variables.with_leaves(params, unused["params"])
                 state = _variables.with_leaves(state, unused["state"])
-                self._pending_weights = _Untracked((params, state))
+                self._pending_weights = _Untracked((params, state), copy=False)
         else:
             self._unused_leaves = self._check_given_weights(spec)
         frozen = set(self._unused_leaves["params"])
         if self._pending_weights is not None:
-            params, state = self._pending_weights.value
-            self._pending_weights = None
+            pending, self._pending_weights = self._pending_weights, None
             self._create_weights(
-                params,
-                state,
+                *pending.value,
                 self._not_trained | (frozen if self.pack_weights else set()),
+                pending.copy,
             )
         if self._params_tree is not None and not self._params_tree.packed:
             self._params_tree.freeze(frozen)
@@ -266,7 +304,7 @@ class ModelLayer(keras.layers.Layer):
             if self._pending_weights is not None:
                 given = self._pending_weights.value
             else:
-                given = self._current_values()
+                given = self._current_values(copy=False)  # traced only
             _checks.nothing_created(
                 model, *given, _inputs.placeholders(spec, 1)
             )
@@ -376,10 +414,15 @@ class ModelLayer(keras.layers.Layer):
         seed = None
         if self._wants_seed(training):
             seed = jax.ShapeDtypeStruct((2,), "uint32")
+        # Keras casts float variables to the compute dtype where it differs
+        # from the storage dtype (a mixed policy).
+        cast_to = None
+        if self.compute_dtype != self.variable_dtype:
+            cast_to = self.compute_dtype
         return _backends.output_spec(
             self._forward,
-            _specs(self._params_tree, self.compute_dtype),
-            _specs(self._state_tree, self.compute_dtype),
+            _specs(self._params_tree, cast_to),
+            _specs(self._state_tree, cast_to),
             seed,
             inputs,
             self._static_training(training),
@@ -494,6 +537,9 @@ class ModelLayer(keras.layers.Layer):
 
     def get_config(self):
         config = {
+            # No policy given: none saved, so that the loaded layer keeps
+            # the module's own dtypes too.
+            **({} if self._policy_given else {"dtype": None}),
             "seed": self.seed,
             "pack_weights": self.pack_weights,
             "native_serialization_platforms": (
@@ -515,8 +561,9 @@ class _Untracked:
     """A value held by a layer as it is (Keras would wrap a tuple or dict
     set as a layer attribute into its own tracked types)."""
 
-    def __init__(self, value):
+    def __init__(self, value, copy=False):
         self.value = value
+        self.copy = copy  # whether the variables made of it copy it
 
 
 def _common_shape(*tensors):
@@ -541,16 +588,17 @@ def _values(tree):
     return None if tree is None else tree.values()
 
 
-def _specs(tree, compute_dtype):
-    """`ShapeDtypeStruct`s of the values a call reads from `tree`."""
+def _specs(tree, cast_to):
+    """`ShapeDtypeStruct`s of the values a call reads from `tree`, floats
+    cast to `cast_to` where the tree autocasts (None: not cast)."""
     if tree is None:
         return None
 
     def spec(variable):
         dtype = keras.backend.standardize_dtype(variable.dtype)
         floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
-        if tree.autocast and floating:
-            dtype = compute_dtype
+        if tree.autocast and floating and cast_to is not None:
+            dtype = cast_to
         return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
 
     return [spec(v) for v in tree.variables]  # the variables, packed or not

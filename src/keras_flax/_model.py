@@ -32,7 +32,13 @@ class Model(NamedTuple):
         split: `raw -> (params, state, axes)`.
         params: the given trainable weights (copied), or None.
         state: the given non-trainable weights (copied), or None.
+        given_shared: whether `params` and `state` are the arrays of the
+            user's object (an NNX module's), which the variables then hold
+            as they are (one copy of each weight); else they are copied.
         axes: mesh axes of the given weights, by leaf path text.
+        rng_state: the names (as `name` gives them, path text) of the
+            variables holding RNG state (keys and counts), which no
+            checkpoint of weights holds.
         uses_rng: whether `apply` takes an `rng` (drawn in training).
         takes_training: whether `apply`'s result depends on `training`
             (else it is always given False: one trace for both modes).
@@ -71,7 +77,9 @@ class Model(NamedTuple):
     split: Callable = lambda raw: (*raw, {})
     params: Any = None
     state: Any = None
+    given_shared: bool = False
     axes: dict = {}
+    rng_state: frozenset = frozenset()
     uses_rng: bool = False
     takes_training: bool = True
     init_rng: Callable | None = None

@@ -13,9 +13,9 @@ import functools
 import inspect
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
@@ -117,11 +117,18 @@ def adapt(
         if found:
             axes[_variables.path_text((*path, "value"))] = found
 
+    rng_state = frozenset(
+        _variables.path_text(path)
+        for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.RngState))
+    )
+
     return Model(
         apply=apply,
         params=params,
         state=state,
+        given_shared=True,
         axes=axes,
+        rng_state=rng_state,
         name=lambda trainable, parts: variable_name(parts),
         write_back=write_back,
         initializer="module",
@@ -247,26 +254,27 @@ def has_linen_bridge(module):
 
 
 def _write(target, value):
-    """Writes a copy of `value` into the NNX Variable `target`.
+    """Points the NNX Variable `target` at `value`.
 
     Keras writes the trained values back into its variables at the end of
     each epoch and of `fit`, `evaluate` and `predict`, and when weights are
-    loaded; each such value is copied into the user's module, which
-    therefore holds the trained values without being asked. A copy, so that
-    Keras donating its own buffers never invalidates the module's arrays.
+    loaded; the user's module is re-pointed at each such value, so it holds
+    the trained values without being asked, and shares its arrays with
+    the layer (one copy of each weight). Where the module's dtype differs
+    (a dtype policy given to the layer), it gets a copy in its own dtype.
     """
     current = target.get_value()
     if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
         value = jax.random.wrap_key_data(
-            jnp.array(value, copy=True), impl=jax.random.key_impl(current)
+            _backends.own_array(value), impl=jax.random.key_impl(current)
         )
     else:
-        value = jnp.array(value, dtype=current.dtype, copy=True)
+        value = _backends.own_array(value, current.dtype)
     target.set_value(value)
 
 
 def _write_attribute(module, path, dtype, value):
-    """Sets the plain array attribute at `path` of `module` to a copy of
-    `value` (see `_write`)."""
-    value = jnp.array(value, dtype=dtype, copy=True)
+    """Sets the plain array attribute at `path` of `module` to `value`
+    (see `_write`)."""
+    value = _backends.own_array(value, dtype)
     nnx.update(module, nnx.State.from_flat_path({path: value}))

@@ -116,8 +116,11 @@ class FlaxVariable(keras.Variable):
         # Not a `StatelessScope`'s update (whose values are not written).
         written = SCOPE_CHECKS is not None and not SCOPE_CHECKS[0]()
         if written and self._mirror is not None:
-            if value is not None and _backends.is_concrete(value):
-                self._mirror(_backends.to_jax(value))
+            # The array now held (laid out, where it has a layout).
+            held = getattr(self, "_value", None)
+            held = value if held is None else held
+            if held is not None and _backends.is_concrete(held):
+                self._mirror(_backends.to_jax(held))
         return value
 
 
@@ -139,19 +142,21 @@ def compile_once(lowered):
         return lowered.compile()
 
 
-def run_op_by_op(closed_jaxpr, args):
+def run_op_by_op(closed_jaxpr, args, cheapest=True):
     """Evaluates a traced program one equation at a time.
 
     As `jax.extend.core.jaxpr_as_fun` does, with two savings for a program
     run once: equations whose results are never used are skipped (a linen
-    `init` computes the module's outputs, which `init` drops), and nested
-    jitted functions (the random initialisers) are compiled with XLA's
-    cheapest options. Where anything fails, the program runs again as
-    `jaxpr_as_fun` runs it (which raises the error if it is the program's).
+    `init` computes the module's outputs, which `init` drops), and, where
+    `cheapest`, nested jitted functions (the random initialisers) are
+    compiled with XLA's cheapest options. Where anything fails, the program
+    runs again as `jaxpr_as_fun` runs it (which raises the error if it is
+    the program's).
     """
     jaxpr = closed_jaxpr.jaxpr
+    eqns = _live(jaxpr)
     try:
-        return _evaluate(jaxpr, closed_jaxpr.consts, args, _live(jaxpr))
+        return _evaluate(jaxpr, closed_jaxpr.consts, args, eqns, cheapest)
     except Exception:
         return jax.extend.core.jaxpr_as_fun(closed_jaxpr)(*args)
 
@@ -168,7 +173,7 @@ def _live(jaxpr):
     return live[::-1]
 
 
-def _evaluate(jaxpr, consts, args, eqns):
+def _evaluate(jaxpr, consts, args, eqns, cheapest):
     Literal = jax.extend.core.Literal
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
@@ -178,7 +183,8 @@ def _evaluate(jaxpr, consts, args, eqns):
 
     for eqn in eqns:
         params = eqn.params
-        if params.get("compiler_options_kvs") == ():  # a nested `jax.jit`
+        nested_jit = params.get("compiler_options_kvs") == ()
+        if cheapest and nested_jit:
             options = tuple(RUN_ONCE_OPTIONS.items())
             params = {**params, "compiler_options_kvs": options}
         bind_params = eqn.primitive.get_bind_params(params)

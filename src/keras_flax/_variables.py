@@ -77,6 +77,8 @@ class VariableTree:
         autocast=True,
         metadata_fn=None,
         frozen=(),
+        float_dtype=None,
+        copy=True,
     ):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
         self._static = []
@@ -93,7 +95,7 @@ class VariableTree:
             self._key_impls.append(
                 jax.random.key_impl(leaf) if is_typed_key(leaf) else None
             )
-            arrays.append(_initial_array(layer, leaf))
+            arrays.append(_initial_array(leaf, float_dtype, copy))
             metadata.append(metadata_fn and metadata_fn(path_parts(keypath)))
             parts_list.append(parts)
             self.names.append(path_text(parts))
@@ -118,6 +120,16 @@ class VariableTree:
         ]
         self._mirrors = [(meta or {}).get("mirror") for meta in metadata]
         self.tree = self.unflatten(self.variables)
+
+    def holders(self):
+        """What holds each array leaf, in leaf order: its Keras variable,
+        or, packed, a view with `value` and `assign`."""
+        leaves = self._treedef.flatten_up_to(self.tree)
+        return [
+            leaf
+            for leaf, s in zip(leaves, self._static, strict=True)
+            if s is _VARIABLE
+        ]
 
     def freeze(self, paths):
         """Makes the variables of the leaves at `paths` non-trainable."""
@@ -225,22 +237,25 @@ def key_data(value):
     return value
 
 
-def _initial_array(layer, value):
-    """A copy of a leaf as a JAX array in the variable's dtype.
+def _initial_array(value, float_dtype=None, copy=True):
+    """A leaf as a JAX array in the variable's dtype.
 
-    Floats follow the layer's dtype policy; a copy, so that arrays the user
-    passed stay valid when Keras donates the variables' buffers to a
-    jitted train step.
+    Floats take `float_dtype(dtype)` (the layer's rule) where given. A
+    copy only where `copy` is set (arrays the user passed stay valid when
+    Keras donates the variables' buffers to a jitted train step); arrays
+    the layer owns or shares with the user's module are held as they are.
     """
     if is_typed_key(value):
         value = jax.random.key_data(value)
     dtype = getattr(value, "dtype", None)
     dtype = np.asarray(value).dtype if dtype is None else dtype
     if jnp.issubdtype(dtype, jnp.floating):
-        dtype = layer.variable_dtype
+        dtype = dtype if float_dtype is None else float_dtype(dtype)
     else:
         dtype = jax.dtypes.canonicalize_dtype(dtype)
-    return jnp.array(value, dtype=dtype, copy=True)
+    if copy or not isinstance(value, jax.Array):
+        return jnp.array(value, dtype=dtype, copy=True)
+    return value if value.dtype == dtype else value.astype(dtype)
 
 
 def new_variable(layer, parts, initial, trainable, autocast, metadata=None):
