@@ -127,3 +127,37 @@ def test_two_processes_train_one_data_parallel_model(tmp_path, data_parallel):
     np.testing.assert_allclose(
         first["losses"], data_parallel["single"][:2], rtol=1e-6
     )
+
+
+def test_sharded_initialisation_memory_shards_and_checkpoint():
+    """Under ModelParallel (1 x 8), `init` runs with the layouts as its
+    output shardings: per device, its output and temporary bytes stay
+    within params / 8 + the replicated leaves + the largest leaf."""
+    result = _scenario("sharded_init")
+    replicated = result["params_bytes"] - result["sharded_bytes"]
+    per_device = result["sharded_bytes"] / 8 + replicated
+    bound = per_device + result["largest_bytes"]
+    assert result["output_bytes"] + result["temp_bytes"] <= bound
+    # A whole copy of the parameters on one device would not fit the bound.
+    assert result["params_bytes"] > bound
+    for i in range(4):
+        kernel = result["weights"][f"Dense_{i}/kernel"]
+        assert kernel["shard"] == [256, 32] and not kernel["replicated"]
+    assert result["weights"]["Dense_4/kernel"]["replicated"]
+    # The same values as a one-device build, within float rounding.
+    assert result["init_diff"] < 1e-6 and result["output_diff"] < 1e-5
+    # The LayoutMap key that matches nothing, named once.
+    assert len(result["warnings"]) == 1
+    assert "'.*Dense_7/kernel' matches no weight" in result["warnings"][0]
+    # The checkpoint: sharded kernels read by slice (8 shards each), the
+    # replicated leaves whole; the values exactly the saved ones.
+    assert result["whole_reads"] == [
+        "Dense_0/bias",
+        "Dense_1/bias",
+        "Dense_2/bias",
+        "Dense_3/bias",
+        "Dense_4/bias",
+        "Dense_4/kernel",
+    ]
+    assert result["slice_shapes"] == [[256, 32]] * 32
+    assert result["loaded_diff"] == 0.0

@@ -2,16 +2,16 @@
 
 `run_once(init)` has `init`'s signature and results: the layer sees no
 difference but the time to build. Which way is fastest was measured, cold,
-in fresh processes (seconds; `Module.init` for comparison):
+in fresh processes (seconds; `init`: `Module.init`, then one program or op
+by op, at XLA's cheapest or default options):
 
-    module                        values  leaves  init  one-cheap  op-cheap  op-default
-    W1, the docs' CNN               1.1M       6   2.2       0.5       1.1         -
-    W3, 64 x (Dense 32 + LN)        0.1M     258   2.0       3.9       0.7         -
-    12 x Dense 2048                  50M      24   1.9       5.2       5.4       1.7
-    96 x Dense 1024                 101M     192   1.7         -         -       1.5
+    module                 values  leaves  init  cheap  op-cheap  op-default
+    W1, the docs' CNN        1.1M       6   2.2    0.5       1.1           -
+    W3, 64 x Dense + LN      0.1M     258   2.0    3.9       0.7           -
+    12 x Dense 2048           50M      24   1.9    5.2       5.4         1.7
+    96 x Dense 1024          101M     192   1.7      -         -         1.5
 
-(`init`: `Module.init`; one program or op by op, at XLA's cheapest or
-default options.) XLA's cheapest compilation saves compile time but runs the random
+XLA's cheapest compilation saves compile time but runs the random
 initialisers unoptimised (about 0.1 us per value against 0.015), so past a
 few million values the default options win; op by op, each distinct
 operation is compiled once and shared by identical layers.

@@ -18,6 +18,7 @@ from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _inputs
+from keras_flax import _layouts
 from keras_flax import _onnx
 from keras_flax import _packing
 from keras_flax import _variables
@@ -152,6 +153,9 @@ class ModelLayer(keras.layers.Layer):
         frozen)."""
         self._params_tree = self._variable_tree(params, True, frozen, copy)
         self._state_tree = self._variable_tree(state, False, copy=copy)
+        trees = [t for t in (self._params_tree, self._state_tree) if t]
+        paths = [v.path for tree in trees for v in tree.variables]
+        _layouts.warn_unmatched(self.name, paths)
 
     def _float_dtype(self, dtype):
         """The storage dtype of a float leaf of `dtype`."""
@@ -211,9 +215,22 @@ class ModelLayer(keras.layers.Layer):
         return _tree(self._params_tree), _tree(self._state_tree)
 
     def _init(self, inputs):
-        """`(params, state, axes)` at `inputs` (placeholders)."""
-        raw = self._model.init(self._model.init_rng(self.seed), inputs)
-        return self._model.split(raw)
+        """`(params, state, axes)` at `inputs` (placeholders); under a
+        distribution that shards weights, each created in its shards."""
+        model = self._model
+        rng = model.init_rng(self.seed)
+        if keras.distribution.distribution() is not None:
+            *shapes, axes = model.split(jax.eval_shape(model.init, rng, inputs))
+            shardings = _layouts.init_shardings(
+                self.name, shapes, model.name, {**self._axes, **axes}
+            )
+            if shardings is not None:
+                init = _layouts.sharded_init(
+                    lambda rng, x: model.split(model.init(rng, x))[:2],
+                    shardings,
+                )
+                return (*init(rng, inputs), axes)
+        return model.split(model.init(rng, inputs))
 
     # Keras lifecycle.
 

@@ -17,8 +17,9 @@ version guard) and run by a test:
   every value assigned outside a `StatelessScope` is copied into the user's
   NNX module. Fallback: plain Keras variables (layouts from the `LayoutMap`
   alone; the NNX module is synced when read through `FlaxLayer.module`).
-- `ModelParallel._layout_map`: a `LayoutMap` entry wins over Flax's axes.
-  Fallback: Flax's axes where they fit the mesh.
+- `ModelParallel._layout_map`: a `LayoutMap` entry wins over Flax's axes,
+  and its keys aimed at a layer that match none of its weights warn.
+  Fallback: Flax's axes where they fit the mesh; no warning.
 - JAX equation internals (`eqn.ctx`, `get_bind_params`,
   `compiler_options_kvs`) and XLA flag names: many-leaf initialisation op
   by op, skipping dead equations, compiled at the cheapest options (W3
@@ -84,10 +85,15 @@ def in_safe_mode():
     return _safe_mode is None or _safe_mode() is not False
 
 
+def layout_map(distribution):
+    """`distribution`'s `LayoutMap` (`ModelParallel`), or None."""
+    return getattr(distribution, "_layout_map", None)
+
+
 def layout_map_has(distribution, path):
     """Whether `distribution`'s `LayoutMap` has an entry for `path`."""
-    layout_map = getattr(distribution, "_layout_map", None)
-    return layout_map is not None and layout_map[path] is not None
+    found = layout_map(distribution)
+    return found is not None and found[path] is not None
 
 
 class FlaxVariable(keras.Variable):

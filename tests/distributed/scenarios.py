@@ -195,6 +195,131 @@ def run_optax():
     return results
 
 
+class Wide(nn.Module):
+    """Four 256 x 256 Dense layers (1 MiB of parameters)."""
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(4):
+            x = nn.relu(nn.Dense(256)(x))
+        return nn.Dense(4)(x)
+
+
+def _capture_init_programs():
+    """Records each sharded init program the layers build, with its
+    arguments, by wrapping `_layouts.sharded_init`."""
+    from keras_flax import _layouts
+
+    programs = []
+    make = _layouts.sharded_init
+
+    def recording(init, shardings):
+        jitted = make(init, shardings)
+
+        def run(*args):
+            programs.append((jitted, args))
+            return jitted(*args)
+
+        return run
+
+    _layouts.sharded_init = recording
+    return programs
+
+
+def _bytes(tree):
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def run_sharded_init():
+    """Sharded initialisation under ModelParallel on a 1 x 8 mesh: the
+    compiled init's per-device memory, the shards each device holds, the
+    values against the one-device build; a LayoutMap key that matches
+    nothing; a safetensors checkpoint read shard by shard."""
+    import warnings
+
+    from keras_flax import _safetensors
+
+    x, _ = data()
+    x = np.pad(x, ((0, 0), (0, 248)))  # 256 features
+    single = FlaxLayer(Wide(), seed=0, name="wide")
+    single(x[:2])
+    params = single.flax_variables["params"]
+
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((1, 8), ["data", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["wide/Dense_[0-3]/kernel"] = (None, "model")
+    layout_map[".*Dense_7/kernel"] = (None, "model")  # no such weight
+    keras.distribution.set_distribution(model_parallel(layout_map))
+    programs = _capture_init_programs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = FlaxLayer(Wide(), seed=0, name="wide")
+        layer(x[:2])
+    jitted, args = programs[0]
+    memory = jitted.lower(*args).compile().memory_analysis()
+    total = _bytes(params)
+    sharded = sum(
+        v.nbytes
+        for k, v in params.items()
+        if k != "Dense_4" and "kernel" in v
+        for v in [v["kernel"]]
+    )
+    largest = max(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+
+    path = "/tmp/keras_flax_sharded_init.safetensors"
+    keras_flax.save_safetensors(single, path)
+    whole_reads, slice_shapes = [], []
+    tensor, read_slice = (
+        _safetensors._Checkpoint.tensor,
+        _safetensors._Checkpoint.slice,
+    )
+
+    def recording_tensor(self, key):
+        whole_reads.append(key)
+        return tensor(self, key)
+
+    def recording_slice(self, key, index):
+        value = read_slice(self, key, index)
+        slice_shapes.append(list(value.shape))
+        return value
+
+    _safetensors._Checkpoint.tensor = recording_tensor
+    _safetensors._Checkpoint.slice = recording_slice
+    loaded = FlaxLayer(Wide(), seed=1, name="wide")
+    loaded(x[:2])
+    keras_flax.load_safetensors(loaded, path)
+    loaded_diff = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(
+            jax.tree_util.tree_leaves(loaded.flax_variables),
+            jax.tree_util.tree_leaves(single.flax_variables),
+            strict=True,
+        )
+    )
+    return {
+        "output_bytes": memory.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "params_bytes": total,
+        "sharded_bytes": sharded,
+        "largest_bytes": largest,
+        "weights": shardings(layer),
+        "init_diff": max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(
+                jax.tree_util.tree_leaves(layer.flax_variables),
+                jax.tree_util.tree_leaves(single.flax_variables),
+                strict=True,
+            )
+        ),
+        "output_diff": float(np.abs(layer(x) - single(x)).max()),
+        "warnings": [str(w.message) for w in caught],
+        "whole_reads": sorted(whole_reads),
+        "slice_shapes": slice_shapes,
+        "loaded_diff": loaded_diff,
+    }
+
+
 if __name__ == "__main__":
     assert keras_flax.__version__
     print(json.dumps(globals()[f"run_{sys.argv[1]}"]()))
