@@ -76,7 +76,9 @@ saved_and_loaded(model, "linen", x)
 # NNX: the same steps as nnx.grad on the module; the module follows.
 x, y = data(16, 4), data(16, 2, seed=1)
 layer = FlaxLayer.from_nnx(nnx_modules.MLP, nnx.Rngs(0))
-reference = nnx.clone(layer.module)
+# Arrays of its own: the layer shares the module's, which fit donates.
+graphdef, state = nnx.split(layer.module)
+reference = nnx.merge(graphdef, jax.tree.map(lambda a: a.copy(), state))
 model = trained(layer, x, y)
 
 

@@ -131,7 +131,7 @@ def test_packing_is_refused_under_model_parallel_then_fixed():
     devices = keras.distribution.list_devices()[:1]
     mesh = keras.distribution.DeviceMesh((1,), ["model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["Dense_0/kernel"] = (None, "model")
+    layout_map[".*Dense_0/kernel"] = (None, "model")
     keras.distribution.set_distribution(
         keras.distribution.ModelParallel(layout_map=layout_map)
     )

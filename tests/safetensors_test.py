@@ -469,6 +469,46 @@ def test_bad_rules_are_refused(rules, error, match, tmp_path):
     load_safetensors(layer, path, rules="torch")  # the fix
 
 
+def test_two_keys_on_one_weight_are_refused(tmp_path):
+    layer = FlaxLayer(nn.Dense(3), seed=0)
+    layer(np.zeros((1, 4), "float32"))
+    path = str(tmp_path / "two.safetensors")
+    kernel = np.zeros((4, 3), "float32")
+    safetensors.numpy.save_file({"a": kernel, "b": kernel}, path)
+    with pytest.raises(ValueError, match="two tensors land on one place"):
+        load_safetensors(layer, path, rules=[(r"a|b", "kernel")])
+    load_safetensors(layer, path, rules=[("a", "kernel")], strict=False)
+
+
+def test_rng_state_is_neither_written_nor_expected(tmp_path):
+    class WithDropout(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.fc(x))
+
+    layer = FlaxLayer(WithDropout(nnx.Rngs(0)))
+    assert any("rngs" in w.path for w in layer.weights)
+    path = str(tmp_path / "d.safetensors")
+    save_safetensors(layer, path, rules="torch")
+    with safetensors.safe_open(path, "numpy") as f:
+        assert sorted(f.keys()) == ["fc.bias", "fc.weight"]
+    torch_linear = torch.nn.Linear(4, 3)
+    torch_linear.load_state_dict(
+        {
+            k.split(".", 1)[1]: v
+            for k, v in safetensors.torch.load_file(path).items()
+        },
+        strict=True,
+    )
+    report = load_safetensors(
+        FlaxLayer(WithDropout(nnx.Rngs(1))), path, "torch"
+    )
+    assert report["missing"] == [] and len(report["converted"]) == 2
+
+
 def test_transform_changing_the_element_count_is_refused(tmp_path):
     layer = FlaxLayer(nn.Dense(3), seed=0)
     layer(np.zeros((1, 4), "float32"))
@@ -478,6 +518,9 @@ def test_transform_changing_the_element_count_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"\{'reshape': \(5, 3\)\}.*same element count"
     ):
+        load_safetensors(layer, path, rules=rules, strict=False)
+    rules = [("k", "kernel", {"reshape": (4, 3), "transpose": (1,)})]
+    with pytest.raises(ValueError, match="a permutation of its axes"):
         load_safetensors(layer, path, rules=rules, strict=False)
     rules = [("k", "kernel", {"reshape": (4, -1)})]
     load_safetensors(layer, path, rules=rules, strict=False)  # the fix
@@ -554,3 +597,35 @@ def test_bfloat16_checkpoint_into_bfloat16_module(tmp_path):
 def test_public_names():
     assert keras_flax.load_safetensors is load_safetensors
     assert keras_flax.save_safetensors is save_safetensors
+
+
+def test_finetune_pretrained_example_round_trips_through_torch():
+    import importlib.util
+    import pathlib
+
+    path = (
+        pathlib.Path(__file__).parents[1]
+        / "examples"
+        / "finetune_pretrained.py"
+    )
+    spec = importlib.util.spec_from_file_location("finetune_pretrained", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    numbers = example.run(
+        hidden=16, rank=2, pretrain_epochs=4, finetune_epochs=4
+    )
+    assert numbers["PyTorch accuracy"] > 0.8
+    # The checkpoint read into the layer predicts as PyTorch does.
+    assert numbers["loaded: largest logit difference to PyTorch"] < 1e-4
+    assert (
+        numbers["fine-tuned accuracy, shifted task"]
+        > numbers["loaded accuracy, shifted task"] + 0.2
+    )
+    # The merged weights, back in PyTorch, predict as the Keras model.
+    assert numbers["PyTorch vs Keras: largest logit difference"] < 1e-4
+    assert (
+        numbers["PyTorch fine-tuned accuracy, shifted task"]
+        == numbers["fine-tuned accuracy, shifted task"]
+    )
+    # Two LoRA layers of rank 2 (64 -> 16 -> 10) train; the rest does not.
+    assert numbers["trainable parameters"] == (64 + 16) * 2 + (16 + 10) * 2

@@ -4,6 +4,8 @@ Each message has three parts: the argument and what was expected, what was
 received (`Received: arg=...`), and the fix, in code where possible.
 """
 
+import difflib
+import re
 import reprlib
 
 import flax
@@ -875,4 +877,21 @@ def safetensors_missing():
         "package, which is not installed. Install it: "
         '`pip install "keras-flax[safetensors]"` (or `pip install '
         "safetensors`)."
+    )
+
+
+# Distribution.
+
+
+def layout_key_unmatched(key, layer_name, paths):
+    names = [path.split("/", 1)[-1] for path in paths]
+    literal = "/".join(re.findall(r"[\w-]+", key))
+    closest = difflib.get_close_matches(literal, names, n=1, cutoff=0) or names
+    shown = ", ".join(repr(p) for p in paths[:4])
+    more = ", ..." if len(paths) > 4 else ""
+    return (
+        f"LayoutMap key {key!r} matches no weight of layer {layer_name!r}, "
+        "so it lays out nothing. Keras matches each key against a weight's "
+        f"whole path (`re.fullmatch`); this layer's are {shown}{more}. "
+        f"Write the whole path or a pattern such as '.*/{closest[0]}'."
     )

@@ -16,6 +16,7 @@ import warnings
 import jax
 import keras
 
+from keras_flax import _errors
 from keras_flax import _private
 from keras_flax import _variables
 
@@ -103,7 +104,10 @@ def warn_unmatched(layer_name, paths):
             continue
         if _aimed(key, layer_name, parts):
             warned.add(key)
-            warnings.warn(_unmatched_message(key, layer_name, paths))
+            warnings.warn(
+                _errors.layout_key_unmatched(key, layer_name, paths),
+                stacklevel=2,
+            )
 
 
 def _matches(key, path):
@@ -131,14 +135,3 @@ def _aimed(key, layer_name, parts):
 def _family(name):
     """A Flax module name without its counter: `Dense_3` -> `Dense`."""
     return re.sub(r"_\d+$", "", name)
-
-
-def _unmatched_message(key, layer_name, paths):
-    shown = ", ".join(repr(p) for p in list(paths)[:4])
-    more = ", ..." if len(paths) > 4 else ""
-    return (
-        f"LayoutMap key {key!r} matches no weight of layer {layer_name!r}, "
-        "so it lays out nothing. Keras matches each key against a weight's "
-        f"whole path (`re.fullmatch`); this layer's are {shown}{more}. "
-        f"Write the whole path or a pattern such as '.*/{paths[0].split('/', 1)[-1]}'."
-    )

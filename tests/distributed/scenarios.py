@@ -250,6 +250,7 @@ def run_sharded_init():
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map["wide/Dense_[0-3]/kernel"] = (None, "model")
     layout_map[".*Dense_7/kernel"] = (None, "model")  # no such weight
+    layout_map["Dense_1/kernel"] = (None, "model")  # no layer name: no match
     keras.distribution.set_distribution(model_parallel(layout_map))
     programs = _capture_init_programs()
     with warnings.catch_warnings(record=True) as caught:
