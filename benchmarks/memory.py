@@ -258,7 +258,7 @@ def measure_model_parallel(name):
                 held[shard.device] = (
                     held.get(shard.device, 0) + shard.data.nbytes
                 )
-        return max(held.values())
+        return max(held.values(), default=0)
 
     base = per_device()
     layer = keras_flax.FlaxLayer(make_module(name), seed=0)
@@ -277,32 +277,61 @@ def measure_model_parallel(name):
     return {"built": built, "fitted": per_device() - base}
 
 
-def peak_mb():
+def anon_mb():
+    """This process's anonymous resident memory (MB): what it allocated,
+    without the file pages safetensors maps in (read-only, shared)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def reset_peak():
-    """Resets VmHWM to the current resident size (Linux)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+class PeakSampler:
+    """The peak of `anon_mb()` while the `with` block runs, sampled every
+    millisecond on a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = self.start = anon_mb()
+        self._done = threading.Event()
+
+        def sample():
+            while not self._done.wait(0.001):
+                self.peak = max(self.peak, anon_mb())
+
+        self._thread = threading.Thread(target=sample)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_mb())
 
 
 def measure_checkpoint(name, variant, folder):
-    """Seconds and peak RSS growth (MB) to read a sharded checkpoint into
-    the NNX module: ours, or `safetensors.flax.load_file` + `nnx.update`."""
-    import safetensors.flax
-
+    """Seconds and peak growth of allocated memory (MB) to read a sharded
+    checkpoint into the NNX module: ours, or `safetensors.flax.load_file`
+    + `nnx.update`."""
     module = make_module(name)
     layer = keras_flax.FlaxLayer(module) if variant == "B" else None
     index = os.path.join(folder, "model.safetensors.index.json")
     gc.collect()
-    reset_peak()
-    before = peak_mb()
+    sampler = PeakSampler()
     start = time.perf_counter()
+    with sampler:
+        load_checkpoint(variant, layer, module, index, folder)
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_mb": sampler.peak - sampler.start,
+    }
+
+
+def load_checkpoint(variant, layer, module, index, folder):
+    import safetensors.flax
+
     if variant == "B":
         keras_flax.load_safetensors(layer, index)
         jax.block_until_ready([v.value for v in layer.weights])
@@ -321,10 +350,6 @@ def measure_checkpoint(name, variant, folder):
             node[leaf] = value
         nnx.update(module, state)
         jax.block_until_ready(nnx.state(module))
-    return {
-        "seconds": time.perf_counter() - start,
-        "peak_mb": peak_mb() - before,
-    }
 
 
 def write_checkpoint(name, folder, shards=4):
@@ -359,7 +384,15 @@ def measure(kind, name, variant, folder=None):
     return measure_checkpoint(name, variant, folder)
 
 
-def fresh(kind, name, variant="-", folder="-", devices=False):
+# Results of fresh processes by their arguments and repeat, kept in a file
+# (`--cache`) so that a run stopped part way resumes where it stopped.
+CACHE = {"runs": {}}
+
+
+def fresh(kind, name, variant="-", folder="-", devices=False, repeat=0):
+    key = f"{kind} {name} {variant} {repeat}"
+    if key in CACHE["runs"]:
+        return CACHE["runs"][key]
     command = [sys.executable, __file__, "--case", kind, name, variant, folder]
     if devices:
         command.append("--devices")
@@ -369,11 +402,18 @@ def fresh(kind, name, variant="-", folder="-", devices=False):
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)
         return None
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    value = json.loads(result.stdout.strip().splitlines()[-1])
+    if "path" in CACHE:
+        CACHE["runs"][key] = value
+        with open(CACHE["path"], "w") as f:
+            json.dump(CACHE["runs"], f)
+    return value
 
 
 def median_of(kind, name, variant, repeats, **kwargs):
-    runs = [fresh(kind, name, variant, **kwargs) for _ in range(repeats)]
+    runs = [
+        fresh(kind, name, variant, repeat=i, **kwargs) for i in range(repeats)
+    ]
     runs = [r for r in runs if r is not None]
     if not runs:
         return None
@@ -445,9 +485,10 @@ def report(rows, builds, parallel, checkpoint, quick):
         lines += [
             "",
             "Reading a 4-file sharded safetensors checkpoint into the NNX "
-            "module (medians over fresh processes): seconds, and the growth "
-            "of the process's peak resident memory over the parameters' "
-            "bytes.",
+            "module (medians over fresh processes): seconds, and the peak "
+            "growth of the process's allocated memory (anonymous resident "
+            "pages; the checkpoint's memory-mapped file pages left out) over "
+            "the parameters' bytes.",
             "",
             "| model | load_safetensors (s) | load_file + nnx.update (s) "
             "| peak, ours | peak, load_file |",
@@ -467,7 +508,13 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--case", nargs=4)
     parser.add_argument("--devices", action="store_true")
+    parser.add_argument("--cache", help="a JSON file of results to resume")
     args = parser.parse_args()
+    if args.cache:
+        CACHE["path"] = args.cache
+        if os.path.exists(args.cache):
+            with open(args.cache) as f:
+                CACHE["runs"] = json.load(f)
     if args.case:
         kind, name, variant, folder = args.case
         print(json.dumps(measure(kind, name, variant, folder)))

@@ -187,7 +187,16 @@ def _evaluate(jaxpr, consts, args, eqns, cheapest):
     def read(v):
         return v.val if isinstance(v, Literal) else env[v]
 
-    for eqn in eqns:
+    # Each value is dropped after its last use (a large module's kernels
+    # before scaling would otherwise all stay alive until the end).
+    last_use = {}
+    for i, eqn in enumerate(eqns):
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                last_use[v] = i
+    kept = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+
+    for i, eqn in enumerate(eqns):
         params = eqn.params
         nested_jit = params.get("compiler_options_kvs") == ()
         if cheapest and nested_jit:
@@ -204,4 +213,9 @@ def _evaluate(jaxpr, consts, args, eqns, cheapest):
         if not eqn.primitive.multiple_results:
             out = [out]
         env.update(zip(eqn.outvars, out, strict=True))
+        for v in eqn.invars:
+            if isinstance(v, Literal) or v in kept:
+                continue
+            if last_use[v] == i:
+                env.pop(v, None)
     return [read(v) for v in jaxpr.outvars]

@@ -26,6 +26,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 
 from keras_flax import _backends
@@ -72,7 +73,7 @@ def load_safetensors(layer, filepath, rules=None, strict=True) -> dict:
     """Reads a safetensors checkpoint into a built layer's weights.
 
     Args:
-        layer: a built `FlaxLayer`, `JaxLayer` (or `EquinoxLayer`).
+        layer: a built `FlaxLayer` or `JaxLayer`.
         filepath: a `.safetensors` file, or the `*.safetensors.index.json`
             of a sharded checkpoint (its `weight_map` names the files).
         rules: None (keys are the layer's weight names), `"torch"`
@@ -119,7 +120,7 @@ def save_safetensors(layer, filepath, rules=None) -> None:
     written.
 
     Args:
-        layer: a built `FlaxLayer`, `JaxLayer` (or `EquinoxLayer`).
+        layer: a built `FlaxLayer` or `JaxLayer`.
         filepath: the `.safetensors` file to write.
         rules: None, `"torch"`, or an ordered list of
             `(regex, replacement[, transforms])` entries and `"torch"`,
@@ -396,8 +397,6 @@ def _target_dtype(dtype, transforms):
 
 
 def _dtype_of(holder):
-    import keras
-
     return jnp.dtype(keras.backend.standardize_dtype(holder.dtype))
 
 
