@@ -66,6 +66,15 @@ def shifted(x):
     return np.roll(x, shift=(1, 2), axis=(1, 2))
 
 
+# `DataParallel` splits every batch over the devices: whole batches only.
+BATCH = 64
+
+
+def whole_batches(x, y):
+    n = len(x) - len(x) % BATCH
+    return x[:n], y[:n]
+
+
 def accuracy(logits, y):
     return float(np.mean(np.argmax(np.asarray(logits), axis=-1) == y))
 
@@ -81,10 +90,10 @@ def pretrain_in_torch(hidden, epochs, train, seed):
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     x, y = (torch.from_numpy(a) for a in train)
     for _ in range(epochs):
-        for i in range(0, len(x), 64):
+        for i in range(0, len(x), BATCH):
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(
-                model(x[i : i + 64]), y[i : i + 64].long()
+                model(x[i : i + BATCH]), y[i : i + BATCH].long()
             )
             loss.backward()
             optimizer.step()
@@ -109,7 +118,7 @@ def merged(lora_module, hidden, seed):
 def run(hidden=64, rank=4, pretrain_epochs=20, finetune_epochs=10, seed=0):
     """Steps 1-4; returns the numbers it prints."""
     keras.utils.set_random_seed(seed)
-    train, test = load_digits_split(seed)
+    train, test = (whole_batches(*split) for split in load_digits_split(seed))
     (x_train, y_train), (x_test, y_test) = train, test
     numbers = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -139,20 +148,20 @@ def run(hidden=64, rank=4, pretrain_epochs=20, finetune_epochs=10, seed=0):
         numbers["loaded: largest logit difference to PyTorch"] = float(
             np.max(
                 np.abs(
-                    model.predict(x_test, verbose=0)
+                    model.predict(x_test, batch_size=BATCH, verbose=0)
                     - torch_logits(pretrained, x_test)
                 )
             )
         )
         numbers["loaded accuracy, shifted task"] = accuracy(
-            model.predict(shifted(x_test), verbose=0), y_test
+            model.predict(shifted(x_test), batch_size=BATCH, verbose=0), y_test
         )
 
         # 3. LoRA fine-tuning under DataParallel.
         model.fit(
-            shifted(x_train), y_train, batch_size=64, epochs=finetune_epochs
+            shifted(x_train), y_train, batch_size=BATCH, epochs=finetune_epochs
         )
-        logits = model.predict(shifted(x_test), verbose=0)
+        logits = model.predict(shifted(x_test), batch_size=BATCH, verbose=0)
         numbers["fine-tuned accuracy, shifted task"] = accuracy(logits, y_test)
         keras.distribution.set_distribution(None)
 

@@ -214,6 +214,24 @@ def keras_out(layer, x):
     return np.asarray(layer(x, training=False))
 
 
+def torch_out(model, x):
+    """The PyTorch model's outputs in eval mode (token ids as int64)."""
+    inputs = torch.from_numpy(x)
+    if not inputs.is_floating_point():
+        inputs = inputs.long()
+    with torch.no_grad():
+        return model(inputs).numpy()
+
+
+def assert_predicts_as_torch(layer, model, x):
+    """The layer's outputs equal PyTorch's (1e-5); images go to PyTorch as
+    NCHW and to the layer as NHWC."""
+    flax_x = x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+    np.testing.assert_allclose(
+        keras_out(layer, flax_x), torch_out(model, x), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("kind", ["nnx", "linen"])
 def test_torch_conv_net_loads_and_predicts_as_torch(kind, tmp_path):
     model = trained_conv_net()
@@ -225,10 +243,7 @@ def test_torch_conv_net_loads_and_predicts_as_torch(kind, tmp_path):
     # Every tensor but BatchNorm's step counter, which Flax has no place for.
     assert len(report["converted"]) == len(model.state_dict()) - 1
     x = np.random.default_rng(0).normal(size=(4, 3, 6, 6)).astype("float32")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    actual = keras_out(layer, x.transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_predicts_as_torch(layer, model, x)
 
 
 @pytest.mark.parametrize("kind", ["nnx", "linen"])
@@ -239,11 +254,7 @@ def test_torch_transformer_block_loads_and_predicts_as_torch(kind, tmp_path):
     load_safetensors(layer, path, rules=block_rules(kind))
 
     ids = np.random.default_rng(0).integers(0, 11, (3, 5)).astype("int32")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(ids).long()).numpy()
-    np.testing.assert_allclose(
-        keras_out(layer, ids), expected, rtol=1e-5, atol=1e-5
-    )
+    assert_predicts_as_torch(layer, model, ids)
 
 
 def test_nnx_module_holds_the_loaded_weights(tmp_path):
@@ -272,10 +283,7 @@ def test_saved_file_loads_into_torch_strictly(kind, tmp_path):
     tensors = safetensors.torch.load_file(path)
     model.load_state_dict(tensors, strict=True)
     x = np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype("float32")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    actual = keras_out(layer, x.transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_predicts_as_torch(layer, model, x)
 
 
 @pytest.mark.parametrize("kind", ["nnx", "linen"])
@@ -295,11 +303,7 @@ def test_block_round_trip_through_torch(kind, tmp_path):
     model = TorchBlock().eval()
     model.load_state_dict(safetensors.torch.load_file(path), strict=True)
     ids = np.random.default_rng(2).integers(0, 11, (2, 5)).astype("int32")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(ids).long()).numpy()
-    np.testing.assert_allclose(
-        keras_out(layer, ids), expected, rtol=1e-5, atol=1e-5
-    )
+    assert_predicts_as_torch(layer, model, ids)
 
 
 def test_own_names_round_trip_without_rules(tmp_path):
@@ -346,11 +350,7 @@ def test_sharded_checkpoint_through_its_index(tmp_path):
     report = load_safetensors(layer, index, rules="torch")
     assert len(report["converted"]) == len(model.state_dict())
     ids = np.arange(10).reshape(2, 5).astype("int32")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(ids).long()).numpy()
-    np.testing.assert_allclose(
-        keras_out(layer, ids), expected, rtol=1e-5, atol=1e-5
-    )
+    assert_predicts_as_torch(layer, model, ids)
 
 
 def test_rules_with_groups_and_transforms(tmp_path):

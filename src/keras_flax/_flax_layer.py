@@ -68,7 +68,9 @@ class FlaxLayer(JaxLayer):
             `pack_weights` (bool: hold all leaves of one dtype in one Keras
             variable; see `JaxLayer`), `native_serialization_platforms`
             (TensorFlow backend) and the Keras layer arguments (`name`,
-            `dtype`, `trainable`, ...).
+            `dtype`, `trainable`, ...). Without a `dtype` (and under Keras'
+            default global policy) the module's own float dtypes are kept:
+            `param_dtype=jnp.bfloat16` gives bfloat16 weights.
 
     Call arguments:
         inputs: a JAX array or a PyTree of arrays.

@@ -69,7 +69,12 @@ class _Item:
     shape: tuple  # the shape after the transforms
 
 
-def load_safetensors(layer, filepath, rules=None, strict=True) -> dict:
+def load_safetensors(
+    layer: keras.layers.Layer,
+    filepath: str | os.PathLike,
+    rules: str | list | None = None,
+    strict: bool = True,
+) -> dict:
     """Reads a safetensors checkpoint into a built layer's weights.
 
     Args:
@@ -87,6 +92,24 @@ def load_safetensors(layer, filepath, rules=None, strict=True) -> dict:
         A dict: `missing` (weight names not in the checkpoint),
         `unexpected` (keys placed nowhere) and `converted`
         (`(key, name)` pairs read).
+
+    Example:
+
+    >>> import os, tempfile, torch, safetensors.torch
+    >>> from flax import nnx
+    >>> from keras_flax import FlaxLayer, load_safetensors
+    >>> linear = torch.nn.Linear(3, 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "linear.safetensors")
+    >>> safetensors.torch.save_file({"fc." + k: v for k, v in
+    ...     linear.state_dict().items()}, path)
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.fc = nnx.Linear(3, 2, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.fc(x)
+    >>> layer = FlaxLayer(Net(nnx.Rngs(0)))
+    >>> load_safetensors(layer, path, rules="torch")["converted"]
+    [('fc.bias', 'fc/bias'), ('fc.weight', 'fc/kernel')]
     """
     held, shorts = _held(layer, "load_safetensors")
     rule_list = _rules(rules)
@@ -110,7 +133,11 @@ def load_safetensors(layer, filepath, rules=None, strict=True) -> dict:
     }
 
 
-def save_safetensors(layer, filepath, rules=None) -> None:
+def save_safetensors(
+    layer: keras.layers.Layer,
+    filepath: str | os.PathLike,
+    rules: str | list | None = None,
+) -> None:
     """Writes a built layer's weights to a safetensors file.
 
     The inverse of `load_safetensors`: `rules` rename the layer's weight
