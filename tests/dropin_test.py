@@ -223,3 +223,51 @@ def assert_trees_equal(a, b):
     assert a_def == b_def, f"{a_def} != {b_def}"
     for x, y in zip(a_leaves, b_leaves, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _public(layer):
+    return {a for a in dir(layer) if not a.startswith("_")}
+
+
+# jax2tf's per-mode functions: ours are converted per input structure, with
+# another signature (see `_backends._TensorFlowRunner`), so not exposed.
+_NOT_EXPOSED = {"jax2tf_training_false_fn", "jax2tf_training_true_fn"}
+
+
+@pytest.mark.parametrize("module", ["MLP", "BatchNormDropout"])
+def test_flax_layer_has_the_builtins_public_attributes(module):
+    module = getattr(modules, module)()
+    x = data(4, 5)
+    variables = module.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x
+    )
+    builtin = keras.layers.FlaxLayer(module, variables=variables)
+    ours = keras_flax.FlaxLayer(module, variables=variables)
+    builtin(x), ours(x)
+    assert _public(builtin) - _public(ours) == _NOT_EXPOSED
+    for name in ("call_fn_has_params", "call_fn_has_state"):
+        assert getattr(ours, name) == getattr(builtin, name)
+    for name in ("call_fn_arguments", "init_fn_arguments"):
+        assert list(getattr(ours, name)) == list(getattr(builtin, name))
+    for name in ("tracked_params", "tracked_state"):
+        # The same variables, by shape, in the same (leaf) order.
+        assert [v.shape for v in getattr(ours, name)] == [
+            v.shape for v in getattr(builtin, name)
+        ]
+        assert all(
+            any(v is w for w in ours.weights) for v in getattr(ours, name)
+        )
+
+
+def test_jax_layer_has_the_builtins_public_attributes():
+    def call_fn(params, inputs):
+        return inputs @ params["w"]
+
+    params = {"w": jnp.ones((5, 3))}
+    builtin = keras.layers.JaxLayer(call_fn, params=params)
+    ours = keras_flax.JaxLayer(call_fn, params=params)
+    x = data(2, 5)
+    builtin(x), ours(x)
+    assert _public(builtin) - _public(ours) == _NOT_EXPOSED
+    assert ours.tracked_params == [ours.params["w"]]
+    assert ours.tracked_state == [] and len(builtin.tracked_state) == 0

@@ -143,6 +143,14 @@ class FlaxLayer(JaxLayer):
         self._wrt = wrt
         self.call_fn = model.apply
         self.init_fn = model.init
+        # As `keras.layers.FlaxLayer` describes its generated functions.
+        training = ("training",) if signature.takes_training else ()
+        self.call_fn_arguments = ("params", "state", "rng", "inputs", *training)
+        self.call_fn_has_params = True
+        self.call_fn_has_state = True
+        self.init_fn_arguments = None
+        if model.init is not None:
+            self.init_fn_arguments = ("rng", "inputs", *training)
 
     @classmethod
     def from_nnx(

@@ -108,6 +108,17 @@ class ModelLayer(keras.layers.Layer):
         """The non-trainable state: a PyTree of Keras variables, or None."""
         return self._model.view(_tree(self._state_tree))
 
+    @property
+    def tracked_params(self) -> list:
+        """The trainable weights' Keras variables, flat (as the built-in
+        `keras.layers.JaxLayer` lists them; packs where packed)."""
+        return [] if self._params_tree is None else self._params_tree.variables
+
+    @property
+    def tracked_state(self) -> list:
+        """The non-trainable state's Keras variables, flat."""
+        return [] if self._state_tree is None else self._state_tree.variables
+
     def _current_values(self, copy=True):
         """`(params, state)`: the current values (copies), as trees."""
         return tuple(
