@@ -31,6 +31,16 @@ def _scenario(name):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# The weights of `scenarios.Net` (Dense, BatchNorm, Dense), by Flax path.
+NET_WEIGHTS = sorted(
+    [
+        "Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel",
+        "BatchNorm_0/bias", "BatchNorm_0/scale",
+        "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var",
+    ]
+)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def data_parallel():
     return _scenario("data_parallel")
@@ -43,6 +53,7 @@ def test_data_parallel_matches_one_device(data_parallel):
     assert result["max_output_diff"] < 1e-5
     # Inside the compiled train step, the batch is split along its axis.
     assert "('batch',)" in result["input_shardings"]
+    assert sorted(result["weights"]) == NET_WEIGHTS
     assert all(w["replicated"] for w in result["weights"].values())
 
 
@@ -55,6 +66,7 @@ def test_model_parallel_layout_map_on_flax_path_names():
     others = {
         k: w for k, w in result["weights"].items() if k != "Dense_0/kernel"
     }
+    assert sorted(others) == [n for n in NET_WEIGHTS if n != "Dense_0/kernel"]
     assert all(w["replicated"] for w in others.values())
 
 
@@ -67,6 +79,9 @@ def test_optax_state_is_sharded_as_its_weights():
     assert sorted(k.rsplit("_", 2)[-2:][1] for k in kernel) == ["mu", "nu"]
     assert all(v["spec"] == "(None, 'model')" for v in kernel.values())
     others = {k: v for k, v in state.items() if k not in kernel}
+    # Two moments for each of the 5 other trainable weights (the batch
+    # statistics have none), and the step count: all replicated.
+    assert len(others) >= 2 * 5 + 1
     assert all(v["replicated"] for v in others.values())
 
 
