@@ -37,8 +37,7 @@ def _own_names():
 
 
 def test_no_private_name_of_keras_jax_or_flax_outside_private_py():
-    # NamedTuple's public methods are spelled with an underscore.
-    own = _own_names() | {"_replace", "_asdict", "_fields"}
+    own = _own_names()
     reached = []
     for name, tree in SOURCES.items():
         if name == "_private.py":
@@ -78,6 +77,35 @@ def test_the_public_classes_override_no_hook_of_the_layer():
         ]
         assert overridden == [], cls
     assert issubclass(FlaxLayer, JaxLayer)  # as in keras.layers
+
+
+def test_only_the_registry_and_the_adapters_ask_which_kind_a_model_is():
+    # The layer classes find a kind through `_kinds.of`; nothing tests a
+    # module's class elsewhere (no `isinstance(module, nnx.Module)`).
+    asking = []
+    for name, tree in SOURCES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id == "is_nnx":
+                asking.append(f"{name}: is_nnx")
+            is_check = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2
+            )
+            if not is_check:
+                continue
+            text = ast.unparse(node.args[1])
+            if text in ("nn.Module", "nnx.Module") and name not in (
+                "_kinds.py",
+                "_linen.py",
+                "_nnx.py",
+                "_serialization.py",  # checks what a saved config names
+                "_errors.py",  # words the fix for a class given
+                "_checks.py",  # `from_nnx` takes NNX classes only
+            ):
+                asking.append(f"{name}: {ast.unparse(node)}")
+    assert asking == []
 
 
 def test_the_public_api_is_typed():

@@ -408,14 +408,6 @@ def stateful_result(result):
     return result
 
 
-def flax_module(module):
-    """Refuses what is not a Flax module; whether it is an NNX one."""
-    is_nnx = isinstance(module, nnx.Module)
-    if not (is_nnx or isinstance(module, nn.Module)):
-        raise TypeError(_errors.not_a_module(module))
-    return is_nnx
-
-
 def nnx_class(module_class):
     """Refuses what is not an NNX module class."""
     if not (
@@ -434,11 +426,13 @@ def nnx_arguments(variables, rng_collections):
 def nothing_created(model, params, state, inputs):
     """Refuses a model that creates variables when first called."""
     try:
-        created = model.created(params, state, inputs)
-    except _errors.MODULE_ERRORS:
+        created = model.diagnostics.created(params, state, inputs)
+    except _errors.UserCodeError:
         return  # the call raises the module's own error
     if created:
-        raise ValueError(_errors.lazy_nnx_module(model.label, created))
+        raise ValueError(
+            _errors.lazy_nnx_module(model.diagnostics.label, created)
+        )
 
 
 def unused_leaves(model, given, expected, spec, check_shapes):
@@ -458,13 +452,14 @@ def unused_leaves(model, given, expected, spec, check_shapes):
         "params": _variables.specs_by_path(params),
         "state": _variables.specs_by_path(state),
     }
-    trees = model.user_trees(params, state)
-    if len(trees) == 1 and not params and expected[0]:
-        # One tree of collections (linen's `variables`) without `params`.
-        raise ValueError(_errors.variables_without_params(sorted(state or {})))
+    diagnostics = model.diagnostics
+    if diagnostics.without_params is not None and not params and expected[0]:
+        # Given weights without parameters, where `init` creates some.
+        raise ValueError(diagnostics.without_params(state))
+    trees = diagnostics.user_trees(params, state)
     unused = {"params": {}, "state": {}}
     for (arg, tree), (_, want) in zip(
-        trees, model.user_trees(*expected), strict=True
+        trees, diagnostics.user_trees(*expected), strict=True
     ):
         if tree is None or want is None:
             continue
@@ -476,7 +471,7 @@ def unused_leaves(model, given, expected, spec, check_shapes):
                     f"of {spec}",
                     missing,
                     mismatched,
-                    model.misfit_fix.format(arg=arg),
+                    diagnostics.misfit_fix.format(arg=arg),
                 )
             )
         for path in extra:  # `arg` is "params", "state" or both's

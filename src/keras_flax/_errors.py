@@ -5,24 +5,66 @@ received (`Received: arg=...`), and the fix, in code where possible.
 """
 
 import difflib
+import functools
 import re
 import reprlib
+from collections.abc import Callable
+from typing import TypeVar
 
-import flax
 from flax import nnx
 
-# What a module raises when it refuses inputs (a shape, a dtype, a size it
-# cannot take symbolically). Anything else is a bug, raised as it is.
-MODULE_ERRORS = (
-    TypeError,
-    ValueError,
-    IndexError,
-    KeyError,
-    ArithmeticError,
-    AssertionError,
-    NotImplementedError,
-    flax.errors.FlaxError,
-)
+T = TypeVar("T")
+
+
+class UserCodeError(Exception):
+    """What the user's model raised, carried out of our code.
+
+    Every call into the user's model (a module's `init` / `apply` / method,
+    `call_fn`, `init_fn`) goes through `user_code`, which re-raises what
+    it raises as this; our code catches only this (a module refusing a
+    size, say), so that our own bugs are never taken for the module's
+    refusal. The layer re-raises `error`, the original, to the user.
+
+    Attributes:
+        error: the exception the user's code raised.
+    """
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
+def user_code(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` (the user's code), raising what it raises as `UserCodeError`."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserCodeError:
+            raise  # the user's code calling ours calling the user's
+        except Exception as error:
+            raise UserCodeError(error) from error
+
+    return call
+
+
+def raises_user_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """`method` (a layer's entry point), re-raising to the user the
+    original of any `UserCodeError`: the error of their model, as the
+    built-in layers raise it."""
+
+    @functools.wraps(method)
+    def entry(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except UserCodeError as wrapped:
+            raise wrapped.error.with_traceback(
+                wrapped.error.__traceback__
+            ) from None
+
+    return entry
+
 
 _repr = reprlib.Repr()
 _repr.maxstring = 80
@@ -642,6 +684,16 @@ def wrt_not_a_filter(wrt):
     return (
         "`wrt` must be a Flax NNX filter choosing the parameters that train. "
         f"Received: wrt={describe(wrt)}. {_WRT_FIX}"
+    )
+
+
+def wrt_unsupported(wrt, label):
+    return (
+        f"`wrt` chooses among the parameters of a model that names them; "
+        f"{label} gives its weights as one tree. Received: "
+        f"wrt={describe(wrt)}. Fix: split the trainable weights from the "
+        "rest yourself (`params` and `state`), or pass `trainable=False` to "
+        "train none."
     )
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
-from keras_flax import _linen
+from keras_flax import _kinds
 from keras_flax import _nnx
 from keras_flax import _private
 from keras_flax import _rng
@@ -112,35 +112,25 @@ class FlaxLayer(JaxLayer):
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
-        is_nnx = _checks.flax_module(module)
-        base = nnx.Module if is_nnx else nn.Module
-        target, signature = _checks.resolve_method(module, method, base)
+        kind = _kinds.of(module, "FlaxLayer")
+        target, signature = _checks.resolve_method(
+            module, method, kind.module_type
+        )
+        model = kind.adapt(
+            module,
+            target,
+            signature.takes_training,
+            variables=variables,
+            rng_collections=rng_collections,
+            seed=kwargs.get("seed"),
+        )
         self.rng_collections = tuple(
             _rng.CALL_STREAMS if rng_collections is None else rng_collections
         )
-        if is_nnx:
-            _checks.nnx_arguments(variables, rng_collections)
-            model = _nnx.adapt(
-                module,
-                target,
-                signature.takes_training,
-                kwargs.get("seed"),
-                wrt=wrt,
-            )
-        else:
-            model = _linen.adapt(
-                module,
-                target,
-                signature.takes_training,
-                variables,
-                self.rng_collections,
-                wrt=wrt,
-            )
         # `JaxLayer.__init__` takes functions: the model is made here.
-        ModelLayer.__init__(self, model, **kwargs)
+        ModelLayer.__init__(self, model, wrt=wrt, **kwargs)
         self._module = module
         self.method = method
-        self._wrt = wrt
         self.call_fn = model.apply
         self.init_fn = model.init
         # As `keras.layers.FlaxLayer` describes its generated functions.
@@ -187,10 +177,8 @@ class FlaxLayer(JaxLayer):
         _checks.nnx_class(module_class)
         layer = cls(module_class(*args, **kwargs), **(layer_kwargs or {}))
         recorded = _serialization.RecordedCall(args, kwargs)
-        config = _nnx.config_fn(
-            layer._module, layer.method, recorded, layer.wrt
-        )
-        layer._model = layer._model._replace(config=config)
+        config = _nnx.config_fn(layer._module, layer.method, recorded)
+        layer._model = layer._model.replace(config=config)
         return layer
 
     @property
@@ -248,7 +236,7 @@ class FlaxLayer(JaxLayer):
         is updated too. All values are checked first: on any misfit the
         error names the paths, and nothing is changed.
         """
-        return self._model.user_variables(*self._current_values())
+        return self._model.user_format.to_user(*self._current_values())
 
     @flax_variables.setter
     def flax_variables(self, variables: Any) -> None:

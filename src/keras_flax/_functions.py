@@ -9,7 +9,9 @@ from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax._model import Diagnostics
 from keras_flax._model import Model
+from keras_flax._model import Rng
 
 
 def arguments(call_fn, init_fn):
@@ -34,6 +36,8 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
         raise ValueError(_errors.nothing_to_initialize())
     takes_state = "state" in call_arguments
     takes_training = "training" in call_arguments
+    user_call = _errors.user_code(call_fn)
+    user_init = None if init_fn is None else _errors.user_code(init_fn)
 
     def apply(params, state, rng, inputs, training):
         args = {
@@ -44,14 +48,14 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
             # One trace per mode only if `call_fn` sees the mode.
             "training": training,
         }
-        result = call_fn(*(args[a] for a in call_arguments))
+        result = user_call(*(args[a] for a in call_arguments))
         if not takes_state:
             return result, None
         return _checks.stateful_result(result)
 
     def init(rng, inputs):
         args = {"rng": rng, "inputs": inputs, "training": True}
-        result = init_fn(*(args[a] for a in init_arguments))
+        result = user_init(*(args[a] for a in init_arguments))
         return result if takes_state else (result, None)
 
     def config():
@@ -61,16 +65,27 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
         }
 
     return Model(
-        apply=apply,
         init=None if init_fn is None else init,
+        split=lambda raw: (*raw, {}),
+        apply=apply,
         params=params,
         state=state,
-        uses_rng="rng" in call_arguments,
-        init_rng=_rng.key_from_seed,
-        takes_training=takes_training,
-        misfit_fix=(
-            "Call the layer on inputs of the shape the weights were made "
-            "for, or pass {arg}=None with `init_fn` to initialise new ones."
+        names=lambda trainable, parts: (
+            parts if trainable else ("state", *parts)
         ),
+        rng=Rng(
+            init=_rng.key_from_seed,
+            call=(lambda key: key) if "rng" in call_arguments else None,
+        ),
+        takes_training=takes_training,
         config=config,
+        diagnostics=Diagnostics(
+            label="call_fn",
+            initializer="init_fn",
+            misfit_fix=(
+                "Call the layer on inputs of the shape the weights were "
+                "made for, or pass {arg}=None with `init_fn` to initialise "
+                "new ones."
+            ),
+        ),
     )

@@ -200,8 +200,8 @@ def search(fn, specs, arg):
             try:
                 result = fn(placeholders(specs, size, dtype))
                 return result, specs.found(dtype, size)
-            except _errors.MODULE_ERRORS as error:  # refused: the next size
-                first_error = first_error or error
+            except _errors.UserCodeError as refused:  # the next size
+                first_error = first_error or refused.error
     raise ValueError(
         _errors.cannot_initialize(arg, str(specs), sizes, first_error)
     ) from first_error

@@ -10,6 +10,7 @@ import keras
 
 from keras_flax import _checks
 from keras_flax import _functions
+from keras_flax import _kinds
 from keras_flax import _serialization
 from keras_flax._layer import ModelLayer
 
@@ -93,8 +94,9 @@ class JaxLayer(ModelLayer):
         **kwargs,
     ):
         _checks.layer_arguments(type(self).__name__, pack_weights)
+        # Checked first: a `call_fn` that is no function is refused there.
         call_arguments, init_arguments = _functions.arguments(call_fn, init_fn)
-        model = _functions.adapt(
+        model = _kinds.of(call_fn, "JaxLayer").adapt(
             call_fn, call_arguments, init_fn, init_arguments, params, state
         )
         super().__init__(

@@ -22,6 +22,7 @@ from keras_flax import _layouts
 from keras_flax import _onnx
 from keras_flax import _packing
 from keras_flax import _variables
+from keras_flax import _wrt
 from keras_flax._model import Model
 
 
@@ -34,6 +35,8 @@ class ModelLayer(keras.layers.Layer):
         native_serialization_platforms: platforms `jax2tf` compiles for on
             the TensorFlow backend (None: the platform in use).
         pack_weights: hold the leaves of each dtype in one flat variable.
+        wrt: the filter of the parameters that train (see `_wrt`), where
+            the model has `FineTuning`; None for all.
         **kwargs: Keras layer arguments.
     """
 
@@ -43,8 +46,12 @@ class ModelLayer(keras.layers.Layer):
         seed: int | None = None,
         native_serialization_platforms: list[str] | None = None,
         pack_weights: bool = False,
+        wrt: Any = None,
         **kwargs,
     ):
+        self._trains = _wrt.predicate(
+            wrt, model.fine_tuning, model.diagnostics.label
+        )
         # A dtype policy given to the layer, or a global one other than the
         # default, decides the float storage; else the module's own dtypes
         # are kept (a `param_dtype=bfloat16` module holds bfloat16).
@@ -54,13 +61,14 @@ class ModelLayer(keras.layers.Layer):
         )
         super().__init__(**kwargs)
         self._model = model
+        self._wrt = wrt
         self.seed = seed
         self.pack_weights = pack_weights
         self.jax2tf_native_serialization_platforms = (
             native_serialization_platforms
         )
         self.seed_generator = None
-        if model.uses_rng:
+        if model.rng.call is not None:
             self.seed_generator = keras.random.SeedGenerator(seed)
         # Whether the model asked for randomness outside training.
         self._inference_rng = False
@@ -80,10 +88,10 @@ class ModelLayer(keras.layers.Layer):
         self._not_trained = frozenset()
         if model.params is not None or model.state is not None:
             if model.params is not None:
-                self._not_trained = model.not_trained(model.params)
+                self._not_trained = self._left_out(model.params)
             # Arrays the user passed are copied once; an NNX module's own
             # arrays are shared with it (one copy of each weight).
-            copy = not model.given_shared
+            copy = not model.shares_given
             if pack_weights and model.init is not None:
                 # Packed at build, once it is known which leaves the model
                 # uses (those it does not are packed apart, frozen).
@@ -96,17 +104,17 @@ class ModelLayer(keras.layers.Layer):
                 )
             # The variables (or the pending trees) hold the given weights
             # now: nothing else keeps them.
-            self._model = model._replace(params=None, state=None)
+            self._model = model.replace(params=None, state=None)
 
     @property
     def params(self) -> Any:
         """The trainable weights: a PyTree of Keras variables, or None."""
-        return self._model.view(_tree(self._params_tree))
+        return self._view(_tree(self._params_tree))
 
     @property
     def state(self) -> Any:
         """The non-trainable state: a PyTree of Keras variables, or None."""
-        return self._model.view(_tree(self._state_tree))
+        return self._view(_tree(self._state_tree))
 
     @property
     def tracked_params(self) -> list:
@@ -118,6 +126,23 @@ class ModelLayer(keras.layers.Layer):
     def tracked_state(self) -> list:
         """The non-trainable state's Keras variables, flat."""
         return [] if self._state_tree is None else self._state_tree.variables
+
+    def _view(self, tree):
+        """A tree of the layer's as the model shows it."""
+        user_format = self._model.user_format
+        return tree if user_format is None else user_format.view(tree)
+
+    def _left_out(self, params):
+        """The keys of the parameters `wrt` leaves out (none without)."""
+        if self._trains is None:
+            return frozenset()
+        model = self._model
+        return _wrt.left_out(
+            self._wrt,
+            self._trains,
+            model.diagnostics.label,
+            model.fine_tuning.candidates(params),
+        )
 
     def _current_values(self, copy=True):
         """`(params, state)`: the current values (copies), as trees."""
@@ -178,10 +203,10 @@ class ModelLayer(keras.layers.Layer):
         trees = [t for t in (self._params_tree, self._state_tree) if t]
         if not trees:
             raise ValueError(_errors.assigned_before_build(self.name))
-        given = _variables.by_path(self._model.from_user(variables))
+        given = _variables.by_path(self._model.user_format.from_user(variables))
         held = {}
         for tree in trees:
-            held.update(_variables.by_path(self._model.view(tree.tree)))
+            held.update(_variables.by_path(self._view(tree.tree)))
         _checks.assignable(self.name, given, held)
         for path, variable in held.items():
             # A copy: `fit` donates the variables' buffers, and the given
@@ -196,11 +221,13 @@ class ModelLayer(keras.layers.Layer):
         if self.pack_weights:
             _checks.packing_allowed()
         model = self._model
+        user_format = model.user_format
+        write_back = None if user_format is None else user_format.write_back
 
         def metadata(parts):
             return {
                 "axes": self._axes.get(_variables.path_text(parts)),
-                "mirror": model.write_back(parts),
+                "mirror": None if write_back is None else write_back(parts),
             }
 
         tree_class = _variables.VariableTree
@@ -210,7 +237,7 @@ class ModelLayer(keras.layers.Layer):
             self,
             values,
             trainable=trainable,
-            name_fn=lambda parts: model.name(trainable, parts),
+            name_fn=lambda parts: model.names(trainable, parts),
             autocast=trainable,
             metadata_fn=metadata,
             frozen=frozen,
@@ -229,11 +256,11 @@ class ModelLayer(keras.layers.Layer):
         """`(params, state, axes)` at `inputs` (placeholders); under a
         distribution that shards weights, each created in its shards."""
         model = self._model
-        rng = model.init_rng(self.seed)
+        rng = model.rng.init(self.seed)
         if keras.distribution.distribution() is not None:
             *shapes, axes = model.split(jax.eval_shape(model.init, rng, inputs))
             shardings = _layouts.init_shardings(
-                self.name, shapes, model.name, {**self._axes, **axes}
+                self.name, shapes, model.names, {**self._axes, **axes}
             )
             if shardings is not None:
                 init = _layouts.sharded_init(
@@ -253,6 +280,7 @@ class ModelLayer(keras.layers.Layer):
             _checks.inputs_fit(inputs, self._built_spec, self.name)
         return super().__call__(*args, **kwargs)
 
+    @_errors.raises_user_errors
     def build(self, input_shape):
         spec = self._input_record
         if spec is None:
@@ -260,10 +288,10 @@ class ModelLayer(keras.layers.Layer):
         if all(tree is None for tree in self._given_trees()):
             if self._model.init is not None:
                 (params, state, axes), spec = _inputs.search(
-                    self._init, spec, self._model.initializer
+                    self._init, spec, self._model.diagnostics.initializer
                 )
                 self._axes.update(axes)
-                self._not_trained = self._model.not_trained(params)
+                self._not_trained = self._left_out(params)
                 # A layer saved with unused leaves gets them back, for the
                 # weights file to fill.
                 unused = self._unused_leaves
@@ -328,7 +356,7 @@ class ModelLayer(keras.layers.Layer):
         model accepts.
         """
         model = self._model
-        if model.created is not None:
+        if model.diagnostics.created is not None:
             if self._pending_weights is not None:
                 given = self._pending_weights.value
             else:
@@ -348,7 +376,7 @@ class ModelLayer(keras.layers.Layer):
                 expected = expected_shapes(_inputs.placeholders(spec, 1))
             else:
                 expected, _ = _inputs.search(expected_shapes, spec, "inputs")
-        except _errors.MODULE_ERRORS:
+        except _errors.UserCodeError:
             return no_unused_leaves()  # the call raises the model's error
         return _checks.unused_leaves(
             model, self._given_trees(), expected, spec, sizes_known
@@ -370,15 +398,24 @@ class ModelLayer(keras.layers.Layer):
             return remat_call
         return functools.partial(self._run, remat=True)
 
+    @_errors.raises_user_errors
     def _run(self, inputs, training=False, *, remat):
         try:
             return self._call(inputs, training, remat)
-        except self._model.inference_rng_error:
-            if training or self._inference_rng:
+        except _errors.UserCodeError as refused:
+            if not self._feeds_rng_from_now(refused, training):
                 raise
-            # The model draws randomness in inference too: feed it.
-            self._inference_rng = True
             return self._call(inputs, training, remat)
+
+    def _feeds_rng_from_now(self, refused, training):
+        """Whether `refused` (a `UserCodeError`) asks for randomness
+        outside training for the first time; then the model is fed some
+        from now on, and the call is to be made again."""
+        asks = isinstance(refused.error, self._model.rng.inference_error)
+        if training or self._inference_rng or not asks:
+            return False
+        self._inference_rng = True
+        return True
 
     def _call(self, inputs, training, remat):
         if _backends.is_meta(inputs):
@@ -416,26 +453,28 @@ class ModelLayer(keras.layers.Layer):
             return None
         return self.seed_generator.next()
 
+    @_errors.raises_user_errors
     def compute_output_spec(self, inputs, training=False):
-        """The outputs' shapes, by `jax.eval_shape` on other backends.
+        """The outputs' shapes, by `jax.eval_shape` of the forward pass,
+        unknown sizes symbolic.
 
-        (Keras' own way on TensorFlow and PyTorch runs the layer on real
-        or placeholder tensors of two made-up batch sizes.)
+        Where the model refuses symbolic sizes: on JAX, the shapes at sizes
+        it accepts (`_output_spec_by_sizes`); on TensorFlow and PyTorch,
+        Keras' own way (the layer run on placeholder tensors of two
+        made-up batch sizes).
         """
-        if _backends.name() != "jax":
-            try:
-                return self._output_spec(inputs, training)
-            except _errors.MODULE_ERRORS:  # run it as Keras would
-                return super().compute_output_spec(inputs, training=training)
         try:
+            return self._output_spec(inputs, training)
+        except _errors.UserCodeError as error:
+            if not self._feeds_rng_from_now(error, training):
+                refused = error
+            else:
+                return self.compute_output_spec(inputs, training)
+        if _backends.name() != "jax":
             return super().compute_output_spec(inputs, training=training)
-        except (*_errors.MODULE_ERRORS, AttributeError) as error:
-            # The module's, on symbolic sizes (an AttributeError where Keras
-            # fails to re-raise JAX's tracer errors with its message; a bug
-            # of ours would fail again at the concrete sizes below).
-            if not _inputs.unknown_dimensions(inputs):
-                raise  # no size to try: the error is what it is
-            return self._output_spec_by_sizes(inputs, training, error)
+        if not _inputs.unknown_dimensions(inputs):
+            raise refused  # no size to try: the error is the model's
+        return self._output_spec_by_sizes(inputs, training, refused.error)
 
     def _output_spec(self, inputs, training, size=None):
         training = bool(training)
@@ -471,7 +510,7 @@ class ModelLayer(keras.layers.Layer):
         for size in sizes:
             try:
                 found.append(self._output_spec(inputs, training, size))
-            except _errors.MODULE_ERRORS:  # the module refuses this size
+            except _errors.UserCodeError:  # the module refuses this size
                 continue
             if len(found) == 2:
                 break
@@ -498,7 +537,8 @@ class ModelLayer(keras.layers.Layer):
         if state_leaves is not None:
             state = self._state_tree.unflatten_leaves(state_leaves)
             given = self._state_tree.treedef.flatten_up_to(state)
-        rng = self._model.call_rng(_backends.key_data(seed))
+        call_rng = self._model.rng.call
+        rng = None if call_rng is None else call_rng(_backends.key_data(seed))
         outputs, new_state = self._model.apply(
             params, state, rng, inputs, training
         )
@@ -574,6 +614,8 @@ class ModelLayer(keras.layers.Layer):
                 self.jax2tf_native_serialization_platforms
             ),
         }
+        if self._wrt is not None:
+            config["wrt"] = _wrt.to_config(self._wrt)
         return {**super().get_config(), **config, **self._model.config()}
 
 

@@ -12,18 +12,22 @@ import flax.linen as nn
 import jax
 
 from keras_flax import _checks
+from keras_flax import _errors
 from keras_flax import _fast_init
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
-from keras_flax import _wrt
+from keras_flax._model import Diagnostics
+from keras_flax._model import FineTuning
 from keras_flax._model import Model
+from keras_flax._model import Rng
+from keras_flax._model import UserFormat
 
 # Collections never held as state: what modules `sow`.
 _NEVER_STATE = ("params", "intermediates")
 
 
-def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
+def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     """The `Model` of a linen module.
 
     Args:
@@ -31,11 +35,14 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
         method: None, a method name, or a function taking the module first.
         takes_training: whether the method takes `training`.
         variables: initial variables (`Module.init()` format) or None.
-        rngs: the RNG streams fed to `apply`.
-        wrt: the filter of the parameters that train (see `_wrt`), given
-            each parameter's path inside `params`; None for all.
+        rng_collections: the RNG streams fed to `apply`, or None for
+            `("dropout", "params")`, through which any stream works.
+        seed: not read here: the layer gives it to `Model.rng.init`.
     """
-    trains = _wrt.predicate(wrt, is_nnx=False)
+    del seed
+    rngs = (
+        _rng.CALL_STREAMS if rng_collections is None else tuple(rng_collections)
+    )
     # Logical axis rules in force when the layer is made, for boxes
     # without rules of their own that are split outside any rules scope.
     rules = tuple(nn.get_logical_axis_rules())
@@ -45,11 +52,14 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
         else (lambda training: {})
     )
 
+    module_init = _errors.user_code(module.init)
+    module_apply = _errors.user_code(module.apply)
+
     def init(rng, inputs):
-        return module.init(rng, inputs, method=method, **training_kwargs(True))
+        return module_init(rng, inputs, method=method, **training_kwargs(True))
 
     def apply(params, state, rng, inputs, training):
-        outputs, mutated = module.apply(
+        outputs, mutated = module_apply(
             {**params, **state},
             inputs,
             rngs=rng,
@@ -66,8 +76,9 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
         variables = _checks.linen_variables(variables, "flax_variables")
         return variables_in_init_format(*split(variables, rules)[:2])
 
-    def not_trained(params):
-        candidates = [
+    def candidates(params):
+        """Each parameter's path inside `params`, array and key."""
+        return [
             (
                 _variables.path_parts(keypath)[1:],
                 leaf,
@@ -75,7 +86,6 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
             )
             for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         ]
-        return _wrt.left_out(wrt, trains, type(module).__name__, candidates)
 
     params = state = None
     axes = {}
@@ -87,38 +97,47 @@ def adapt(module, method, takes_training, variables=None, rngs=None, wrt=None):
             "module": _serialization.serialize_module(module),
             "method": _serialization.serialize_method(module, method),
         }
-        if tuple(rngs) != _rng.CALL_STREAMS:
+        if rngs != _rng.CALL_STREAMS:
             entries["rng_collections"] = list(rngs)
-        if wrt is not None:
-            entries["wrt"] = _wrt.to_config(wrt)
         return entries
 
     return Model(
-        apply=apply,
         init=_fast_init.run_once(init),
         split=split_variables,
+        apply=apply,
         params=params,
         state=state,
-        axes=axes,
-        uses_rng=True,
-        init_rng=lambda seed: _rng.stream_keys(
-            _rng.key_from_seed(seed), _rng.INIT_STREAMS
+        names=lambda trainable, parts: parts[1:] if trainable else parts,
+        rng=Rng(
+            init=lambda seed: _rng.stream_keys(
+                _rng.key_from_seed(seed), _rng.INIT_STREAMS
+            ),
+            call=lambda key: {} if key is None else _rng.stream_keys(key, rngs),
+            inference_error=(flax.errors.InvalidRngError,),
         ),
-        call_rng=lambda key: {} if key is None else _rng.stream_keys(key, rngs),
-        inference_rng_error=flax.errors.InvalidRngError,
-        name=lambda trainable, parts: parts[1:] if trainable else parts,
-        user_trees=lambda params, state: [
-            ("variables", variables_in_init_format(params, state))
-        ],
-        misfit_fix=(
-            "Call the layer on inputs of the shape the variables were made "
-            "for, or pass variables=None to initialise new weights."
-        ),
-        initializer="module",
-        user_variables=variables_in_init_format,
-        from_user=from_user,
-        not_trained=not_trained,
+        takes_training=True,
         config=config,
+        axes=axes,
+        user_format=UserFormat(
+            view=lambda tree: tree,
+            to_user=variables_in_init_format,
+            from_user=from_user,
+        ),
+        fine_tuning=FineTuning(candidates=candidates, variable_filters=False),
+        diagnostics=Diagnostics(
+            label=type(module).__name__,
+            initializer="module",
+            misfit_fix=(
+                "Call the layer on inputs of the shape the variables were "
+                "made for, or pass variables=None to initialise new weights."
+            ),
+            user_trees=lambda params, state: [
+                ("variables", variables_in_init_format(params, state))
+            ],
+            without_params=lambda state: _errors.variables_without_params(
+                sorted(state or {})
+            ),
+        ),
     )
 
 

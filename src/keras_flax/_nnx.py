@@ -16,20 +16,22 @@ import jax
 from flax import nnx
 
 from keras_flax import _backends
+from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
-from keras_flax import _wrt
+from keras_flax._model import Diagnostics
+from keras_flax._model import FineTuning
 from keras_flax._model import Model
+from keras_flax._model import Rng
+from keras_flax._model import UserFormat
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def adapt(
-    module, method, takes_training, seed=None, recorded_call=None, wrt=None
-):
+def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     """The `Model` of an NNX module.
 
     Args:
@@ -37,14 +39,12 @@ def adapt(
             writes its values back into it).
         method: None, a method name, or a function taking the module first.
         takes_training: whether the method takes `training`.
+        variables, rng_collections: linen's; refused unless None (an NNX
+            module holds its variables and RNG streams).
         seed: if not None, every RNG stream of the module is reseeded from
             it (in the layer's copy of the module).
-        recorded_call: the module's constructor call
-            (`_serialization.RecordedCall`), or None.
-        wrt: the filter of the parameters (`nnx.Param`) that train, read
-            as `nnx.Optimizer(module, tx, wrt=...)` reads it; None for all.
     """
-    trains = _wrt.predicate(wrt, is_nnx=True)
+    _checks.nnx_arguments(variables, rng_collections)
     targets = {
         _variables.path_text(path): (path, leaf)
         for path, leaf in nnx.to_flat_state(nnx.state(module))
@@ -65,7 +65,7 @@ def adapt(
         """The outputs, new params and new state of one call."""
         called = nnx.merge(graphdefs[bool(training)], params, state)
         kwargs = {"training": training} if takes_training else {}
-        outputs = invoke(called, method, inputs, kwargs)
+        outputs = _errors.user_code(invoke)(called, method, inputs, kwargs)
         nnx.pop(called, nnx.Intermediate)
         _, new_params, new_state = nnx.split(called, nnx.Param, ...)
         return outputs, new_params, new_state
@@ -97,19 +97,20 @@ def adapt(
             _, new_params, new_state = jax.eval_shape(
                 lambda p, s, x: run(p, s, x, True), params, state, inputs
             )
-        except _errors.MODULE_ERRORS:
+        except _errors.UserCodeError:
             if has_linen_bridge(module):
                 # A linen module inside that was never initialised.
                 return ["its linen variables"]
             raise
         return _new_paths(params, new_params) + _new_paths(state, new_state)
 
-    def not_trained(params):
-        candidates = [
+    def candidates(params):
+        """Each `nnx.Param`'s path and Variable, as `nnx.Optimizer(...,
+        wrt=)` gives them to its filter, and its key."""
+        return [
             (path, variable, _variables.path_text((*path, "value")))
             for path, variable in nnx.to_flat_state(params)
         ]
-        return _wrt.left_out(wrt, trains, type(module).__name__, candidates)
 
     axes = {}
     for path, leaf in nnx.to_flat_state(nnx.state(copy)):
@@ -123,22 +124,31 @@ def adapt(
     )
 
     return Model(
+        init=None,
+        split=lambda raw: (*raw, {}),
         apply=apply,
         params=params,
         state=state,
-        given_shared=True,
+        names=lambda trainable, parts: variable_name(parts),
+        # The module draws from its own RNG streams, held as state.
+        rng=Rng(),
+        takes_training=True,
+        config=config_fn(module, method, None),
+        shares_given=True,
         axes=axes,
         rng_state=rng_state,
-        name=lambda trainable, parts: variable_name(parts),
-        write_back=write_back,
-        initializer="module",
-        label=type(module).__name__,
-        created=created,
-        view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
-        user_variables=nnx.merge_state,
-        from_user=from_user,
-        not_trained=not_trained,
-        config=config_fn(module, method, recorded_call, wrt),
+        user_format=UserFormat(
+            view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
+            to_user=nnx.merge_state,
+            from_user=from_user,
+            write_back=write_back,
+        ),
+        fine_tuning=FineTuning(candidates=candidates, variable_filters=True),
+        diagnostics=Diagnostics(
+            label=type(module).__name__,
+            initializer="module",
+            created=created,
+        ),
     )
 
 
@@ -153,9 +163,9 @@ def from_user(variables):
     raise TypeError(_errors.nnx_variables_not_state(variables))
 
 
-def config_fn(module, method, recorded_call, wrt=None):
+def config_fn(module, method, recorded_call):
     """The `Model.config` of an NNX module: its recorded constructor call
-    when there is one, else its class's own `get_config()`; and `wrt`."""
+    when there is one, else its class's own `get_config()`."""
 
     def config():
         if recorded_call is None and not hasattr(type(module), "get_config"):
@@ -164,8 +174,6 @@ def config_fn(module, method, recorded_call, wrt=None):
             "module": _serialization.serialize_nnx(module, recorded_call),
             "method": _serialization.serialize_method(module, method),
         }
-        if wrt is not None:
-            entries["wrt"] = _wrt.to_config(wrt)
         return entries
 
     return config

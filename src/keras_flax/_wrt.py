@@ -37,20 +37,26 @@ _FILTERS = (
 _VARIABLE_FILTERS = (nnx.OfType, nnx.WithTag)
 
 
-def predicate(wrt, is_nnx):
+def predicate(wrt, fine_tuning, label):
     """The predicate of the filter `wrt`, or None for None (every
-    parameter). Refuses what NNX does not read as a filter, a function not
-    taking `(path, value)`, and for linen a filter on Variable types or
-    tags."""
+    parameter).
+
+    Refuses a model that cannot choose its parameters (`fine_tuning` is
+    None: the `Model` has no `FineTuning`), what NNX does not read as a
+    filter, a function not taking `(path, value)`, and filters on Variable
+    types or tags where the values are no Variables (linen).
+    """
     if wrt is None:
         return None
+    if fine_tuning is None:
+        raise TypeError(_errors.wrt_unsupported(wrt, label))
     if not _is_filter(wrt):
         raise TypeError(_errors.wrt_not_a_filter(wrt))
     found = nnx.filterlib.to_predicate(wrt)
     for part in _parts(found):
         if not isinstance(part, _FILTERS) and not _takes_path_and_value(part):
             raise TypeError(_errors.wrt_bad_function(wrt, part))
-    if not is_nnx:
+    if not fine_tuning.variable_filters:
         typed = [p for p in _parts(found) if isinstance(p, _VARIABLE_FILTERS)]
         if typed:
             raise TypeError(_errors.wrt_typed_for_linen(wrt, typed))
@@ -65,7 +71,8 @@ def left_out(wrt, found, label, candidates):
         found: its predicate, or None (every parameter trains).
         label: what messages call the model.
         candidates: `(path, value, key)` of each parameter: the path and
-            value the filter is given, and the key returned for it.
+            value the filter is given, and the key returned for it
+            (`FineTuning.candidates`).
 
     Returns:
         The keys of the parameters left out (a frozenset).

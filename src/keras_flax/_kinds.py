@@ -1,0 +1,92 @@
+"""The registry of kinds of models.
+
+A kind is one `Kind` entry: the objects it accepts, the layer class that
+wraps them, and its adapter (a function returning a `Model`, see
+`_model`). A layer finds the kind of what it is given here, and nowhere
+else asks which kind it holds; a new kind is one adapter file and one
+entry of `KINDS`.
+
+The adapters of a layer class take the same arguments, each refusing
+those it has no use for: `FlaxLayer`'s take `(module, method,
+takes_training, *, variables, rng_collections, seed)`; `JaxLayer`'s
+`(call_fn, call_arguments, init_fn, init_arguments, params, state)`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+
+from keras_flax import _errors
+from keras_flax import _functions
+from keras_flax import _linen
+from keras_flax import _nnx
+from keras_flax._model import Model
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Kind:
+    """A kind of model.
+
+    Attributes:
+        name: the kind's name (`"linen"`).
+        layer: the name of the layer class wrapping it (`"FlaxLayer"`).
+        accepts: `object -> bool`: whether an object is of this kind.
+        adapt: the adapter, `(object, ...) -> Model`.
+        module_type: the base class of the modules it accepts, whose own
+            methods (those the base lacks) a layer may call; None for a
+            kind without methods.
+    """
+
+    name: str
+    layer: str
+    accepts: Callable[[Any], bool]
+    adapt: Callable[..., Model]
+    module_type: type | None = None
+
+
+def _instance_of(cls: type) -> Callable[[Any], bool]:
+    return lambda obj: isinstance(obj, cls)
+
+
+KINDS = (
+    Kind(
+        name="functions",
+        layer="JaxLayer",
+        accepts=callable,
+        adapt=_functions.adapt,
+    ),
+    Kind(
+        name="linen",
+        layer="FlaxLayer",
+        accepts=_instance_of(nn.Module),
+        adapt=_linen.adapt,
+        module_type=nn.Module,
+    ),
+    Kind(
+        name="nnx",
+        layer="FlaxLayer",
+        accepts=_instance_of(nnx.Module),
+        adapt=_nnx.adapt,
+        module_type=nnx.Module,
+    ),
+)
+
+
+def of(obj: Any, layer: str) -> Kind:
+    """The kind of `obj` among those `layer` wraps; refuses anything else.
+
+    Raises:
+        TypeError: naming what `layer` takes.
+    """
+    for kind in KINDS:
+        if kind.layer == layer and kind.accepts(obj):
+            return kind
+    raise TypeError(_errors.not_a_module(obj))
+
+
+def of_layer(layer: str) -> tuple[Kind, ...]:
+    """The kinds `layer` wraps."""
+    return tuple(kind for kind in KINDS if kind.layer == layer)
