@@ -5,6 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Each test starts Python processes: run by `pytest -m slow` (CI).
+pytestmark = pytest.mark.slow
+
 
 def _run(code, **env_changes):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}

@@ -14,6 +14,7 @@ def test_demo_reaches_the_promised_accuracy(api):
     assert demo.run(epochs=15, batch_size=32, seed=0, api=api) > 0.95
 
 
+@pytest.mark.slow
 def test_console_command_runs_with_its_options():
     script = pathlib.Path(sys.executable).parent / "keras-flax"
     result = subprocess.run(

@@ -13,6 +13,10 @@ import sys
 import numpy as np
 import pytest
 
+# Each scenario runs in processes of their own (8 virtual devices, or two
+# processes): run by `pytest -m slow` (CI).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = "--xla_force_host_platform_device_count=8"
 

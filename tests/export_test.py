@@ -178,6 +178,7 @@ def serving_model():
     return model
 
 
+@pytest.mark.slow
 def test_stablehlo_artifact_runs_with_jax_alone(tmp_path):
     model = serving_model()
     path = tmp_path / "model.stablehlo"

@@ -81,6 +81,7 @@ def test_interrupted_fit_resumed_with_backup_and_restore(tmp_path):
     _assert_same_weights(resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_loads_in_a_new_process(tmp_path):
     model = _model()
     path = str(tmp_path / "best.keras")

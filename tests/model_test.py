@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ import pytest
 from flax import nnx
 
 import keras_flax
+from keras_flax import EquinoxLayer
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from keras_flax import _kinds
@@ -72,6 +74,22 @@ class NnxNorm(nnx.Module):
         return self.head(self.norm(jnp.tanh(self.dense(x))))
 
 
+class EqxNorm(eqx.Module):
+    dense: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.dense = eqx.nn.Linear(4, 3, key=k1)
+        self.norm = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
+        self.head = eqx.nn.Linear(3, 2, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.norm(jnp.tanh(self.dense(x)), state)
+        return self.head(h), state
+
+
 def _values(tree):
     return jax.tree.map(lambda v: np.asarray(v.value), tree)
 
@@ -94,6 +112,20 @@ def _nnx_reference(layer, x, training):
     module = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
     module.train() if training else module.eval()
     return module(x), nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+
+def _equinox_reference(layer, x, training):
+    module = layer.module
+    if not training:
+        module = eqx.nn.inference_mode(module)
+    out, state = jax.vmap(
+        module, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, layer.eqx_state)
+    return out, jax.tree.leaves(state)
+
+
+def _equinox_state(layer):
+    return jax.tree.leaves(layer.eqx_state)
 
 
 def _functions_state(layer):
@@ -171,6 +203,28 @@ CASES = {
         non_trainable=["model/norm/mean", "model/norm/var"],
         wrt=nnx.PathContains("head"),
         trains_with_wrt=("model/head/bias", "model/head/kernel"),
+    ),
+    "equinox": Case(
+        make=lambda **kw: EquinoxLayer.from_constructor(
+            EqxNorm, jax.random.PRNGKey(0), layer_kwargs={"name": "model", **kw}
+        ),
+        reference=_equinox_reference,
+        state_of=_equinox_state,
+        trainable=[
+            "model/dense/bias",
+            "model/dense/weight",
+            "model/head/bias",
+            "model/head/weight",
+            "model/norm/bias",
+            "model/norm/weight",
+        ],
+        non_trainable=[
+            "model/state/norm/batch_counter",
+            "model/state/norm/batch_state_index/0",
+            "model/state/norm/batch_state_index/1",
+        ],
+        wrt=nnx.PathContains("head"),
+        trains_with_wrt=("model/head/bias", "model/head/weight"),
     ),
 }
 KIND_NAMES = sorted(CASES)

@@ -235,6 +235,7 @@ def own_chain(learning_rate):
     )
 
 
+@pytest.mark.slow
 def test_loading_follows_safe_mode_for_the_factory(tmp_path):
     model = model_with(OptaxOptimizer(own_chain, learning_rate=1e-2))
     model.fit(X, Y, batch_size=8, epochs=1, verbose=0)

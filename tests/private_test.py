@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import onnxruntime
 import pytest
 from flax import nnx
 
@@ -89,3 +90,20 @@ def test_compile_once_falls_back_to_default_options():
             return "compiled"
 
     assert _private.compile_once(Lowered()) == "compiled"
+
+
+def test_without_frames_onnx_export_runs_as_jax2onnx_runs_it(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(_private, "FRAMES", False)
+    assert not _private.jax2onnx_converting()
+    model = keras.Sequential(
+        [keras.Input((5,)), FlaxLayer(modules.MLP(), seed=0)]
+    )
+    x = data(2, 5)
+    model(x)
+    path = str(tmp_path / "model.onnx")
+    model.export(path, format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(path)
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(out, model.predict(x, verbose=0), 1e-5, 1e-5)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import pytest
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +20,9 @@ from tests.conftest import flax_grads
 from tests.conftest import keras_grads
 from tests.property_modules import NNXStack
 from tests.property_modules import Stack
+
+# 16 generated linen and 16 NNX modules: run by `pytest -m slow` (CI).
+pytestmark = pytest.mark.slow
 
 BLOCKS = st.one_of(
     st.tuples(st.just("dense"), st.integers(2, 8)),

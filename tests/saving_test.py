@@ -321,6 +321,7 @@ def _crafted(tmp_path, name, module_config):
     return path
 
 
+@pytest.mark.slow
 def test_safe_mode_refuses_what_is_not_imported_and_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     tag = "__keras_flax__"
@@ -372,6 +373,7 @@ def test_safe_mode_refuses_what_is_not_imported_and_runs_nothing(tmp_path):
     assert "safe_mode=False" in result.stdout
 
 
+@pytest.mark.slow
 def test_unsafe_mode_imports_the_model_code(tmp_path):
     good = tmp_path / "good.keras"
     _functional(FlaxLayer(modules.MLP(), seed=0), (7,)).save(str(good))

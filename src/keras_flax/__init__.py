@@ -13,6 +13,7 @@ if "keras" not in _sys.modules:
 
 from keras_flax._compose import layer_flax_module_wrapper  # noqa: E402
 from keras_flax._compose import layer_jax_model_wrapper  # noqa: E402
+from keras_flax._equinox_layer import EquinoxLayer  # noqa: E402
 from keras_flax._export import export_stablehlo  # noqa: E402
 from keras_flax._flax_layer import FlaxLayer  # noqa: E402
 from keras_flax._jax_layer import JaxLayer  # noqa: E402
@@ -24,6 +25,7 @@ from keras_flax._safetensors import save_safetensors  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "EquinoxLayer",
     "FlaxLayer",
     "JaxLayer",
     "LearningRateLogger",

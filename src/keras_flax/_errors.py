@@ -123,9 +123,10 @@ def unsupported_argument(arg, fn, name, allowed):
     return (
         f"`{arg}` has an argument `{name}` that JaxLayer cannot fill."
         f" Received: {arg}={describe(fn)} with arguments {_names(fn)}. "
-        f"Arguments are matched by name among {_quoted(allowed)}; wrap the "
-        "function so that it takes only those, and fix the others inside "
-        "it, e.g. with `functools.partial`."
+        f"Arguments are matched by name among {_quoted(allowed)}. Fix: wrap "
+        "the function so that it takes only those and gives the others "
+        f"inside it: `lambda params, inputs: {arg}(params, inputs, "
+        f"{name}=...)` (a `functools.partial` still shows `{name}`)."
     )
 
 
@@ -368,6 +369,72 @@ def stacked_streams_without_policy(paths):
         "slice, made by `nnx.split_rngs`). Received: seed with stacked "
         f"streams at {listed}. Leave `seed` out and seed the module where "
         "you build it (`nnx.Rngs(seed)`), or upgrade Flax."
+    )
+
+
+# Equinox.
+
+
+def equinox_missing(error):
+    return (
+        "`EquinoxLayer` needs the `equinox` package, which is not "
+        f"installed ({error}). Received: an EquinoxLayer to build. Fix: "
+        '`pip install "keras-flax[equinox]"` (or `pip install equinox`).'
+    )
+
+
+def not_an_equinox_module(module):
+    fix = "Pass an `equinox.Module` instance."
+    if isinstance(module, type):
+        fix = (
+            f"To wrap an Equinox Module class, instantiate it, or let the "
+            f"layer do it: EquinoxLayer.from_constructor({module.__name__}, "
+            "..., key=jax.random.key(0))."
+        )
+    return (
+        "`module` of EquinoxLayer must be an equinox.Module instance. "
+        f"Received: module={describe(module)}. {fix}"
+    )
+
+
+def equinox_state_missing(label):
+    return (
+        f"The method of {label} takes `state` (a stateful module: "
+        "BatchNorm, SpectralNorm), so the layer needs the `eqx.nn.State` "
+        "made beside the module. Received: state=None. Fix: "
+        f"`module, state = eqx.nn.make_with_state({label})(...)`, then "
+        "`EquinoxLayer(module, state=state)`, or "
+        f"`EquinoxLayer.from_constructor({label}, ...)`."
+    )
+
+
+def equinox_method_without_inputs(fn):
+    return (
+        "`method` must take the module and then the inputs: "
+        "`(module, x, *, key=None)` or `(module, x, state, *, key=None)`. "
+        f"Received: method={describe(fn)}, which takes {_names(fn)}. Fix: "
+        "`def method(module, x): return module(x)`."
+    )
+
+
+def equinox_not_serializable(module):
+    name = type(module).__name__
+    return (
+        "An EquinoxLayer can be saved in a `.keras` file when it was made "
+        "with `EquinoxLayer.from_constructor(cls, *args, **kwargs)`, which "
+        f"records the constructor call. Received: module={name}, built "
+        f"outside the layer. Fix: EquinoxLayer.from_constructor({name}, "
+        "..., key=jax.random.key(0)); `model.save_weights(...)` works in any "
+        "case."
+    )
+
+
+def not_an_equinox_class(module_class):
+    return (
+        "`module_class` of EquinoxLayer.from_constructor must be an "
+        f"equinox.Module class. Received: module_class={describe(module_class)}"
+        ". Fix: pass the class and its constructor arguments: "
+        "`EquinoxLayer.from_constructor(MLP, 4, 2, key=jax.random.key(0))`."
     )
 
 

@@ -9,10 +9,13 @@ entry of `KINDS`.
 The adapters of a layer class take the same arguments, each refusing
 those it has no use for: `FlaxLayer`'s take `(module, method,
 takes_training, *, variables, rng_collections, seed)`; `JaxLayer`'s
-`(call_fn, call_arguments, init_fn, init_arguments, params, state)`.
+`(call_fn, call_arguments, init_fn, init_arguments, params, state)`;
+`EquinoxLayer`'s `(module, method, *, state, batched)`. Equinox is
+optional: its adapter is imported when an Equinox module is wrapped.
 """
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +54,18 @@ def _instance_of(cls: type) -> Callable[[Any], bool]:
     return lambda obj: isinstance(obj, cls)
 
 
+def _is_equinox_module(obj: Any) -> bool:
+    # An Equinox module exists only where equinox was imported.
+    equinox = sys.modules.get("equinox")
+    return equinox is not None and isinstance(obj, equinox.Module)
+
+
+def _adapt_equinox(*args: Any, **kwargs: Any) -> Model:
+    from keras_flax import _equinox
+
+    return _equinox.adapt(*args, **kwargs)
+
+
 KINDS = (
     Kind(
         name="functions",
@@ -72,6 +87,12 @@ KINDS = (
         adapt=_nnx.adapt,
         module_type=nnx.Module,
     ),
+    Kind(
+        name="equinox",
+        layer="EquinoxLayer",
+        accepts=_is_equinox_module,
+        adapt=_adapt_equinox,
+    ),
 )
 
 
@@ -84,6 +105,8 @@ def of(obj: Any, layer: str) -> Kind:
     for kind in KINDS:
         if kind.layer == layer and kind.accepts(obj):
             return kind
+    if layer == "EquinoxLayer":
+        raise TypeError(_errors.not_an_equinox_module(obj))
     raise TypeError(_errors.not_a_module(obj))
 
 

@@ -61,7 +61,8 @@ class ModelLayer(keras.layers.Layer):
         )
         super().__init__(**kwargs)
         self._model = model
-        self._wrt = wrt
+        # As given (Keras would wrap a list of filters in its own type).
+        object.__setattr__(self, "_wrt", wrt)
         self.seed = seed
         self.pack_weights = pack_weights
         self.jax2tf_native_serialization_platforms = (

@@ -1,49 +1,32 @@
 """A layer traced by jax2onnx (Keras' `model.export(format="onnx")`).
 
 Keras calls the model under jax2onnx's trace. A layer called there
+(`_private.jax2onnx_converting`)
 - checks its own program against jax2onnx's registry of converted
   primitives, so that an operation jax2onnx lacks is reported with the
   layer holding it and the fix, instead of as a bare primitive name once
   the whole model is traced;
-- runs with Flax's `avg_pool` callable as Flax documents it: jax2onnx
-  swaps it for a function taking `window_shape`, `strides` and `padding`
-  by keyword only, which fails for `nn.avg_pool(x, (2, 2), (2, 2))`.
+- runs with Flax's `avg_pool` callable as Flax documents it
+  (`_private.flax_pools_as_documented`): jax2onnx swaps it for a function
+  taking `window_shape`, `strides` and `padding` by keyword only, which
+  fails for `nn.avg_pool(x, (2, 2), (2, 2))`.
 """
 
-import contextlib
 import functools
-import inspect
-import sys
 
-import flax.linen
-import flax.linen.pooling
 import jax
-from flax import nnx
 
 from keras_flax import _errors
-
-# Flax's pooling functions as imported, before any conversion swaps them.
-_POOLS = {
-    (owner, "avg_pool"): owner.avg_pool
-    for owner in (flax.linen, flax.linen.pooling, nnx)
-}
+from keras_flax import _private
 
 
 def converting(inputs):
     """Whether `inputs` are traced by a jax2onnx conversion in progress."""
-    if "jax2onnx" not in sys.modules:
-        return False
-    if not any(
+    traced = any(
         isinstance(x, jax.core.Tracer)
         for x in jax.tree_util.tree_leaves(inputs)
-    ):
-        return False
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("jax2onnx."):
-            return True
-        frame = frame.f_back
-    return False
+    )
+    return traced and _private.jax2onnx_converting()
 
 
 def converted(layer_name, run, fn):
@@ -51,48 +34,21 @@ def converted(layer_name, run, fn):
     Flax's pooling functions taking their documented arguments."""
 
     def run_converted(*args, training, **options):
-        with _positional_pools():
+        with _private.flax_pools_as_documented():
             check(layer_name, fn, *args, training=training)
             return run(*args, training=training, **options)
 
     return run_converted
 
 
-@contextlib.contextmanager
-def _positional_pools():
-    swapped = {
-        place: getattr(*place)
-        for place, original in _POOLS.items()
-        if getattr(*place) is not original
-    }
-    for (owner, attr), replacement in swapped.items():
-        setattr(owner, attr, _by_keyword(replacement))
-    try:
-        yield
-    finally:
-        for (owner, attr), replacement in swapped.items():
-            setattr(owner, attr, replacement)
-
-
-def _by_keyword(pool):
-    def avg_pool(inputs, window_shape, strides=None, padding="VALID", **rest):
-        return pool(
-            inputs,
-            window_shape=window_shape,
-            strides=strides,
-            padding=padding,
-            **rest,
-        )
-
-    return avg_pool
-
-
 def check(layer_name, fn, *args, training):
-    """Raises naming the operations of `fn(*args)` jax2onnx cannot convert."""
-    from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY
-
+    """Raises naming the operations of `fn(*args)` jax2onnx cannot convert
+    (nothing where its registry cannot be read)."""
+    converted_names = _private.jax2onnx_primitives()
+    if converted_names is None:
+        return
     closed = jax.make_jaxpr(functools.partial(fn, training=training))(*args)
-    missing = sorted(set(primitives(closed.jaxpr)) - set(PLUGIN_REGISTRY))
+    missing = sorted(set(primitives(closed.jaxpr)) - converted_names)
     if missing:
         raise NotImplementedError(
             _errors.onnx_unconvertible(layer_name, missing)

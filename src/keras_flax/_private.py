@@ -25,11 +25,27 @@ version guard) and run by a test:
   by op, skipping dead equations, compiled at the cheapest options (W3
   initialisation 1.8 s -> 0.9 s). Fallback: `jax.extend.core.jaxpr_as_fun`
   and default compiler options.
+- jax2onnx (no public hook tells that a conversion is in progress, nor
+  lets a layer run Flax's pooling as Flax documents it): a layer traced by
+  jax2onnx is found by jax2onnx's frames on the call stack, its program is
+  checked against jax2onnx's registry of converted primitives (an
+  unconvertible operation is named with the layer), and Flax's `avg_pool`,
+  which jax2onnx swaps process-wide for a keyword-only function, takes
+  positional arguments again while the layer is traced. Fallback (no
+  frames to read, or no registry): the conversion runs as jax2onnx runs
+  it, and jax2onnx names what it cannot convert.
 """
 
+import contextlib
+import inspect
+import sys
+
+import flax.linen
+import flax.linen.pooling
 import jax
 import jax.extend
 import keras
+from flax import nnx
 
 from keras_flax import _backends
 
@@ -219,3 +235,67 @@ def _evaluate(jaxpr, consts, args, eqns, cheapest):
             if last_use[v] == i:
                 env.pop(v, None)
     return [read(v) for v in jaxpr.outvars]
+
+
+# jax2onnx.
+
+FRAMES = inspect.currentframe() is not None
+# Flax's pooling functions as imported, before any conversion swaps them.
+_POOLS = {
+    (owner, "avg_pool"): owner.avg_pool
+    for owner in (flax.linen, flax.linen.pooling, nnx)
+}
+
+
+def jax2onnx_converting():
+    """Whether a jax2onnx conversion is tracing the caller (False where no
+    frames can be read)."""
+    if "jax2onnx" not in sys.modules or not FRAMES:
+        return False
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("jax2onnx."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def jax2onnx_primitives():
+    """The names of the primitives jax2onnx converts, or None where its
+    registry cannot be read."""
+    try:
+        from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY
+    except ImportError:  # pragma: no cover (a jax2onnx without it)
+        return None
+    return frozenset(PLUGIN_REGISTRY)
+
+
+@contextlib.contextmanager
+def flax_pools_as_documented():
+    """Within: Flax's `avg_pool` takes `window_shape`, `strides` and
+    `padding` by position too, where a conversion swapped it."""
+    swapped = {
+        place: getattr(*place)
+        for place, original in _POOLS.items()
+        if getattr(*place) is not original
+    }
+    for (owner, attr), replacement in swapped.items():
+        setattr(owner, attr, _by_keyword(replacement))
+    try:
+        yield
+    finally:
+        for (owner, attr), replacement in swapped.items():
+            setattr(owner, attr, replacement)
+
+
+def _by_keyword(pool):
+    def avg_pool(inputs, window_shape, strides=None, padding="VALID", **rest):
+        return pool(
+            inputs,
+            window_shape=window_shape,
+            strides=strides,
+            padding=padding,
+            **rest,
+        )
+
+    return avg_pool

@@ -21,6 +21,7 @@ import inspect
 import sys
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -51,7 +52,7 @@ def deserialize_module(config):
 
 @dataclasses.dataclass(frozen=True)
 class RecordedCall:
-    """The constructor arguments of an NNX module."""
+    """The constructor arguments of a module (NNX, Equinox)."""
 
     args: tuple
     kwargs: dict
@@ -125,6 +126,30 @@ def serialize_nnx(module, recorded_call):
         "class": cls_path,
         "config": module.get_config(),
     }
+
+
+def serialize_call(cls, recorded_call, tag):
+    """The config of a recorded constructor call `cls(*args, **kwargs)`,
+    tagged `tag` (which `recorded_call` reads back)."""
+    return {
+        _TAG: tag,
+        "class": _import_path(cls, "module"),
+        "args": _encode(list(recorded_call.args), "module.<args>"),
+        "kwargs": _encode(dict(recorded_call.kwargs), "module.<kwargs>"),
+    }
+
+
+def recorded_call(config, tag, base, api):
+    """`(class, args, kwargs)` of a call saved by `serialize_call` with
+    `tag`, whose class must be a subclass of `base` (`api` names it in the
+    message); None for another config."""
+    if config.get(_TAG) != tag:
+        return None
+    cls = resolve(config["class"])
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(_errors.not_a_module_class(config["class"], api))
+    args = _decode(config["args"], "module")
+    return cls, args, _decode(config["kwargs"], "module")
 
 
 def _nnx_class(config):
@@ -205,11 +230,24 @@ def _encode(value, path):
         }
     if isinstance(value, nnx.Rngs):
         return {_TAG: "nnx_rngs", "streams": sorted(_rng_streams(value))}
+    if _is_key(value):
+        # An Equinox constructor's `key`: the values come from the file.
+        return {_TAG: "prng_key"}
     if _is_factory_closure(value):
         return _closure_config(value, path)
     if callable(value):
         return {_TAG: "object", "path": _import_path(value, path)}
     raise UnserializableError(_errors.unserializable(path, value))
+
+
+def _is_key(value):
+    """A JAX PRNG key: typed, or raw (`uint32[2]`, `jax.random.PRNGKey`)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not isinstance(value, jax.Array):
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and tuple(value.shape) == (2,)
 
 
 def _rng_streams(rngs):
@@ -343,6 +381,8 @@ def _decode(config, path):
     if kind == "nnx_rngs":
         # The values come from the weights file; any key builds the module.
         return nnx.Rngs(**{stream: 0 for stream in config["streams"]})
+    if kind == "prng_key":
+        return jax.random.PRNGKey(0)
     if kind == "module":
         return _decode_module(config, path)
     raise ValueError(_errors.unknown_config_kind(path, kind, config))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from keras_flax import FlaxLayer
@@ -237,6 +238,7 @@ print(keras.backend.backend(), json.dumps(model.predict(x, verbose=0).tolist()))
 """
 
 
+@pytest.mark.slow
 def test_keras_file_loads_in_a_new_process(tmp_path):
     x, y = data(16, 5), data(16, 2, seed=1)
     layer = FlaxLayer(modules.BatchNormDropout(), seed=0)

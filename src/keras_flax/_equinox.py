@@ -1,0 +1,221 @@
+"""An Equinox module and its forward method as a `Model`.
+
+The module is split as Equinox splits it (`eqx.partition`): its inexact
+arrays (`eqx.is_inexact_array`) are `params`, named by tree path
+(`layers/0/weight`); its other arrays and the `eqx.nn.State` made beside
+it (`eqx.nn.make_with_state`) are `state`; everything else is static and
+stays in the module. `apply` combines them (`eqx.combine`), puts the
+module in inference mode outside training (`eqx.nn.inference_mode`) and
+calls the method per example (`jax.vmap`, `axis_name="batch"`, as
+Equinox's BatchNorm expects), or on the whole batch (`batched=True`).
+Importing this file needs `equinox` (the `equinox` extra).
+"""
+
+import inspect
+
+import equinox as eqx
+import jax
+
+from keras_flax import _errors
+from keras_flax import _serialization
+from keras_flax import _variables
+from keras_flax._model import Diagnostics
+from keras_flax._model import FineTuning
+from keras_flax._model import Model
+from keras_flax._model import Rng
+
+# Config tag of a recorded constructor call (`from_constructor`).
+CALL_TAG = "eqx_call"
+
+
+def adapt(module, method, *, state, batched, recorded_call=None):
+    """The `Model` of an Equinox module.
+
+    Args:
+        module: the `equinox.Module` instance (left as it is).
+        method: None (`__call__`), a method name, or a function taking the
+            module first.
+        state: the `eqx.nn.State` made beside the module, or None.
+        batched: whether the method takes the whole batch (else it is
+            applied per example).
+        recorded_call: the constructor call (`from_constructor`), or None.
+    """
+    fn, signature = _method(module, method)
+    stateful = "state" in signature
+    if stateful and state is None:
+        raise ValueError(_errors.equinox_state_missing(type(module).__name__))
+    takes_key = "key" in signature
+    params, rest = eqx.partition(module, eqx.is_inexact_array)
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    indices = _state_indices(module)
+    held = {"arrays": arrays, "state": _by_index(state, indices)}
+    if not jax.tree_util.tree_leaves(held):
+        held = None
+    user_fn = _errors.user_code(fn)
+
+    def call(module, x, state, key):
+        if stateful:
+            return user_fn(module, x, state, **_key(takes_key, key))
+        return user_fn(module, x, **_key(takes_key, key)), None
+
+    def apply(params, held_now, rng, inputs, training):
+        arrays_now = arrays if held_now is None else held_now["arrays"]
+        called = eqx.combine(params, arrays_now, static)
+        if not training:
+            called = eqx.nn.inference_mode(called)
+        eqx_state = None
+        if stateful:
+            eqx_state = _with_values(state, indices, held_now["state"])
+        if batched:
+            outputs, new_state = call(called, inputs, eqx_state, rng)
+        else:
+            size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+            keys = None if rng is None else jax.random.split(rng, size)
+            outputs, new_state = jax.vmap(
+                lambda x, k: call(called, x, eqx_state, k),
+                in_axes=(0, None if keys is None else 0),
+                out_axes=(0, None),
+                axis_name="batch",
+            )(inputs, keys)
+        if held_now is None:
+            return outputs, None
+        values = held_now["state"]
+        if stateful:
+            values = _by_index(new_state, indices)
+        return outputs, {"arrays": held_now["arrays"], "state": values}
+
+    def candidates(params):
+        return [
+            (
+                _variables.path_parts(keypath),
+                leaf,
+                _variables.path_text(keypath),
+            )
+            for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+
+    return Model(
+        init=None,
+        split=lambda raw: (*raw, {}),
+        apply=apply,
+        params=params,
+        state=held,
+        names=lambda trainable, parts: (
+            parts if trainable or parts[0] == "state" else parts[1:]
+        ),
+        rng=Rng(call=(lambda key: key) if takes_key else None),
+        takes_training=True,
+        config=config_fn(module, method, batched, recorded_call),
+        fine_tuning=FineTuning(candidates=candidates, variable_filters=False),
+        diagnostics=Diagnostics(
+            label=type(module).__name__, initializer="module"
+        ),
+    )
+
+
+def config_fn(module, method, batched, recorded_call):
+    """The `Model.config` of an Equinox module: its recorded constructor
+    call (refused without one)."""
+
+    def config():
+        if recorded_call is None:
+            raise TypeError(_errors.equinox_not_serializable(module))
+        return {
+            "module": _serialization.serialize_call(
+                type(module), recorded_call, CALL_TAG
+            ),
+            "method": _serialization.serialize_method(module, method),
+            "batched": batched,
+        }
+
+    return config
+
+
+def constructor_call(config):
+    """`(class, args, kwargs)` of a saved constructor call."""
+    return _serialization.recorded_call(config, CALL_TAG, eqx.Module, "equinox")
+
+
+def combined(module, params, held):
+    """The module holding `params` and `held` (the layer's values)."""
+    _, rest = eqx.partition(module, eqx.is_inexact_array)
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    if held is not None:
+        arrays = held["arrays"]
+    return eqx.combine(params, arrays, static)
+
+
+def state_of(module, state, held):
+    """The `eqx.nn.State` holding the layer's state values, or None."""
+    if state is None or held is None:
+        return state
+    return _with_values(state, _state_indices(module), held["state"])
+
+
+def is_module_class(cls):
+    return isinstance(cls, type) and issubclass(cls, eqx.Module)
+
+
+def make_with_state(module_class, *args, **kwargs):
+    """`(module, state)` as `eqx.nn.make_with_state` builds them (state
+    None for a class holding none)."""
+    module, state = eqx.nn.make_with_state(module_class)(*args, **kwargs)
+    if not jax.tree_util.tree_leaves(state):
+        state = None
+    return module, state
+
+
+def _method(module, method):
+    """`(fn(module, x, ...), parameter names after the module)`."""
+    if method is None:
+        fn = type(module).__call__
+    elif isinstance(method, str):
+        fn = getattr(type(module), method, None)
+        if not callable(fn):
+            raise ValueError(_errors.unknown_method(module, method, []))
+    elif callable(method):
+        fn = getattr(method, "__func__", method)  # a bound method: its own
+    else:
+        raise TypeError(_errors.bad_method_type(method))
+    names = list(inspect.signature(fn).parameters)[1:]
+    if not names:
+        raise ValueError(_errors.equinox_method_without_inputs(fn))
+    return fn, names
+
+
+def _key(takes_key, key):
+    return {"key": key} if takes_key else {}
+
+
+def _state_indices(module):
+    """The module's `eqx.nn.StateIndex`es, by path text."""
+    found = jax.tree_util.tree_flatten_with_path(
+        module, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
+    )[0]
+    return {
+        _variables.path_text(path): index
+        for path, index in found
+        if isinstance(index, eqx.nn.StateIndex)
+    }
+
+
+def _by_index(state, indices):
+    """The values of `state` by the path of their index in the module."""
+    if state is None:
+        return {}
+    return {path: state.get(index) for path, index in indices.items()}
+
+
+def _with_values(state, indices, values):
+    """`state` holding `values` (by index path), rebuilt as a PyTree: the
+    layer's variables hold what it held, but not JAX's weak types, which
+    `State.set` would refuse."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    position = {id(leaf): i for i, leaf in enumerate(leaves)}
+    new = list(leaves)
+    for path, index in indices.items():
+        held = jax.tree_util.tree_leaves(state.get(index))
+        given = jax.tree_util.tree_leaves(values[path])
+        for leaf, value in zip(held, given, strict=True):
+            new[position[id(leaf)]] = value
+    return jax.tree_util.tree_unflatten(treedef, new)

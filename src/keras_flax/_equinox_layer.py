@@ -1,0 +1,165 @@
+"""EquinoxLayer: an Equinox module.
+
+`_equinox.adapt` makes the `Model` (found through `_kinds`);
+`_layer.ModelLayer` does the rest. Equinox is imported only when a layer
+is made (the `equinox` extra).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from keras_flax import _checks
+from keras_flax import _errors
+from keras_flax import _kinds
+from keras_flax import _serialization
+from keras_flax import _wrt
+from keras_flax._layer import ModelLayer
+
+
+def _equinox():
+    """The adapter file, which imports equinox; refused without it."""
+    try:
+        from keras_flax import _equinox
+    except ImportError as error:
+        raise ImportError(_errors.equinox_missing(error)) from error
+    return _equinox
+
+
+@keras.saving.register_keras_serializable(package="keras_flax")
+class EquinoxLayer(ModelLayer):
+    """Keras layer that wraps an Equinox module.
+
+    The module's inexact arrays (`eqx.is_inexact_array`) become trainable
+    Keras weights named by their tree path (`layers/0/weight`); its other
+    arrays, and the `eqx.nn.State` given as `state`, non-trainable ones.
+    Static fields stay in the module. By Equinox's convention the method
+    is applied per example (`jax.vmap` with `axis_name="batch"`, as
+    `eqx.nn.BatchNorm` expects); outside training the module runs in
+    inference mode (`eqx.nn.inference_mode`: dropout off, running
+    statistics used).
+
+    Args:
+        module: an `equinox.Module` instance.
+        method: the forward method: None for `__call__`, a method name, or
+            a function whose first argument is the module. It takes
+            `(module, x, *, key=None)`, or `(module, x, state, *, key=None)
+            -> (y, state)` for a stateful module (told apart by the
+            argument names); a `key` argument gets a fresh key per
+            training step (one per example, split from it).
+        state: the `eqx.nn.State` that `eqx.nn.make_with_state` returned
+            beside the module, for a stateful one (BatchNorm,
+            SpectralNorm); updated after each call in training.
+        batched: whether the method takes the whole batch (default False:
+            it is applied per example).
+        wrt: the parameters `fit` trains, as a Flax NNX filter on their
+            paths (`nnx.PathContains("head")`) or a function
+            `(path, value) -> bool`; default (None) every parameter.
+        seed: int seed of the keys given to the method in training.
+        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...)
+            and `pack_weights` (see `JaxLayer`).
+
+    Example:
+
+    >>> import equinox as eqx, jax, jax.numpy as jnp
+    >>> layer = EquinoxLayer(
+    ...     eqx.nn.Linear(3, 2, key=jax.random.key(0)), name="linear"
+    ... )
+    >>> layer(jnp.ones((4, 3))).shape
+    (4, 2)
+    >>> sorted(w.path for w in layer.weights)
+    ['linear/bias', 'linear/weight']
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        method: str | Callable | None = None,
+        *,
+        state: Any = None,
+        batched: bool = False,
+        wrt: Any = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        _checks.layer_arguments(
+            type(self).__name__, kwargs.get("pack_weights", False)
+        )
+        _equinox()
+        kind = _kinds.of(module, "EquinoxLayer")
+        model = kind.adapt(module, method, state=state, batched=batched)
+        super().__init__(model, seed=seed, wrt=wrt, **kwargs)
+        self._module = module
+        self._eqx_state = state
+        self.method = method
+        self.batched = batched
+
+    @classmethod
+    def from_constructor(
+        cls,
+        module_class: type,
+        *args,
+        layer_kwargs: dict | None = None,
+        **kwargs,
+    ) -> "EquinoxLayer":
+        """Builds `module_class(*args, **kwargs)` and wraps it, saveably.
+
+        The module is built through `eqx.nn.make_with_state`, so stateful
+        classes get their state. The constructor call is recorded, so that
+        `model.save("m.keras")` and `keras.saving.load_model` rebuild the
+        module (its values come from the file; a `key` argument is saved
+        as a key, any key).
+
+        Args:
+            module_class: an `equinox.Module` class.
+            *args: positional arguments of the constructor.
+            layer_kwargs: a dict of `EquinoxLayer` arguments (`method`,
+                `name`, `seed`, `batched`, ...).
+            **kwargs: keyword arguments of the constructor.
+
+        Returns:
+            The `EquinoxLayer`.
+        """
+        equinox = _equinox()
+        if not equinox.is_module_class(module_class):
+            raise TypeError(_errors.not_an_equinox_class(module_class))
+        module, state = equinox.make_with_state(module_class, *args, **kwargs)
+        layer = cls(module, state=state, **(layer_kwargs or {}))
+        recorded = _serialization.RecordedCall(args, kwargs)
+        config = equinox.config_fn(
+            module, layer.method, layer.batched, recorded
+        )
+        layer._model = layer._model.replace(config=config)
+        return layer
+
+    @property
+    def module(self) -> Any:
+        """The module holding the layer's current values (`eqx.combine`
+        of the trained arrays with the static parts)."""
+        params, held = self._current_values()
+        return _equinox().combined(self._module, params, held)
+
+    @property
+    def eqx_state(self) -> Any:
+        """The `eqx.nn.State` holding the layer's current state, or None."""
+        _, held = self._current_values()
+        return _equinox().state_of(self._module, self._eqx_state, held)
+
+    @property
+    def wrt(self) -> Any:
+        """The filter of the parameters that train (None: all)."""
+        return self._wrt
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "wrt" in config:
+            config["wrt"] = _wrt.from_config(config["wrt"])
+        call = _equinox().constructor_call(config.pop("module"))
+        method = _serialization.deserialize_method(config.pop("method", None))
+        module_class, args, kwargs = call
+        layer_kwargs = {**config, "method": method}
+        return cls.from_constructor(
+            module_class, *args, layer_kwargs=layer_kwargs, **kwargs
+        )
