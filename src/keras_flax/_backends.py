@@ -18,8 +18,10 @@ Nothing here imports TensorFlow or PyTorch unless that backend is in use.
 import functools
 import itertools
 import string
+from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -281,7 +283,9 @@ class _TensorFlowRunner:
 
         names = dimension_names()
         shapes = [polymorphic_shape(s, names) for s in spec.leaves()]
-        kwargs = {"polymorphic_shapes": [None, None, None, shapes]}
+        kwargs: dict[str, Any] = {
+            "polymorphic_shapes": [None, None, None, shapes]
+        }
         if self._platforms is not None:
             kwargs["native_serialization_platforms"] = tuple(self._platforms)
         converted = jax2tf.convert(flat_fn, **kwargs)

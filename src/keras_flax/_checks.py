@@ -7,6 +7,7 @@ import collections.abc
 import dataclasses
 import inspect
 import warnings
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -402,10 +403,10 @@ def packing_allowed():
         raise ValueError(_errors.packing_under_model_parallel())
 
 
-def stateful_result(result):
+def stateful_result(result: Any) -> tuple[Any, Any]:
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise ValueError(_errors.stateful_result(result))
-    return result
+    return result[0], result[1]
 
 
 def nnx_class(module_class):

@@ -90,7 +90,7 @@ def layer_jax_model_wrapper(
     """
     _check_object("layer_jax_model_wrapper", object)
     layer = JaxLayer(
-        call_fn,
+        call_fn,  # pyright: ignore[reportArgumentType] (None: refused there)
         init_fn=init_fn,
         params=params,
         state=state,

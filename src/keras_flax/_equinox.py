@@ -12,6 +12,8 @@ Importing this file needs `equinox` (the `equinox` extra).
 """
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -51,11 +53,15 @@ def adapt(module, method, *, state, batched, recorded_call=None):
     held = {"arrays": arrays, "state": _by_index(state, indices)}
     if not jax.tree_util.tree_leaves(held):
         held = None
-    user_fn = _errors.user_code(fn)
+    user_fn: Callable[..., Any] = _errors.user_code(fn)
 
-    def call(module, x, state, key):
+    def call(module, x, state, key) -> tuple[Any, Any]:
+        """`(outputs, new state)` (None for a module without state)."""
         if stateful:
-            return user_fn(module, x, state, **_key(takes_key, key))
+            outputs, new_state = user_fn(
+                module, x, state, **_key(takes_key, key)
+            )
+            return outputs, new_state
         return user_fn(module, x, **_key(takes_key, key)), None
 
     def apply(params, held_now, rng, inputs, training):
@@ -65,6 +71,7 @@ def adapt(module, method, *, state, batched, recorded_call=None):
             called = eqx.nn.inference_mode(called)
         eqx_state = None
         if stateful:
+            assert held_now is not None  # a stateful module holds state
             eqx_state = _with_values(state, indices, held_now["state"])
         if batched:
             outputs, new_state = call(called, inputs, eqx_state, rng)

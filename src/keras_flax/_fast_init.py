@@ -20,6 +20,7 @@ operation is compiled once and shared by identical layers.
 import math
 
 import jax
+import jax.core
 
 from keras_flax import _private
 

@@ -236,7 +236,9 @@ class FlaxLayer(JaxLayer):
         is updated too. All values are checked first: on any misfit the
         error names the paths, and nothing is changed.
         """
-        return self._model.user_format.to_user(*self._current_values())
+        user_format = self._model.user_format
+        assert user_format is not None  # linen and NNX have their format
+        return user_format.to_user(*self._current_values())
 
     @flax_variables.setter
     def flax_variables(self, variables: Any) -> None:

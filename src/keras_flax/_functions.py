@@ -54,6 +54,7 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
         return _checks.stateful_result(result)
 
     def init(rng, inputs):
+        assert user_init is not None and init_arguments is not None
         args = {"rng": rng, "inputs": inputs, "training": True}
         result = user_init(*(args[a] for a in init_arguments))
         return result if takes_state else (result, None)

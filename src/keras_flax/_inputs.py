@@ -6,6 +6,7 @@ with integer placeholders.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ class Spec:
     """
 
     shape: tuple
-    dtype: object
-    batch: object = None
+    dtype: Any
+    batch: Any = None
 
     def __str__(self):
         return f"{_errors.format_shape(self.shape)} {jnp.dtype(self.dtype)}"

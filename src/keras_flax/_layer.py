@@ -138,6 +138,7 @@ class ModelLayer(keras.layers.Layer):
         if self._trains is None:
             return frozenset()
         model = self._model
+        assert model.fine_tuning is not None  # `_wrt.predicate` refused
         return _wrt.left_out(
             self._wrt,
             self._trains,
@@ -204,7 +205,9 @@ class ModelLayer(keras.layers.Layer):
         trees = [t for t in (self._params_tree, self._state_tree) if t]
         if not trees:
             raise ValueError(_errors.assigned_before_build(self.name))
-        given = _variables.by_path(self._model.user_format.from_user(variables))
+        user_format = self._model.user_format
+        assert user_format is not None  # only layers of such kinds assign
+        given = _variables.by_path(user_format.from_user(variables))
         held = {}
         for tree in trees:
             held.update(_variables.by_path(self._view(tree.tree)))
@@ -257,19 +260,22 @@ class ModelLayer(keras.layers.Layer):
         """`(params, state, axes)` at `inputs` (placeholders); under a
         distribution that shards weights, each created in its shards."""
         model = self._model
-        rng = model.rng.init(self.seed)
+        init = model.init
+        rng_of = model.rng.init
+        assert init is not None and rng_of is not None  # built by `init`
+        rng = rng_of(self.seed)
         if keras.distribution.distribution() is not None:
-            *shapes, axes = model.split(jax.eval_shape(model.init, rng, inputs))
+            *shapes, axes = model.split(jax.eval_shape(init, rng, inputs))
             shardings = _layouts.init_shardings(
                 self.name, shapes, model.names, {**self._axes, **axes}
             )
             if shardings is not None:
-                init = _layouts.sharded_init(
-                    lambda rng, x: model.split(model.init(rng, x))[:2],
+                sharded = _layouts.sharded_init(
+                    lambda rng, x: model.split(init(rng, x))[:2],
                     shardings,
                 )
-                return (*init(rng, inputs), axes)
-        return model.split(model.init(rng, inputs))
+                return (*sharded(rng, inputs), axes)
+        return model.split(init(rng, inputs))
 
     # Keras lifecycle.
 
@@ -304,8 +310,10 @@ class ModelLayer(keras.layers.Layer):
         frozen = set(self._unused_leaves["params"])
         if self._pending_weights is not None:
             pending, self._pending_weights = self._pending_weights, None
+            params, state = pending.value
             self._create_weights(
-                *pending.value,
+                params,
+                state,
                 self._not_trained | (frozen if self.pack_weights else set()),
                 pending.copy,
             )
@@ -315,7 +323,7 @@ class ModelLayer(keras.layers.Layer):
         self._input_record = None
 
     def get_build_config(self):
-        config = super().get_build_config()
+        config: dict[str, Any] | None = super().get_build_config()
         if config is not None and self._built_spec is not None:
             config["input_dtypes"] = self._built_spec.dtype_names()
         if config is not None and any(self._unused_leaves.values()):
@@ -362,8 +370,9 @@ class ModelLayer(keras.layers.Layer):
                 given = self._pending_weights.value
             else:
                 given = self._current_values(copy=False)  # traced only
+            params, state = given
             _checks.nothing_created(
-                model, *given, _inputs.placeholders(spec, 1)
+                model, params, state, _inputs.placeholders(spec, 1)
             )
         if model.init is None:
             return no_unused_leaves()  # nothing to compare with
@@ -433,7 +442,7 @@ class ModelLayer(keras.layers.Layer):
         outputs, new_state = run(
             *args, inputs, training=training, spec=self._built_spec, remat=remat
         )
-        if new_state is not None:
+        if new_state is not None and self._state_tree is not None:
             self._state_tree.assign(new_state)
         return outputs
 
@@ -450,7 +459,7 @@ class ModelLayer(keras.layers.Layer):
 
     def _call_seed(self, training):
         """The seed for this call (None for no RNG), drawn outside `jit`."""
-        if not self._wants_seed(training):
+        if self.seed_generator is None or not self._wants_seed(training):
             return None
         return self.seed_generator.next()
 
@@ -532,12 +541,13 @@ class ModelLayer(keras.layers.Layer):
         Returns the outputs and the new state values in leaf order, with
         `None` for leaves the call left unchanged (not written back).
         """
-        state_leaves = _leaves(self._state_tree, state_values)
+        tree = self._state_tree
+        state_leaves = _leaves(tree, state_values)
         params = _rebuild(self._params_tree, param_values)
         state = given = None
-        if state_leaves is not None:
-            state = self._state_tree.unflatten_leaves(state_leaves)
-            given = self._state_tree.treedef.flatten_up_to(state)
+        if tree is not None:
+            state = tree.unflatten_leaves(state_leaves)
+            given = tree.treedef.flatten_up_to(state)
         call_rng = self._model.rng.call
         rng = None if call_rng is None else call_rng(_backends.key_data(seed))
         outputs, new_state = self._model.apply(
@@ -623,7 +633,7 @@ class ModelLayer(keras.layers.Layer):
 _SEED_STATE = "seed_generator_state"
 
 
-def no_unused_leaves():
+def no_unused_leaves() -> dict[str, dict[str, Any]]:
     """Unused given leaves by tree holding them: none."""
     return {"params": {}, "state": {}}
 
@@ -632,7 +642,7 @@ class _Untracked:
     """A value held by a layer as it is (Keras would wrap a tuple or dict
     set as a layer attribute into its own tracked types)."""
 
-    def __init__(self, value, copy=False):
+    def __init__(self, value: Any, copy: bool = False):
         self.value = value
         self.copy = copy  # whether the variables made of it copy it
 

@@ -67,6 +67,7 @@ def init_shardings(layer_name, trees, name_fn, axes):
                 value.shape,
                 axes.get(_variables.path_text(parts)),
             )
+            assert found is not None  # a layout for every weight
             backend = found.backend_layout
             sharded = sharded or not backend.is_fully_replicated
             return backend

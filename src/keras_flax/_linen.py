@@ -8,6 +8,8 @@ state's collections mutable, so what a module sows is dropped.
 """
 
 import flax
+import flax.core
+import flax.errors
 import flax.linen as nn
 import jax
 
@@ -188,7 +190,7 @@ def _partitioning(variables, rules):
             names = box.names
         else:
             continue
-        axes[_variables.path_text(path)] = tuple(names)
+        axes[_variables.path_text(path)] = tuple(names or ())
     return axes
 
 

@@ -11,6 +11,7 @@ values are written back into the user's module (`write_back`).
 import collections.abc
 import functools
 import inspect
+from typing import Any
 
 import jax
 from flax import nnx
@@ -218,17 +219,16 @@ def _reseed(module, seed):
         for path, shape in found
         if shape != ()
     ]
-    options = {}
+    options: dict[str, Any] = {}
     if stacked:
         if "policy" not in inspect.signature(nnx.reseed).parameters:
             raise ValueError(_errors.stacked_streams_without_policy(stacked))
         options["policy"] = "match_shape"
     key = jax.random.key(seed)
-    nnx.reseed(
-        module,
-        **options,
-        **{s: jax.random.fold_in(key, _rng.stream_id(s)) for s in streams},
-    )
+    keys: dict[str, Any] = {
+        s: jax.random.fold_in(key, _rng.stream_id(s)) for s in streams
+    }
+    nnx.reseed(module, **options, **keys)
 
 
 def _sharding(variable):

@@ -15,6 +15,7 @@ Keras calls the model under jax2onnx's trace. A layer called there
 import functools
 
 import jax
+import jax.core
 
 from keras_flax import _errors
 from keras_flax import _private

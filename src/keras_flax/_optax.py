@@ -9,6 +9,7 @@ and `optax.multi_transform` labels can key on.
 """
 
 import math
+from typing import Any
 
 import jax
 import keras
@@ -67,7 +68,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         self._factory = factory
         self._tx = tx
         self._kwargs = kwargs
-        self._treedef = None
+        self._treedef: Any = None
         self._state_variables = []
         self._learning_rate_variable = None
         self._trained = _Trained([])
@@ -109,14 +110,18 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         # own state with the parameter's path ("model_mlp_..._kernel_0_mu").
         parts = [str(n) for n in names if n != owner]
         name = "_".join(parts).replace("/", "_") or "state"
+        # Keras annotates `initializer` as a string; it takes a function
+        # `(shape, dtype) -> array` too (its docs, and its own optimizers).
         if owner is not None:
             return self.add_variable_from_reference(
-                by_name[owner], name=name, initializer=initializer
+                by_name[owner],
+                name=name,
+                initializer=initializer,  # pyright: ignore[reportArgumentType]
             )
         return self.add_variable(
             shape=leaf.shape,
             dtype=leaf.dtype,
-            initializer=initializer,
+            initializer=initializer,  # pyright: ignore[reportArgumentType]
             name=name,
         )
 
@@ -136,18 +141,18 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
             [v.value for v in self._state_variables]
         )
         updates, state = self._tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        new_params: Any = optax.apply_updates(params, updates)
         for name, variable in zip(
             self._names, trainable_variables, strict=True
         ):
-            variable.assign(params[name])
+            variable.assign(new_params[name])
         for variable, value in zip(
             self._state_variables,
             self._treedef.flatten_up_to(state),
             strict=True,
         ):
             variable.assign(value)
-        self.iterations.assign_add(1)
+        self.iterations.assign_add(1)  # pyright: ignore (a Keras variable)
 
     @property
     def transformation(self):
@@ -221,7 +226,7 @@ class LearningRateLogger(keras.callbacks.Callback):
     """
 
     def on_epoch_end(self, epoch, logs=None):
-        optimizer = self.model.optimizer
+        optimizer = getattr(self.model, "optimizer", None)
         found = getattr(optimizer, "_learning_rate_variable", None)
         if logs is not None and found is not None:
             logs["learning_rate"] = float(found.numpy())

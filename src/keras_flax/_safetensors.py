@@ -319,7 +319,7 @@ def _torch_counters(tensors):
             prefix = key[: -len("running_mean")]
             if prefix + "running_var" in tensors:
                 counters[prefix + "num_batches_tracked"] = jnp.zeros(
-                    (), jnp.int64 if jax.config.x64_enabled else jnp.int32
+                    (), jax.dtypes.canonicalize_dtype(jnp.int64)
                 )
     return counters
 

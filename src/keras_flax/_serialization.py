@@ -19,6 +19,7 @@ import functools
 import importlib
 import inspect
 import sys
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,7 +44,7 @@ def serialize_module(module):
     return _module_config(module, "module")
 
 
-def deserialize_module(config):
+def deserialize_module(config) -> Any:
     """A linen or NNX module (from its own config) from a saved config."""
     if config.get(_TAG) == "nnx_config":
         return deserialize_nnx(config)
@@ -70,7 +71,7 @@ def serialize_method(module, method):
     return _encode(method, "method")
 
 
-def deserialize_method(config):
+def deserialize_method(config) -> Any:
     if config is None or isinstance(config, str):
         return config
     return _decode(config, "method")
@@ -86,7 +87,7 @@ def serialize_function(fn, arg):
     return _encode(fn, arg)
 
 
-def deserialize_function(config, arg):
+def deserialize_function(config, arg) -> Any:
     if isinstance(config, dict) and _TAG in config:
         return _decode(config, arg)
     return keras.saving.deserialize_keras_object(config)
@@ -103,7 +104,7 @@ def serialize_value(value, path):
     return _encode(value, path)
 
 
-def deserialize_value(config, path):
+def deserialize_value(config, path) -> Any:
     return _decode(config, path)
 
 
@@ -139,7 +140,7 @@ def serialize_call(cls, recorded_call, tag):
     }
 
 
-def recorded_call(config, tag, base, api):
+def recorded_call(config, tag, base, api) -> Any:
     """`(class, args, kwargs)` of a call saved by `serialize_call` with
     `tag`, whose class must be a subclass of `base` (`api` names it in the
     message); None for another config."""
@@ -152,7 +153,7 @@ def recorded_call(config, tag, base, api):
     return cls, args, _decode(config["kwargs"], "module")
 
 
-def _nnx_class(config):
+def _nnx_class(config) -> Any:
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
         raise ValueError(
@@ -161,11 +162,11 @@ def _nnx_class(config):
     return cls
 
 
-def deserialize_nnx(config):
+def deserialize_nnx(config) -> Any:
     return _nnx_class(config).from_config(config["config"])
 
 
-def nnx_call(config):
+def nnx_call(config) -> Any:
     """`(class, args, kwargs)` of a recorded NNX constructor call, or None."""
     if config.get(_TAG) != "nnx_call":
         return None
@@ -208,7 +209,7 @@ def _is_default(value, field):
     )
 
 
-def _encode(value, path):
+def _encode(value: Any, path: str) -> Any:
     if isinstance(value, _SIMPLE):
         return value
     if isinstance(value, nn.Module):
@@ -220,7 +221,8 @@ def _encode(value, path):
         items = {k: _encode(v, f"{path}.{k}") for k, v in value.items()}
         return {_TAG: "dict", "items": items}
     if _is_dtype(value):
-        return {_TAG: "dtype", "name": jnp.dtype(value).name}
+        dtype: Any = value
+        return {_TAG: "dtype", "name": np.dtype(dtype).name}
     if isinstance(value, functools.partial):
         return {
             _TAG: "partial",
@@ -347,14 +349,14 @@ def _public_module(obj, module, qualname):
     return module
 
 
-def _lookup(module_name, qualname):
+def _lookup(module_name, qualname) -> Any:
     obj = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj
 
 
-def _decode(config, path):
+def _decode(config, path) -> Any:
     if isinstance(config, list):
         return [_decode(v, path) for v in config]
     if not isinstance(config, dict) or _TAG not in config:
@@ -388,15 +390,16 @@ def _decode(config, path):
     raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 
-def _decode_module(config, path):
+def _decode_module(config, path) -> Any:
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(
             _errors.not_a_module_class(config["class"], "flax.linen")
         )
     if config.get("custom"):
-        if hasattr(cls, "from_config"):
-            return cls.from_config(config["config"])
+        from_config = getattr(cls, "from_config", None)
+        if from_config is not None:
+            return from_config(config["config"])
         return cls(**config["config"])
     fields = {k: _decode(v, f"{path}.{k}") for k, v in config["config"].items()}
     return cls(**fields)
@@ -411,7 +414,7 @@ _CALLABLE_FACTORIES = (
 )
 
 
-def resolve(import_path, call=False):
+def resolve(import_path, call=False) -> Any:
     """The object at `module:qualname`, resolved safely.
 
     In safe mode, the module must already be imported (the standard library

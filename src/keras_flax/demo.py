@@ -11,6 +11,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
 
 import flax.linen as nn
 from flax import nnx
@@ -66,7 +67,7 @@ def load_digits_split(seed):
         ) from error
     import numpy as np
 
-    data = load_digits()
+    data: Any = load_digits()
     x = (data.images / 16.0).astype("float32")[..., None]
     y = data.target.astype("int32")
     order = np.random.default_rng(seed).permutation(len(x))
@@ -108,7 +109,8 @@ def run(epochs=15, batch_size=32, seed=0, api="linen"):
     start = time.perf_counter()
     model.fit(x_train, y_train, epochs=epochs, batch_size=batch_size)
     print(f"trained in {time.perf_counter() - start:.1f} s")
-    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    # Keras annotates `verbose` as a string; it takes 0, 1, 2 as documented.
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)  # pyright: ignore
     print(f"held-out accuracy: {accuracy:.4f}")
 
     with tempfile.TemporaryDirectory() as folder:
@@ -117,7 +119,8 @@ def run(epochs=15, batch_size=32, seed=0, api="linen"):
         fresh = build_model(seed + 1, api, compile=False)
         fresh.load_weights(path)
     same = np.array_equal(
-        model.predict(x_test, verbose=0), fresh.predict(x_test, verbose=0)
+        model.predict(x_test, verbose=0),  # pyright: ignore[reportArgumentType]
+        fresh.predict(x_test, verbose=0),  # pyright: ignore[reportArgumentType]
     )
     print(f"weights saved and reloaded: predictions identical: {same}")
     if not same:
@@ -127,7 +130,7 @@ def run(epochs=15, batch_size=32, seed=0, api="linen"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="keras-flax demo", description=__doc__.split("\n\n")[0]
+        prog="keras-flax demo", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
