@@ -369,7 +369,11 @@ class ModelLayer(keras.layers.Layer):
             if self._pending_weights is not None:
                 given = self._pending_weights.value
             else:
-                given = self._current_values(copy=False)  # traced only
+                # Shapes alone (traced only; on TensorFlow and PyTorch the
+                # values are the backend's variables).
+                given = jax.tree_util.tree_map(
+                    _spec_of, self._current_values(copy=False)
+                )
             params, state = given
             _checks.nothing_created(
                 model, params, state, _inputs.placeholders(spec, 1)
@@ -655,6 +659,14 @@ def _common_shape(*tensors):
         for dims in zip(*(t.shape for t in tensors), strict=True)
     )
     return keras.KerasTensor(shape, dtype=first.dtype)
+
+
+def _spec_of(value):
+    """A JAX array as it is, another backend's tensor as its shape."""
+    if isinstance(value, jax.Array):
+        return value
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    return jax.ShapeDtypeStruct(tuple(value.shape), dtype)
 
 
 def _copy(value):
