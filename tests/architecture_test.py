@@ -7,6 +7,7 @@ import pathlib
 import typing
 
 import keras_flax
+from keras_flax import EquinoxLayer
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from keras_flax import layer_flax_module_wrapper
@@ -87,7 +88,7 @@ def test_stack_walks_and_process_wide_swaps_are_in_private_py_alone():
 
 def test_the_public_classes_override_no_hook_of_the_layer():
     # JaxLayer and FlaxLayer make a Model and name public attributes.
-    for cls in (JaxLayer, FlaxLayer):
+    for cls in (JaxLayer, FlaxLayer, EquinoxLayer):
         private = [
             name
             for name in vars(cls)
@@ -138,6 +139,8 @@ def test_the_public_api_is_typed():
         JaxLayer.__init__,
         FlaxLayer.__init__,
         FlaxLayer.from_nnx,
+        EquinoxLayer.__init__,
+        EquinoxLayer.from_constructor,
         layer_flax_module_wrapper,
         layer_jax_model_wrapper,
     ]
