@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import keras
@@ -19,6 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
+from keras_flax import EquinoxLayer
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from tests import modules
@@ -81,6 +83,60 @@ def test_fit_predict_evaluate_equal_plain_flax_and_optax():
     loss = model.evaluate(x, y, verbose=0)
     out = module.apply({"params": want}, x)
     np.testing.assert_allclose(loss, np.mean((out - y) ** 2), rtol=1e-5)
+
+
+class _EqxBatchNorm(eqx.Module):
+    linear: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(5, 3, key=key)
+        self.norm = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
+
+    def __call__(self, x, state):
+        return self.norm(self.linear(x), state)
+
+
+def test_equinox_fit_and_state_equal_equinox_and_optax():
+    x, y = data(32, 5), data(32, 2, seed=1)
+    module = eqx.nn.MLP(5, 2, 8, 1, key=jax.random.PRNGKey(0))
+    layer = EquinoxLayer(module)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    @eqx.filter_grad
+    def grads(model, x, y):
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    want, optimizer = module, optax.sgd(0.1)
+    opt_state = optimizer.init(eqx.filter(want, eqx.is_inexact_array))
+    for i in range(0, 32, 8):
+        g = grads(want, x[i : i + 8], y[i : i + 8])
+        updates, opt_state = optimizer.update(g, opt_state)
+        want = eqx.apply_updates(want, updates)
+    assert_trees_close(
+        eqx.filter(layer.module, eqx.is_inexact_array),
+        eqx.filter(want, eqx.is_inexact_array),
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), jax.vmap(want)(x), rtol=1e-5, atol=1e-6
+    )
+    # A stateful module: its state after a training call, as Equinox's.
+    bn, state = eqx.nn.make_with_state(_EqxBatchNorm)(jax.random.PRNGKey(1))
+    stateful = EquinoxLayer(bn, state=state)
+    if keras.backend.backend() == "tensorflow":
+        # jax2tf converts with a symbolic batch size, which `jax.lax.pmean`
+        # over the vmapped batch axis (Equinox's BatchNorm) cannot take.
+        with pytest.raises(Exception, match="Symbolic dimension"):
+            stateful(x, training=True)
+        return
+    stateful(x, training=True)
+    _, new_state = jax.vmap(
+        bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    assert_trees_close(stateful.eqx_state, new_state, rtol=1e-5)
 
 
 def test_unknown_sequence_length_with_integer_inputs():
