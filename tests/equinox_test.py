@@ -235,6 +235,7 @@ def test_from_constructor_saves_and_loads_a_stateful_model(tmp_path):
     )
 
 
+@pytest.mark.slow  # a jax2onnx conversion
 def test_onnx_export_serves_what_predict_returns(tmp_path):
     inputs = keras.Input((5,))
     model = keras.Model(inputs, EquinoxLayer(_mlp())(inputs))

@@ -108,6 +108,8 @@ def batches(shape, other_sizes):
     return found
 
 
+# Each case converts a model with jax2onnx (seconds): `pytest -m slow`.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_onnx_export_serves_what_predict_returns(case, tmp_path):
     make, shape, outputs, other_sizes = CASES[case]
