@@ -30,7 +30,14 @@ from keras_flax._model import Rng
 CALL_TAG = "eqx_call"
 
 
-def adapt(module, method, *, state, batched, recorded_call=None):
+def adapt(
+    module: eqx.Module,
+    method: str | Callable | None,
+    *,
+    state: eqx.nn.State | None,
+    batched: bool,
+    recorded_call: _serialization.RecordedCall | None = None,
+) -> Model:
     """The `Model` of an Equinox module.
 
     Args:
@@ -55,7 +62,7 @@ def adapt(module, method, *, state, batched, recorded_call=None):
         held = None
     user_fn: Callable[..., Any] = _errors.user_code(fn)
 
-    def call(module, x, state, key) -> tuple[Any, Any]:
+    def call(module: Any, x: Any, state: Any, key: Any) -> tuple[Any, Any]:
         """`(outputs, new state)` (None for a module without state)."""
         if stateful:
             outputs, new_state = user_fn(
@@ -64,14 +71,17 @@ def adapt(module, method, *, state, batched, recorded_call=None):
             return outputs, new_state
         return user_fn(module, x, **_key(takes_key, key)), None
 
-    def apply(params, held_now, rng, inputs, training):
+    def apply(
+        params: Any, held_now: Any, rng: Any, inputs: Any, training: bool
+    ) -> tuple[Any, Any]:
         arrays_now = arrays if held_now is None else held_now["arrays"]
         called = eqx.combine(params, arrays_now, static)
         if not training:
             called = eqx.nn.inference_mode(called)
         eqx_state = None
         if stateful:
-            assert held_now is not None  # a stateful module holds state
+            # A stateful module was given its state (checked above).
+            assert held_now is not None and state is not None
             eqx_state = _with_values(state, indices, held_now["state"])
         if batched:
             outputs, new_state = call(called, inputs, eqx_state, rng)
@@ -91,7 +101,7 @@ def adapt(module, method, *, state, batched, recorded_call=None):
             values = _by_index(new_state, indices)
         return outputs, {"arrays": held_now["arrays"], "state": values}
 
-    def candidates(params):
+    def candidates(params: Any) -> list[tuple[tuple[str, ...], Any, str]]:
         return [
             (
                 _variables.path_parts(keypath),
@@ -120,11 +130,16 @@ def adapt(module, method, *, state, batched, recorded_call=None):
     )
 
 
-def config_fn(module, method, batched, recorded_call):
+def config_fn(
+    module: eqx.Module,
+    method: str | Callable | None,
+    batched: bool,
+    recorded_call: _serialization.RecordedCall | None,
+) -> Callable[[], dict[str, Any]]:
     """The `Model.config` of an Equinox module: its recorded constructor
     call (refused without one)."""
 
-    def config():
+    def config() -> dict[str, Any]:
         if recorded_call is None:
             raise TypeError(_errors.equinox_not_serializable(module))
         return {
@@ -138,12 +153,12 @@ def config_fn(module, method, batched, recorded_call):
     return config
 
 
-def constructor_call(config):
+def constructor_call(config: dict[str, Any]) -> tuple[type, list, dict]:
     """`(class, args, kwargs)` of a saved constructor call."""
     return _serialization.recorded_call(config, CALL_TAG, eqx.Module, "equinox")
 
 
-def combined(module, params, held):
+def combined(module: eqx.Module, params: Any, held: Any) -> eqx.Module:
     """The module holding `params` and `held` (the layer's values)."""
     _, rest = eqx.partition(module, eqx.is_inexact_array)
     arrays, static = eqx.partition(rest, eqx.is_array)
@@ -152,18 +167,22 @@ def combined(module, params, held):
     return eqx.combine(params, arrays, static)
 
 
-def state_of(module, state, held):
+def state_of(
+    module: eqx.Module, state: eqx.nn.State | None, held: Any
+) -> eqx.nn.State | None:
     """The `eqx.nn.State` holding the layer's state values, or None."""
     if state is None or held is None:
         return state
     return _with_values(state, _state_indices(module), held["state"])
 
 
-def is_module_class(cls):
+def is_module_class(cls: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, eqx.Module)
 
 
-def make_with_state(module_class, *args, **kwargs):
+def make_with_state(
+    module_class: type, *args: Any, **kwargs: Any
+) -> tuple[eqx.Module, eqx.nn.State | None]:
     """`(module, state)` as `eqx.nn.make_with_state` builds them (state
     None for a class holding none)."""
     module, state = eqx.nn.make_with_state(module_class)(*args, **kwargs)
@@ -172,7 +191,9 @@ def make_with_state(module_class, *args, **kwargs):
     return module, state
 
 
-def _method(module, method):
+def _method(
+    module: eqx.Module, method: str | Callable | None
+) -> tuple[Callable, list[str]]:
     """`(fn(module, x, ...), parameter names after the module)`."""
     if method is None:
         fn = type(module).__call__
@@ -190,11 +211,11 @@ def _method(module, method):
     return fn, names
 
 
-def _key(takes_key, key):
+def _key(takes_key: bool, key: Any) -> dict[str, Any]:
     return {"key": key} if takes_key else {}
 
 
-def _state_indices(module):
+def _state_indices(module: eqx.Module) -> dict[str, eqx.nn.StateIndex]:
     """The module's `eqx.nn.StateIndex`es, by path text."""
     found = jax.tree_util.tree_flatten_with_path(
         module, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
@@ -206,14 +227,18 @@ def _state_indices(module):
     }
 
 
-def _by_index(state, indices):
+def _by_index(
+    state: eqx.nn.State | None, indices: dict[str, eqx.nn.StateIndex]
+) -> dict[str, Any]:
     """The values of `state` by the path of their index in the module."""
     if state is None:
         return {}
     return {path: state.get(index) for path, index in indices.items()}
 
 
-def _with_values(state, indices, values):
+def _with_values(
+    state: eqx.nn.State, indices: dict[str, eqx.nn.StateIndex], values: Any
+) -> eqx.nn.State:
     """`state` holding `values` (by index path), rebuilt as a PyTree: the
     layer's variables hold what it held, but not JAX's weak types, which
     `State.set` would refuse."""
