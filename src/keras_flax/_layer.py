@@ -480,10 +480,9 @@ class ModelLayer(keras.layers.Layer):
         try:
             return self._output_spec(inputs, training)
         except _errors.UserCodeError as error:
-            if not self._feeds_rng_from_now(error, training):
-                refused = error
-            else:
-                return self.compute_output_spec(inputs, training)
+            refused = error
+        if self._feeds_rng_from_now(refused, training):
+            return self.compute_output_spec(inputs, training)
         if _backends.name() != "jax":
             return super().compute_output_spec(inputs, training=training)
         if not _inputs.unknown_dimensions(inputs):
