@@ -26,6 +26,7 @@ from keras_flax import layer_jax_model_wrapper
 from tests import modules
 from tests import nnx_modules
 from tests.conftest import data
+from tests.conftest import variable_values
 
 
 class NoInputs(nn.Module):
@@ -94,17 +95,13 @@ def _takes_training(fn):
     return "training" in inspect.signature(fn).parameters
 
 
-def _values(tree):
-    return jax.tree.map(lambda v: np.asarray(v.value), tree)
-
-
 def _plain(layer, x):
     """What the layer's model returns on `x` in inference, called as its
     framework calls it, on the layer's current values."""
     if isinstance(layer, JaxLayer) and not isinstance(layer, FlaxLayer):
         given = {
-            "params": _values(layer.params),
-            "state": _values(layer.state),
+            "params": variable_values(layer.params),
+            "state": variable_values(layer.state),
             "rng": None,
             "inputs": x,
             "training": False,

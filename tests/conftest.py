@@ -45,6 +45,20 @@ def data(*shape, seed=0, dtype="float32"):
     return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
+def variable_values(tree):
+    """A PyTree of Keras variables (`layer.params`) as NumPy arrays."""
+    return jax.tree.map(lambda v: np.asarray(v.value), tree)
+
+
+def onnx_outputs(model, x, path):
+    """`model` exported to ONNX at `path`, run by onnxruntime on `x`."""
+    import onnxruntime
+
+    model.export(str(path), format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(str(path))
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
 def keras_grads(layer, inputs, training=False):
     """Gradients of sum(outputs**2) w.r.t. the layer's trainable weights."""
     trainable = [v.value for v in layer.trainable_variables]

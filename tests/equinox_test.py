@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
-import onnxruntime
 import optax
 import pytest
 from flax import nnx
@@ -19,6 +18,7 @@ from flax import nnx
 from keras_flax import EquinoxLayer
 from keras_flax import OptaxOptimizer
 from tests.conftest import data
+from tests.conftest import onnx_outputs
 
 KEY = jax.random.PRNGKey(0)
 
@@ -241,10 +241,7 @@ def test_onnx_export_serves_what_predict_returns(tmp_path):
     model = keras.Model(inputs, EquinoxLayer(_mlp())(inputs))
     x = data(3, 5)
     model(x)
-    path = str(tmp_path / "m.onnx")
-    model.export(path, format="onnx", verbose=False)
-    session = onnxruntime.InferenceSession(path)
-    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    out = onnx_outputs(model, x, tmp_path / "m.onnx")
     np.testing.assert_allclose(out, model.predict(x, verbose=0), 1e-5, 1e-5)
 
 

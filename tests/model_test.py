@@ -31,6 +31,7 @@ from keras_flax._layer import ModelLayer
 from keras_flax._model import Model
 from keras_flax._model import Rng
 from tests.conftest import data
+from tests.conftest import variable_values
 
 # The models of the cases: a dense layer, running statistics of its
 # outputs updated in training, and a head. Deterministic in training, so
@@ -90,12 +91,10 @@ class EqxNorm(eqx.Module):
         return self.head(h), state
 
 
-def _values(tree):
-    return jax.tree.map(lambda v: np.asarray(v.value), tree)
-
-
 def _functions_reference(layer, x, training):
-    return affine_call(_values(layer.params), _values(layer.state), x, training)
+    return affine_call(
+        variable_values(layer.params), variable_values(layer.state), x, training
+    )
 
 
 def _linen_reference(layer, x, training):
@@ -129,7 +128,7 @@ def _equinox_state(layer):
 
 
 def _functions_state(layer):
-    return _values(layer.state)
+    return variable_values(layer.state)
 
 
 def _linen_state(layer):

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import onnxruntime
 import pytest
 from flax import nnx
 
@@ -11,6 +10,7 @@ from keras_flax import _private
 from tests import modules
 from tests import nnx_modules
 from tests.conftest import data
+from tests.conftest import onnx_outputs
 
 
 def test_without_keras_scope_getters_values_are_read_through_value(
@@ -102,8 +102,5 @@ def test_without_frames_onnx_export_runs_as_jax2onnx_runs_it(
     )
     x = data(2, 5)
     model(x)
-    path = str(tmp_path / "model.onnx")
-    model.export(path, format="onnx", verbose=False)
-    session = onnxruntime.InferenceSession(path)
-    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    out = onnx_outputs(model, x, tmp_path / "model.onnx")
     np.testing.assert_allclose(out, model.predict(x, verbose=0), 1e-5, 1e-5)

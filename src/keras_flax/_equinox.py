@@ -101,16 +101,6 @@ def adapt(
             values = _by_index(new_state, indices)
         return outputs, {"arrays": held_now["arrays"], "state": values}
 
-    def candidates(params: Any) -> list[tuple[tuple[str, ...], Any, str]]:
-        return [
-            (
-                _variables.path_parts(keypath),
-                leaf,
-                _variables.path_text(keypath),
-            )
-            for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        ]
-
     return Model(
         init=None,
         split=lambda raw: (*raw, {}),
@@ -123,7 +113,9 @@ def adapt(
         rng=Rng(call=(lambda key: key) if takes_key else None),
         takes_training=True,
         config=config_fn(module, method, batched, recorded_call),
-        fine_tuning=FineTuning(candidates=candidates, variable_filters=False),
+        fine_tuning=FineTuning(
+            candidates=_variables.keyed_leaves, variable_filters=False
+        ),
         diagnostics=Diagnostics(
             label=type(module).__name__, initializer="module"
         ),

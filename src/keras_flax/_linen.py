@@ -80,14 +80,7 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
 
     def candidates(params):
         """Each parameter's path inside `params`, array and key."""
-        return [
-            (
-                _variables.path_parts(keypath)[1:],
-                leaf,
-                _variables.path_text(keypath),
-            )
-            for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        ]
+        return _variables.keyed_leaves(params, skip=1)
 
     params = state = None
     axes = {}

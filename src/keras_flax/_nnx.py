@@ -62,11 +62,13 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
         for training in (False, True)
     }  # `copy` ends in eval mode; its values are unchanged
 
+    user_invoke = _errors.user_code(invoke)
+
     def run(params, state, inputs, training):
         """The outputs, new params and new state of one call."""
         called = nnx.merge(graphdefs[bool(training)], params, state)
         kwargs = {"training": training} if takes_training else {}
-        outputs = _errors.user_code(invoke)(called, method, inputs, kwargs)
+        outputs = user_invoke(called, method, inputs, kwargs)
         nnx.pop(called, nnx.Intermediate)
         _, new_params, new_state = nnx.split(called, nnx.Param, ...)
         return outputs, new_params, new_state

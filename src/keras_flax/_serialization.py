@@ -114,17 +114,11 @@ def serialize_nnx(module, recorded_call):
     Its recorded constructor call when there is one, else its class's own
     `get_config()`.
     """
-    cls_path = _import_path(type(module), "module")
     if recorded_call is not None:
-        return {
-            _TAG: "nnx_call",
-            "class": cls_path,
-            "args": _encode(list(recorded_call.args), "module.<args>"),
-            "kwargs": _encode(dict(recorded_call.kwargs), "module.<kwargs>"),
-        }
+        return serialize_call(type(module), recorded_call, "nnx_call")
     return {
         _TAG: "nnx_config",
-        "class": cls_path,
+        "class": _import_path(type(module), "module"),
         "config": module.get_config(),
     }
 
@@ -168,10 +162,7 @@ def deserialize_nnx(config) -> Any:
 
 def nnx_call(config) -> Any:
     """`(class, args, kwargs)` of a recorded NNX constructor call, or None."""
-    if config.get(_TAG) != "nnx_call":
-        return None
-    args = _decode(config["args"], "module")
-    return _nnx_class(config), args, _decode(config["kwargs"], "module")
+    return recorded_call(config, "nnx_call", nnx.Module, "flax.nnx")
 
 
 def _module_config(module, path):

@@ -41,6 +41,16 @@ def path_parts(keypath):
     return tuple(parts)
 
 
+def keyed_leaves(tree, skip=0):
+    """`(path parts, leaf, path text)` of each leaf of `tree`, the parts
+    without their first `skip` (what a `wrt` filter is given, see
+    `_model.FineTuning.candidates`)."""
+    return [
+        (path_parts(keypath)[skip:], leaf, path_text(keypath))
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
 def path_text(path):
     """The one text of a path: a `jax.tree_util` key path, an NNX path or
     name parts, as `Dense_0/kernel` (`(root)` for the empty path)."""
