@@ -253,8 +253,20 @@ def test_bad_input_is_refused_with_the_fix():
     module, _ = eqx.nn.make_with_state(BatchNormNet)(KEY)
     with pytest.raises(ValueError, match=r"make_with_state\(BatchNormNet\)"):
         EquinoxLayer(module)
+    with pytest.raises(ValueError, match=r"no method of MLP.*'__call__'"):
+        EquinoxLayer(_mlp(), method="forward")
     with pytest.raises(TypeError, match=r"equinox.Module class"):
         EquinoxLayer.from_constructor(eqx.nn.Linear(2, 2, key=KEY))
+
+
+def test_without_equinox_the_layer_names_the_extra(monkeypatch):
+    import keras_flax
+
+    # As if equinox were not installed: the adapter file cannot import.
+    monkeypatch.setitem(sys.modules, "keras_flax._equinox", None)
+    monkeypatch.delattr(keras_flax, "_equinox")
+    with pytest.raises(ImportError, match=r"keras-flax\[equinox\]"):
+        EquinoxLayer(_mlp())
 
 
 def test_saving_a_module_built_outside_the_layer_names_from_constructor():

@@ -155,7 +155,7 @@ def _signature_text(fn, skip_module):
     return "(" + ", ".join(str(p) for p in parameters) + ")"
 
 
-def _defined_methods(module, base):
+def defined_methods(module, base):
     names = [
         name
         for name in dir(type(module))
@@ -191,7 +191,7 @@ def resolve_method(module, method, base):
         if not callable(getattr(type(module), method, None)):
             raise ValueError(
                 _errors.unknown_method(
-                    module, method, _defined_methods(module, base)
+                    module, method, defined_methods(module, base)
                 )
             )
         fn, target, name, skip = getattr(module, method), method, method, False

@@ -18,6 +18,7 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _serialization
 from keras_flax import _variables
@@ -192,7 +193,8 @@ def _method(
     elif isinstance(method, str):
         fn = getattr(type(module), method, None)
         if not callable(fn):
-            raise ValueError(_errors.unknown_method(module, method, []))
+            defined = _checks.defined_methods(module, eqx.Module)
+            raise ValueError(_errors.unknown_method(module, method, defined))
     elif callable(method):
         fn = getattr(method, "__func__", method)  # a bound method: its own
     else:

@@ -377,8 +377,8 @@ def stacked_streams_without_policy(paths):
 
 def equinox_missing(error):
     return (
-        "`EquinoxLayer` needs the `equinox` package, which is not "
-        f"installed ({error}). Received: an EquinoxLayer to build. Fix: "
+        "`EquinoxLayer` needs the `equinox` package (the `equinox` extra). "
+        f"Received: `import equinox` failed ({error}). Fix: "
         '`pip install "keras-flax[equinox]"` (or `pip install equinox`).'
     )
 
