@@ -357,7 +357,7 @@ def write_checkpoint(name, folder, shards=4):
     import safetensors.flax
 
     layer = keras_flax.FlaxLayer(make_module(name))
-    params, _ = layer._weights_by_name()
+    params, _ = layer._weights.by_name(layer._model.rng_state)
     keys = list(params)
     weight_map = {}
     per_shard = -(-len(keys) // shards)

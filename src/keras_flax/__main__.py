@@ -1,9 +1,10 @@
 """The `keras-flax` command: `keras-flax demo [--epochs N ...]`."""
 
 import sys
+from typing import Any
 
 
-def main(argv=None):
+def main(argv: Any = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(

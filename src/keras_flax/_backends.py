@@ -18,6 +18,8 @@ Nothing here imports TensorFlow or PyTorch unless that backend is in use.
 import functools
 import itertools
 import string
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,14 +28,21 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from keras_flax import _errors
+from keras_flax._model import PyTree
+
 SUPPORTED = ("jax", "tensorflow", "torch")
 
 
-def name():
+def name() -> str:
     return keras.backend.backend()
 
 
-def make_runner(fn, native_serialization_platforms=None):
+def make_runner(
+    fn: Callable[..., Any],
+    native_serialization_platforms: list[str] | None,
+    layer_name: str,
+) -> "_TensorFlowRunner | _TorchRunner | _JaxRunner":
     """A callable running `fn` on the current backend's tensors.
 
     It takes `(params, state, seed, inputs, training, spec, remat)`: lists
@@ -43,13 +52,13 @@ def make_runner(fn, native_serialization_platforms=None):
     """
     backend = name()
     if backend == "tensorflow":
-        return _TensorFlowRunner(fn, native_serialization_platforms)
+        return _TensorFlowRunner(fn, native_serialization_platforms, layer_name)
     if backend == "torch":
         return _TorchRunner(fn)
     return _JaxRunner(fn)
 
 
-def key_data(seed):
+def key_data(seed: Any) -> Any:
     """A Keras seed (`uint32`, or TF's `int64`, or torch's `int32`) as the
     `uint32[2]` key data that `jax.random` takes."""
     if seed is None or seed.dtype == jnp.uint32:
@@ -59,7 +68,7 @@ def key_data(seed):
     return seed.astype(jnp.uint32)
 
 
-def to_jax(value):
+def to_jax(value: Any) -> Any:
     """A backend tensor (or variable value) as a JAX array.
 
     Torch tensors are shared through DLPack; TensorFlow tensors are copied
@@ -78,7 +87,7 @@ def to_jax(value):
     return jnp.asarray(value)
 
 
-def own_array(value, dtype=None):
+def own_array(value: Any, dtype: Any = None) -> Any:
     """`value` (a JAX array) for the user's object to hold, in `dtype`.
 
     On JAX the very array (shared with the variable: Keras replaces a
@@ -93,7 +102,7 @@ def own_array(value, dtype=None):
     return jnp.array(value, copy=True)
 
 
-def initial_value(array):
+def initial_value(array: Any) -> Any:
     """A JAX array as the initial value of a variable of the backend.
 
     For torch, a tensor of torch's own allocation, aligned so that DLPack
@@ -112,7 +121,7 @@ def initial_value(array):
     return array
 
 
-def is_concrete(value):
+def is_concrete(value: Any) -> Any:
     """Whether `value` holds numbers (not a tracer or a graph tensor)."""
     if isinstance(value, jax.core.Tracer):
         return False
@@ -126,7 +135,7 @@ def is_concrete(value):
     return True
 
 
-def is_meta(inputs):
+def is_meta(inputs: PyTree) -> bool:
     """Whether `inputs` are torch "meta" tensors (shapes, no data)."""
     if name() != "torch":
         return False
@@ -136,7 +145,7 @@ def is_meta(inputs):
     )
 
 
-def meta_tensors(specs):
+def meta_tensors(specs: Any) -> Any:
     """Torch "meta" tensors for a structure of Keras tensors."""
     import torch
 
@@ -148,7 +157,7 @@ def meta_tensors(specs):
     )
 
 
-def dimension_names():
+def dimension_names() -> Iterator[str]:
     """Names for unknown dimensions other than the batch ("b"), without
     end: `a`, `c`, ..., `z`, `aa`, `ab`, ..., `zz`, `aaa`, ..."""
     for length in itertools.count(1):
@@ -158,7 +167,7 @@ def dimension_names():
                 yield name
 
 
-def symbolic_structs(specs, size=None):
+def symbolic_structs(specs: Any, size: int | None = None) -> Any:
     """`jax.ShapeDtypeStruct`s for a structure of tensor specs (anything
     with `shape` and `dtype`: Keras tensors, `keras.InputSpec`s, arrays).
 
@@ -169,12 +178,12 @@ def symbolic_structs(specs, size=None):
     scope = jax.export.SymbolicScope()
     names = dimension_names()
 
-    def unknown(i):
+    def unknown(i: int) -> str:
         if i == 0:
             return "b"
         return next(names) if size is None else str(size)
 
-    def symbolic(x):
+    def symbolic(x: Any) -> Any:
         dims = [
             unknown(i) if d is None else str(d) for i, d in enumerate(x.shape)
         ]
@@ -188,7 +197,15 @@ def symbolic_structs(specs, size=None):
     return jax.tree_util.tree_map(symbolic, specs)
 
 
-def output_spec(fn, params, state, seed, inputs, training, size=None):
+def output_spec(
+    fn: Callable[..., Any],
+    params: PyTree,
+    state: PyTree,
+    seed: Any,
+    inputs: PyTree,
+    training: bool,
+    size: int | None = None,
+) -> Any:
     """Keras tensors for what `fn` returns, from shapes alone.
 
     `params`, `state`, `seed` and `inputs` are `jax.ShapeDtypeStruct`s or
@@ -201,7 +218,7 @@ def output_spec(fn, params, state, seed, inputs, training, size=None):
         functools.partial(fn, training=training), params, state, seed, inputs
     )
 
-    def keras_tensor(out):
+    def keras_tensor(out: Any) -> Any:
         shape = tuple(d if isinstance(d, int) else None for d in out.shape)
         return keras.KerasTensor(shape, dtype=out.dtype.name)
 
@@ -216,13 +233,20 @@ class _JaxRunner:
     trace (Keras' compiled training step) the function is traced inline,
     as any Keras layer is, rather than nested as a program of its own."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.jitted = jax.jit(fn, static_argnames="training")
 
     def __call__(
-        self, params, state, seed, inputs, training, spec, remat=False
-    ):
+        self,
+        params: PyTree,
+        state: PyTree,
+        seed: Any,
+        inputs: PyTree,
+        training: bool,
+        spec: Any,
+        remat: bool = False,
+    ) -> Any:
         if any(
             isinstance(x, jax.core.Tracer)
             for x in jax.tree_util.tree_leaves(inputs)
@@ -238,7 +262,7 @@ class _JaxRunner:
 # TensorFlow.
 
 
-def polymorphic_shape(spec, names):
+def polymorphic_shape(spec: Any, names: Any) -> str:
     """`jax2tf` shape text for a `Spec`: "b" for the batch dimension, a
     fresh name from `names` for each other unknown size."""
     dims = []
@@ -253,39 +277,95 @@ def polymorphic_shape(spec, names):
 
 
 class _TensorFlowRunner:
-    def __init__(self, fn, platforms):
+    """Runs `fn` through `jax2tf`, converted once per input structure for
+    any batch size; a model that cannot take a symbolic batch size (a
+    collective over the batch, as Equinox's `BatchNorm` makes) is converted
+    once per batch size instead, which needs that size known."""
+
+    def __init__(
+        self, fn: Callable[..., Any], platforms: Any, layer_name: str
+    ) -> None:
         self._fn = fn
         self._platforms = platforms
+        self._layer_name = layer_name
         self._converted = {}
+        # By `(training, treedef)`: the model's error at a symbolic batch
+        # size, or None where it takes one.
+        self._refused = {}
 
     def __call__(
-        self, params, state, seed, inputs, training, spec, remat=False
-    ):
+        self,
+        params: PyTree,
+        state: PyTree,
+        seed: Any,
+        inputs: PyTree,
+        training: bool,
+        spec: Any,
+        remat: bool = False,
+    ) -> Any:
         leaves, treedef = jax.tree_util.tree_flatten(inputs)
         key = (training, treedef)
+        if key not in self._refused:
+            self._refused[key] = self._symbolic_error(
+                params, state, seed, training, spec
+            )
+        refused = self._refused[key]
+        if refused is not None:
+            shapes = tuple(tuple(x.shape) for x in leaves)
+            if any(d is None for shape in shapes for d in shape):
+                raise ValueError(
+                    _errors.tf_sizes_needed(self._layer_name, shapes, refused)
+                ) from refused
+            key = (*key, shapes)
         if key not in self._converted:
-            self._converted[key] = self._convert(training, treedef, spec)
+            self._converted[key] = self._convert(
+                training, treedef, spec, refused is None
+            )
         if seed is not None:
             import tensorflow as tf
 
             seed = tf.cast(seed, tf.uint32)
         return self._converted[key](params, state, seed, leaves)
 
-    def _convert(self, training, treedef, spec):
+    def _symbolic_error(
+        self,
+        params: PyTree,
+        state: PyTree,
+        seed: Any,
+        training: bool,
+        spec: Any,
+    ) -> BaseException | None:
+        """What the model raises when traced at a symbolic batch size
+        (None where it takes one)."""
+        try:
+            jax.eval_shape(
+                functools.partial(self._fn, training=training),
+                *symbolic_structs((params, state, seed)),
+                symbolic_structs(spec.tree),
+            )
+        except _errors.UserCodeError as refused:
+            return refused.error
+        return None
+
+    def _convert(
+        self, training: bool, treedef: Any, spec: Any, polymorphic: bool
+    ) -> Any:
         import tensorflow as tf
         from jax.experimental import jax2tf
 
         fn = self._fn
 
-        def flat_fn(params, state, seed, leaves):
+        def flat_fn(
+            params: PyTree, state: PyTree, seed: Any, leaves: Any
+        ) -> Any:
             inputs = jax.tree_util.tree_unflatten(treedef, leaves)
             return fn(params, state, seed, inputs, training=training)
 
-        names = dimension_names()
-        shapes = [polymorphic_shape(s, names) for s in spec.leaves()]
-        kwargs: dict[str, Any] = {
-            "polymorphic_shapes": [None, None, None, shapes]
-        }
+        kwargs: dict[str, Any] = {}
+        if polymorphic:  # else at the shapes of the first call
+            names = dimension_names()
+            shapes = [polymorphic_shape(s, names) for s in spec.leaves()]
+            kwargs["polymorphic_shapes"] = [None, None, None, shapes]
         if self._platforms is not None:
             kwargs["native_serialization_platforms"] = tuple(self._platforms)
         converted = jax2tf.convert(flat_fn, **kwargs)
@@ -299,36 +379,44 @@ class _TensorFlowRunner:
 # PyTorch.
 
 
-def _torch_to_jax(tensor):
+def _torch_to_jax(tensor: Any) -> Any:
     tensor = tensor.detach()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return jax.dlpack.from_dlpack(tensor)
 
 
-def _jax_to_torch(array):
+def _jax_to_torch(array: Any) -> Any:
     import torch
 
     return torch.from_dlpack(array)
 
 
-def _is_float(dtype):
+def _is_float(dtype: Any) -> Any:
     return jnp.issubdtype(dtype, jnp.inexact)
 
 
 class _TorchRunner:
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self._fn = fn
         self._jitted = jax.jit(fn, static_argnames="training")
         self._forward_with_vjp = jax.jit(
             self._with_vjp, static_argnames=("treedef", "mask", "training")
         )
         self._backward = jax.jit(lambda vjp, cotangents: vjp(cotangents)[0])
+        # The structure of the outputs, by `(treedef, mask, training)`.
         self._output_treedefs = {}
 
     def __call__(
-        self, params, state, seed, inputs, training, spec, remat=False
-    ):
+        self,
+        params: PyTree,
+        state: PyTree,
+        seed: Any,
+        inputs: PyTree,
+        training: bool,
+        spec: Any,
+        remat: bool = False,
+    ) -> Any:
         import torch
 
         args = (params, state, seed, inputs)
@@ -344,23 +432,37 @@ class _TorchRunner:
             outputs = self._jitted(*args, training=training)
             return jax.tree_util.tree_map(_jax_to_torch, outputs)
         key = (treedef, mask, training)
+        if key not in self._output_treedefs:
+            self._output_treedefs[key] = self._output_treedef(args, training)
         flat = _torch_function().apply(self, key, *leaves)
         return jax.tree_util.tree_unflatten(self._output_treedefs[key], flat)
 
-    def _with_vjp(self, diff, rest, treedef, mask, training):
+    def _with_vjp(
+        self, diff: Any, rest: Any, treedef: Any, mask: Any, training: bool
+    ) -> Any:
         """The outputs, flat, and the `vjp` of the `diff` leaves."""
 
-        def flat_fn(diff):
+        def flat_fn(diff: Any) -> Any:
             leaves = _merge(diff, rest, mask)
             args = jax.tree_util.tree_unflatten(treedef, leaves)
             outputs = self._fn(*args, training=training)
-            flat, out_treedef = jax.tree_util.tree_flatten(outputs)
-            self._output_treedefs[(treedef, mask, training)] = out_treedef
-            return flat
+            return jax.tree_util.tree_leaves(outputs)
 
         return jax.vjp(flat_fn, diff)
 
-    def forward(self, key, tensors):
+    def _output_treedef(self, args: Any, training: bool) -> Any:
+        """The structure of what `fn` returns for `args` (torch tensors),
+        from their shapes alone."""
+
+        def spec(tensor: Any) -> jax.ShapeDtypeStruct:
+            dtype = keras.backend.standardize_dtype(tensor.dtype)
+            return jax.ShapeDtypeStruct(tuple(tensor.shape), dtype)
+
+        specs = jax.tree_util.tree_map(spec, args)
+        fn = functools.partial(self._fn, training=training)
+        return jax.tree_util.tree_structure(jax.eval_shape(fn, *specs))
+
+    def forward(self, key: Any, tensors: Any) -> tuple[Any, Any]:
         treedef, mask, training = key
         arrays = [_torch_to_jax(t) for t in tensors]
         diff = [a for a, m in zip(arrays, mask, strict=True) if m]
@@ -370,7 +472,7 @@ class _TorchRunner:
         )
         return flat, vjp
 
-    def backward(self, vjp, outputs, grads):
+    def backward(self, vjp: Any, outputs: Any, grads: Any) -> Any:
         cotangents = [
             _zeros_like(out) if g is None else _torch_to_jax(g)
             for out, g in zip(outputs, grads, strict=True)
@@ -378,12 +480,12 @@ class _TorchRunner:
         return self._backward(vjp, cotangents)
 
 
-def _merge(diff, rest, mask):
+def _merge(diff: Any, rest: Any, mask: Any) -> list[Any]:
     diff, rest = iter(diff), iter(rest)
     return [next(diff) if m else next(rest) for m in mask]
 
 
-def _zeros_like(spec):
+def _zeros_like(spec: Any) -> Any:
     shape, dtype = spec
     if _is_float(dtype):
         return jnp.zeros(shape, dtype)
@@ -391,13 +493,15 @@ def _zeros_like(spec):
 
 
 @functools.cache
-def _torch_function():
+def _torch_function() -> type:
     """The `torch.autograd.Function` (torch is imported on first use)."""
     import torch
 
     class JaxFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, runner, key, *tensors):
+        def forward(
+            ctx: Any, runner: Any, key: Any, *tensors: Any
+        ) -> tuple[Any, ...]:
             flat, vjp = runner.forward(key, tensors)
             ctx.runner, ctx.vjp, ctx.mask = runner, vjp, key[1]
             ctx.outputs = [(a.shape, a.dtype) for a in flat]
@@ -412,13 +516,13 @@ def _torch_function():
             return outputs
 
         @staticmethod
-        def backward(ctx, *grads):
-            grads = ctx.runner.backward(ctx.vjp, ctx.outputs, grads)
-            grads = iter(grads)
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            back = ctx.runner.backward(ctx.vjp, ctx.outputs, grads)
+            back = iter(back)
             return (
                 None,
                 None,
-                *(_jax_to_torch(next(grads)) if m else None for m in ctx.mask),
+                *(_jax_to_torch(next(back)) if m else None for m in ctx.mask),
             )
 
     return JaxFunction

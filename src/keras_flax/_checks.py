@@ -7,6 +7,8 @@ import collections.abc
 import dataclasses
 import inspect
 import warnings
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +22,8 @@ from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _variables
+from keras_flax._model import Model
+from keras_flax._model import PyTree
 
 CALL_FN_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
 INIT_FN_ARGUMENTS = ("rng", "inputs", "training")
@@ -32,14 +36,16 @@ TRAINING_LIKE_FLAGS = (
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-def _parameters(fn, arg):
+def _parameters(fn: Callable[..., Any], arg: str) -> list[inspect.Parameter]:
     try:
         return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as error:
         raise TypeError(_errors.unsignable(arg, fn)) from error
 
 
-def function_arguments(fn, arg, allowed):
+def function_arguments(
+    fn: Callable[..., Any], arg: str, allowed: Any
+) -> list[str]:
     """The argument names of `fn` (`call_fn` or `init_fn`), in order.
 
     Arguments are matched by name, as `keras.layers.JaxLayer` does: each
@@ -67,7 +73,12 @@ class MethodSignature:
     takes_training: bool
 
 
-def method_signature(fn, method_name, call_prefix, skip_module):
+def method_signature(
+    fn: Callable[..., Any],
+    method_name: str,
+    call_prefix: str,
+    skip_module: bool,
+) -> MethodSignature:
     """Checks a Flax forward method and tells how to call it.
 
     The first argument after the module receives the inputs, whatever its
@@ -129,7 +140,7 @@ def method_signature(fn, method_name, call_prefix, skip_module):
     return MethodSignature(takes_training=takes_training)
 
 
-def _example_args(inputs_parameter, rest):
+def _example_args(inputs_parameter: Any, rest: Any) -> str:
     """Arguments for the wrapper shown in messages, mapping `training`."""
     args = ["inputs"]
     for p in rest:
@@ -148,14 +159,14 @@ def _example_args(inputs_parameter, rest):
     return ", ".join(args)
 
 
-def _signature_text(fn, skip_module):
+def _signature_text(fn: Callable[..., Any], skip_module: bool) -> str:
     parameters = _parameters(fn, "method")
     if skip_module:
         parameters = parameters[1:]
     return "(" + ", ".join(str(p) for p in parameters) + ")"
 
 
-def defined_methods(module, base):
+def defined_methods(module: Any, base: Any) -> list[str]:
     names = [
         name
         for name in dir(type(module))
@@ -169,7 +180,9 @@ def defined_methods(module, base):
     return names
 
 
-def resolve_method(module, method, base):
+def resolve_method(
+    module: Any, method: Any, base: Any
+) -> tuple[Any, MethodSignature]:
     """Checks `method` of a Flax module and tells how to call it.
 
     Args:
@@ -212,7 +225,7 @@ def resolve_method(module, method, base):
     return target, method_signature(fn, label, prefix, skip)
 
 
-def inputs_fit(inputs, specs, layer_name):
+def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
     """Raises if `inputs` do not fit the specs the layer was built for."""
     given = jax.tree_util.tree_leaves(inputs)
     built = specs.leaves()
@@ -253,7 +266,7 @@ def inputs_fit(inputs, specs, layer_name):
             )
 
 
-def _kind(dtype):
+def _kind(dtype: Any) -> str:
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating):
         return "floating"
@@ -262,7 +275,7 @@ def _kind(dtype):
     return "integer or bool"
 
 
-def _structure_text(inputs):
+def _structure_text(inputs: PyTree) -> str:
     return str(
         jax.tree_util.tree_map(
             lambda x: _errors.format_shape(_inputs.shape_of(x)), inputs
@@ -270,7 +283,9 @@ def _structure_text(inputs):
     )
 
 
-def compare(given, expected):
+def compare(
+    given: Any, expected: Any
+) -> tuple[list[Any], list[Any], list[Any]]:
     """Differences between two PyTrees of arrays, by path.
 
     Returns:
@@ -285,7 +300,9 @@ def compare(given, expected):
     )
 
 
-def compare_specs(given, expected):
+def compare_specs(
+    given: Any, expected: Any
+) -> tuple[list[Any], list[Any], list[Any]]:
     """`compare` of two dicts of path text -> `(shape, dtype)` (or None)."""
     missing = [p for p in expected if p not in given]
     extra = [p for p in given if p not in expected]
@@ -301,7 +318,7 @@ def compare_specs(given, expected):
     return missing, extra, mismatched
 
 
-def dtype_kind(dtype):
+def dtype_kind(dtype: Any) -> str | None:
     if dtype is None:
         return None
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -312,7 +329,7 @@ def dtype_kind(dtype):
     return "integer or bool"
 
 
-def non_array_leaves(tree):
+def non_array_leaves(tree: PyTree) -> list[tuple[str, Any]]:
     """`(path, leaf)` of the leaves of `tree` that are not arrays."""
     return [
         (_variables.path_text(keypath), leaf)
@@ -321,7 +338,7 @@ def non_array_leaves(tree):
     ]
 
 
-def no_state(arg, new_state):
+def no_state(arg: str, new_state: PyTree) -> None:
     """Raises if a layer holding no state is given some to keep."""
     leaves = jax.tree_util.tree_flatten_with_path(new_state)[0]
     if leaves:
@@ -329,7 +346,7 @@ def no_state(arg, new_state):
         raise ValueError(_errors.state_without_room(arg, paths))
 
 
-def state_structure(arg, new_state, state_tree):
+def state_structure(arg: str, new_state: PyTree, state_tree: Any) -> None:
     """Raises if `new_state` has another structure than the held state."""
     new_def = jax.tree_util.tree_structure(new_state)
     if new_def == state_tree.treedef:
@@ -351,7 +368,9 @@ def state_structure(arg, new_state, state_tree):
     )
 
 
-def linen_variables(variables, arg="variables"):
+def linen_variables(
+    variables: PyTree, arg: str = "variables"
+) -> Mapping[str, Any]:
     if not isinstance(variables, collections.abc.Mapping) or not all(
         isinstance(v, collections.abc.Mapping) for v in variables.values()
     ):
@@ -362,7 +381,7 @@ def linen_variables(variables, arg="variables"):
     return variables
 
 
-def assignable(layer_name, given, held):
+def assignable(layer_name: str, given: Any, held: Any) -> None:
     """Refuses `given` (path text -> leaf) unless it has an array of the
     shape and kind of dtype of each `held` variable (path text ->
     variable), and nothing else."""
@@ -382,7 +401,7 @@ def assignable(layer_name, given, held):
         )
 
 
-def layer_arguments(cls_name, pack_weights):
+def layer_arguments(cls_name: str, pack_weights: bool) -> None:
     """Refuses a layer on a backend it cannot run on, or a `pack_weights`
     that is not a bool."""
     backend(cls_name)
@@ -390,14 +409,14 @@ def layer_arguments(cls_name, pack_weights):
         raise TypeError(_errors.not_a_bool("pack_weights", pack_weights))
 
 
-def backend(cls_name):
+def backend(cls_name: str) -> None:
     """Refuses to construct a layer on a backend it cannot run on."""
     backend = keras.backend.backend()
     if backend not in _backends.SUPPORTED:
         raise ValueError(_errors.unsupported_backend(cls_name, backend))
 
 
-def packing_allowed():
+def packing_allowed() -> None:
     distribution = keras.distribution.distribution()
     if isinstance(distribution, keras.distribution.ModelParallel):
         raise ValueError(_errors.packing_under_model_parallel())
@@ -409,7 +428,7 @@ def stateful_result(result: Any) -> tuple[Any, Any]:
     return result[0], result[1]
 
 
-def nnx_class(module_class):
+def nnx_class(module_class: type) -> None:
     """Refuses what is not an NNX module class."""
     if not (
         isinstance(module_class, type) and issubclass(module_class, nnx.Module)
@@ -417,17 +436,21 @@ def nnx_class(module_class):
         raise TypeError(_errors.not_an_nnx_class(module_class))
 
 
-def nnx_arguments(variables, rng_collections):
+def nnx_arguments(variables: PyTree, rng_collections: Any) -> None:
     if variables is not None:
         raise ValueError(_errors.nnx_with_variables(variables))
     if rng_collections is not None:
         raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
 
 
-def nothing_created(model, params, state, inputs):
+def nothing_created(
+    model: Model, params: PyTree, state: PyTree, inputs: PyTree
+) -> None:
     """Refuses a model that creates variables when first called."""
+    created_fn = model.diagnostics.created
+    assert created_fn is not None  # asked only of models that can
     try:
-        created = model.diagnostics.created(params, state, inputs)
+        created = created_fn(params, state, inputs)
     except _errors.UserCodeError:
         return  # the call raises the module's own error
     if created:
@@ -436,7 +459,9 @@ def nothing_created(model, params, state, inputs):
         )
 
 
-def unused_leaves(model, given, expected, spec, check_shapes):
+def unused_leaves(
+    model: Model, given: Any, expected: Any, spec: Any, check_shapes: bool
+) -> dict[str, dict[Any, Any]]:
     """The given leaves `model.init` does not create, by tree (`"params"`,
     `"state"`): path -> `(shape, dtype)`. Missing or mis-shaped leaves are
     refused (their shapes only when `check_shapes`).

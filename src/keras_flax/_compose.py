@@ -16,7 +16,7 @@ from keras_flax._flax_layer import FlaxLayer
 from keras_flax._jax_layer import JaxLayer
 
 
-def _compose(obj, layer):
+def _compose(obj: Any, layer: Any) -> Any:
     if obj is None:
         return layer
     if isinstance(obj, keras.Sequential):
@@ -25,7 +25,7 @@ def _compose(obj, layer):
     return layer(obj)  # a Keras tensor or an array (_check_object)
 
 
-def _check_object(helper, obj):
+def _check_object(helper: Any, obj: Any) -> None:
     """Refuses a bad `object` before any layer is built."""
     ok = obj is None or isinstance(obj, keras.Sequential)
     ok = ok or keras.utils.is_keras_tensor(obj)
@@ -39,7 +39,7 @@ def layer_flax_module_wrapper(
     module: Any = None,
     method: str | Callable | None = None,
     variables: Any = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> Any:
     """Creates a `FlaxLayer` and composes it with `object`.
 
@@ -76,7 +76,7 @@ def layer_jax_model_wrapper(
     params: Any = None,
     state: Any = None,
     seed: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> Any:
     """Creates a `JaxLayer` and composes it with `object`.
 

@@ -5,6 +5,7 @@
 is made (the `equinox` extra).
 """
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from keras_flax import _wrt
 from keras_flax._layer import ModelLayer
 
 
-def _equinox():
+def _equinox() -> types.ModuleType:
     """The adapter file, which imports equinox; refused without it."""
     try:
         from keras_flax import _equinox
@@ -81,8 +82,8 @@ class EquinoxLayer(ModelLayer):
         batched: bool = False,
         wrt: Any = None,
         seed: int | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
@@ -99,9 +100,9 @@ class EquinoxLayer(ModelLayer):
     def from_constructor(
         cls,
         module_class: type,
-        *args,
+        *args: Any,
         layer_kwargs: dict | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> "EquinoxLayer":
         """Builds `module_class(*args, **kwargs)` and wraps it, saveably.
 
@@ -137,13 +138,13 @@ class EquinoxLayer(ModelLayer):
     def module(self) -> Any:
         """The module holding the layer's current values (`eqx.combine`
         of the trained arrays with the static parts)."""
-        params, held = self._current_values()
+        params, held = self._weights.current_values()
         return _equinox().combined(self._module, params, held)
 
     @property
     def eqx_state(self) -> Any:
         """The `eqx.nn.State` holding the layer's current state, or None."""
-        _, held = self._current_values()
+        _, held = self._weights.current_values()
         return _equinox().state_of(self._module, self._eqx_state, held)
 
     @property
@@ -152,7 +153,7 @@ class EquinoxLayer(ModelLayer):
         return self._wrt
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> "EquinoxLayer":
         config = dict(config)
         if "wrt" in config:
             config["wrt"] = _wrt.from_config(config["wrt"])

@@ -9,9 +9,14 @@ import functools
 import re
 import reprlib
 from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 from typing import TypeVar
 
 from flax import nnx
+
+from keras_flax._model import Model
+from keras_flax._model import PyTree
 
 T = TypeVar("T")
 
@@ -29,7 +34,7 @@ class UserCodeError(Exception):
         error: the exception the user's code raised.
     """
 
-    def __init__(self, error: Exception):
+    def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
 
@@ -38,7 +43,7 @@ def user_code(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn` (the user's code), raising what it raises as `UserCodeError`."""
 
     @functools.wraps(fn)
-    def call(*args, **kwargs):
+    def call(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except UserCodeError:
@@ -55,7 +60,7 @@ def raises_user_errors(method: Callable[..., T]) -> Callable[..., T]:
     built-in layers raise it."""
 
     @functools.wraps(method)
-    def entry(*args, **kwargs):
+    def entry(*args: Any, **kwargs: Any) -> T:
         try:
             return method(*args, **kwargs)
         except UserCodeError as wrapped:
@@ -71,7 +76,7 @@ _repr.maxstring = 80
 _repr.maxother = 80
 
 
-def describe(value):
+def describe(value: Any) -> str:
     """A short description of `value` for a `Received:` clause."""
     kind = type(value).__name__
     if isinstance(value, type):
@@ -81,7 +86,7 @@ def describe(value):
     return f"{_repr.repr(value)} ({kind})"
 
 
-def format_shape(shape):
+def format_shape(shape: Sequence[int | None]) -> str:
     return (
         "("
         + ", ".join(str(d) for d in shape)
@@ -92,7 +97,25 @@ def format_shape(shape):
 # Backends.
 
 
-def unsupported_backend(cls_name, backend_name):
+def tf_sizes_needed(
+    layer_name: str,
+    shapes: Sequence[tuple[int | None, ...]],
+    error: BaseException,
+) -> str:
+    shown = ", ".join(format_shape(shape) for shape in shapes)
+    return (
+        f"Layer '{layer_name}' cannot run on TensorFlow for inputs of unknown "
+        f"sizes: its model does not take a symbolic batch size (jax2tf), "
+        f"and these inputs have unknown sizes. Received: inputs of shape "
+        f"{shown}; at a symbolic batch size the model raised "
+        f"{type(error).__name__}: {error}. Give the inputs known sizes (in "
+        f"`fit`, `evaluate` and `predict`, a `batch_size` dividing the number "
+        f"of samples, or `drop_remainder=True` for a `tf.data` pipeline; "
+        f"`keras.Input(shape, batch_size=n)`), or use the JAX backend."
+    )
+
+
+def unsupported_backend(cls_name: str, backend_name: str) -> str:
     return (
         f"`{cls_name}` runs on the JAX, TensorFlow and PyTorch backends. "
         f"Received: KERAS_BACKEND={backend_name!r}. Set one of them before "
@@ -104,13 +127,15 @@ def unsupported_backend(cls_name, backend_name):
 # Function signatures (JaxLayer).
 
 
-def not_callable(arg, value, fix):
+def not_callable(arg: str, value: Any, fix: str) -> str:
     return (
         f"`{arg}` must be a callable. Received: {arg}={describe(value)}. {fix}"
     )
 
 
-def missing_argument(arg, fn, name, allowed):
+def missing_argument(
+    arg: str, fn: Callable[..., Any], name: str, allowed: Any
+) -> str:
     return (
         f"`{arg}` must take an argument named `{name}`. Received: "
         f"{arg}={describe(fn)} with arguments {_names(fn)}. The arguments "
@@ -119,7 +144,9 @@ def missing_argument(arg, fn, name, allowed):
     )
 
 
-def unsupported_argument(arg, fn, name, allowed):
+def unsupported_argument(
+    arg: str, fn: Callable[..., Any], name: str, allowed: Any
+) -> str:
     return (
         f"`{arg}` has an argument `{name}` that JaxLayer cannot fill."
         f" Received: {arg}={describe(fn)} with arguments {_names(fn)}. "
@@ -130,14 +157,14 @@ def unsupported_argument(arg, fn, name, allowed):
     )
 
 
-def unsignable(arg, fn):
+def unsignable(arg: str, fn: Callable[..., Any]) -> str:
     return (
         f"`{arg}` must be a function whose signature can be inspected. "
         f"Received: {arg}={describe(fn)}. Wrap it in a plain Python function."
     )
 
 
-def nothing_to_initialize():
+def nothing_to_initialize() -> str:
     return (
         "`init_fn`, `params` and `state` cannot all be `None` when `call_fn` "
         "takes a `params` or a `state` argument. Received: init_fn=None, "
@@ -149,7 +176,7 @@ def nothing_to_initialize():
 # Flax modules and methods.
 
 
-def not_a_module(module):
+def not_a_module(module: Any) -> str:
     if isinstance(module, type) and issubclass(module, nnx.Module):
         fix = (
             "To wrap an NNX Module class, instantiate it: "
@@ -173,7 +200,7 @@ def not_a_module(module):
     )
 
 
-def bad_method_type(method):
+def bad_method_type(method: Any) -> str:
     return (
         "`method` must be None, a method name (str), a method of the module "
         "or a function whose first argument is the module. Received: "
@@ -182,7 +209,7 @@ def bad_method_type(method):
     )
 
 
-def unknown_method(module, name, available):
+def unknown_method(module: Any, name: str, available: Any) -> str:
     listed = ", ".join(f"'{n}'" for n in available) or "none"
     return (
         f"`method` names no method of {type(module).__name__}. Received: "
@@ -198,7 +225,7 @@ _WRAPPER = (
 )
 
 
-def wrapper_example(call_prefix, call_args):
+def wrapper_example(call_prefix: str, call_args: Any) -> str:
     """Example code mapping FlaxLayer's call onto the user's method.
 
     `call_prefix` is how the method is called: "module(", "module.encode("
@@ -207,7 +234,7 @@ def wrapper_example(call_prefix, call_args):
     return _WRAPPER.format(call=f"{call_prefix}{call_args})")
 
 
-def method_without_inputs(method_name, call_prefix):
+def method_without_inputs(method_name: str, call_prefix: str) -> str:
     return (
         f"`method` must take the inputs as its first argument after the "
         f"module. Received: method={method_name} with no such argument. "
@@ -217,8 +244,12 @@ def method_without_inputs(method_name, call_prefix):
 
 
 def method_unfillable(
-    method_name, call_prefix, parameter, signature, example_args
-):
+    method_name: str,
+    call_prefix: str,
+    parameter: Any,
+    signature: Any,
+    example_args: Any,
+) -> str:
     return (
         f"`method` has a required argument `{parameter}` that FlaxLayer "
         f"cannot fill: it passes the inputs as the first argument and "
@@ -228,7 +259,9 @@ def method_unfillable(
     )
 
 
-def training_flag_warning(method_name, call_prefix, flag, example_args):
+def training_flag_warning(
+    method_name: str, call_prefix: str, flag: Any, example_args: Any
+) -> str:
     return (
         f"`method` {method_name} has a `{flag}` flag but no `training` "
         "argument, so FlaxLayer will not switch it in `fit`: the module "
@@ -241,7 +274,7 @@ def training_flag_warning(method_name, call_prefix, flag, example_args):
 # Variables.
 
 
-def variables_not_mapping(variables, arg="variables"):
+def variables_not_mapping(variables: PyTree, arg: str = "variables") -> str:
     fix = (
         "Pass `variables=module.init(rng, x)`, or None to initialise at "
         "build time."
@@ -255,7 +288,7 @@ def variables_not_mapping(variables, arg="variables"):
     )
 
 
-def variables_not_arrays(bad, arg="variables"):
+def variables_not_arrays(bad: Any, arg: str = "variables") -> str:
     listed = ", ".join(f"{p} = {describe(v)}" for p, v in bad[:4])
     return (
         f"`{arg}` must hold arrays only, as `module.init(...)` returns. "
@@ -264,7 +297,7 @@ def variables_not_arrays(bad, arg="variables"):
     )
 
 
-def variables_without_params(collections):
+def variables_without_params(collections: Any) -> str:
     return (
         "`variables` has no 'params' collection, but the module creates "
         f"parameters. Received: variables with collections {collections}. "
@@ -273,13 +306,15 @@ def variables_without_params(collections):
     )
 
 
-def _difference(given, expected):
+def _difference(given: Any, expected: Any) -> tuple[str, str]:
     if isinstance(given, tuple):
         return f"shape {format_shape(given)}", format_shape(expected)
     return f"dtype {given}", str(expected)
 
 
-def variables_misfit(arg, input_desc, missing, mismatched, fix):
+def variables_misfit(
+    arg: str, input_desc: str, missing: Sequence[str], mismatched: Any, fix: str
+) -> str:
     lines = [f"`{arg}` does not fit the inputs {input_desc}."]
     for path, given, expected in mismatched[:5]:
         what, want = _difference(given, expected)
@@ -293,7 +328,9 @@ def variables_misfit(arg, input_desc, missing, mismatched, fix):
     return " ".join(lines)
 
 
-def state_structure_changed(arg, missing, extra, mismatched):
+def state_structure_changed(
+    arg: str, missing: Sequence[str], extra: Any, mismatched: Any
+) -> str:
     lines = [
         f"The state returned by `{arg}` does not have the structure it had "
         "at initialization."
@@ -316,7 +353,7 @@ def state_structure_changed(arg, missing, extra, mismatched):
     return " ".join(lines)
 
 
-def state_without_room(arg, paths):
+def state_without_room(arg: str, paths: Sequence[str]) -> str:
     listed = ", ".join(paths[:8]) + _more(paths, 8)
     return (
         f"`{arg}` returned a new state, but the layer holds no state to "
@@ -331,7 +368,7 @@ def state_without_room(arg, paths):
 # NNX.
 
 
-def nnx_with_variables(variables):
+def nnx_with_variables(variables: PyTree) -> str:
     return (
         "`variables` is for linen modules: an NNX module carries its own "
         f"variables. Received: variables={describe(variables)} with an "
@@ -340,7 +377,7 @@ def nnx_with_variables(variables):
     )
 
 
-def nnx_with_rng_collections(rng_collections):
+def nnx_with_rng_collections(rng_collections: Any) -> str:
     return (
         "`rng_collections` is for linen modules: an NNX module draws from "
         "its own `nnx.Rngs`. Received: "
@@ -350,7 +387,7 @@ def nnx_with_rng_collections(rng_collections):
     )
 
 
-def lazy_nnx_module(cls_name, created):
+def lazy_nnx_module(cls_name: str, created: Any) -> str:
     listed = ", ".join(created[:6]) + _more(created, 6)
     return (
         f"`module` {cls_name} creates variables when it is called ({listed}), "
@@ -361,7 +398,7 @@ def lazy_nnx_module(cls_name, created):
     )
 
 
-def stacked_streams_without_policy(paths):
+def stacked_streams_without_policy(paths: Sequence[str]) -> str:
     listed = ", ".join(paths[:6]) + _more(paths, 6)
     return (
         "`seed` reseeds every RNG stream of the NNX module, but this Flax "
@@ -375,7 +412,7 @@ def stacked_streams_without_policy(paths):
 # Equinox.
 
 
-def equinox_missing(error):
+def equinox_missing(error: BaseException) -> str:
     return (
         "`EquinoxLayer` needs the `equinox` package (the `equinox` extra). "
         f"Received: `import equinox` failed ({error}). Fix: "
@@ -383,7 +420,7 @@ def equinox_missing(error):
     )
 
 
-def not_an_equinox_module(module):
+def not_an_equinox_module(module: Any) -> str:
     fix = "Pass an `equinox.Module` instance."
     if isinstance(module, type):
         fix = (
@@ -397,7 +434,7 @@ def not_an_equinox_module(module):
     )
 
 
-def equinox_state_missing(label):
+def equinox_state_missing(label: str) -> str:
     return (
         f"The method of {label} takes `state` (a stateful module: "
         "BatchNorm, SpectralNorm), so the layer needs the `eqx.nn.State` "
@@ -408,7 +445,7 @@ def equinox_state_missing(label):
     )
 
 
-def equinox_method_without_inputs(fn):
+def equinox_method_without_inputs(fn: Callable[..., Any]) -> str:
     return (
         "`method` must take the module and then the inputs: "
         "`(module, x, *, key=None)` or `(module, x, state, *, key=None)`. "
@@ -417,7 +454,7 @@ def equinox_method_without_inputs(fn):
     )
 
 
-def equinox_not_serializable(module):
+def equinox_not_serializable(module: Any) -> str:
     name = type(module).__name__
     return (
         "An EquinoxLayer can be saved in a `.keras` file when it was made "
@@ -429,7 +466,7 @@ def equinox_not_serializable(module):
     )
 
 
-def not_an_equinox_class(module_class):
+def not_an_equinox_class(module_class: type) -> str:
     return (
         "`module_class` of EquinoxLayer.from_constructor must be an "
         f"equinox.Module class. Received: module_class={describe(module_class)}"
@@ -438,7 +475,7 @@ def not_an_equinox_class(module_class):
     )
 
 
-def nnx_not_serializable(module):
+def nnx_not_serializable(module: Any) -> str:
     name = type(module).__name__
     return (
         "A FlaxLayer wrapping an NNX module can be saved when the module "
@@ -451,7 +488,7 @@ def nnx_not_serializable(module):
     )
 
 
-def not_an_nnx_class(module_class):
+def not_an_nnx_class(module_class: type) -> str:
     return (
         "`module_class` of FlaxLayer.from_nnx must be a flax.nnx.Module "
         f"class. Received: module_class={describe(module_class)}. Pass the "
@@ -463,7 +500,7 @@ def not_an_nnx_class(module_class):
 # Build and call.
 
 
-def stateful_result(result):
+def stateful_result(result: Any) -> str:
     return (
         "`call_fn` takes `state`, so it must return `(outputs, new_state)`. "
         f"Received: a {type(result).__name__} from call_fn. Return the new "
@@ -471,7 +508,9 @@ def stateful_result(result):
     )
 
 
-def cannot_initialize(arg, input_desc, tried, error):
+def cannot_initialize(
+    arg: str, input_desc: str, tried: Any, error: BaseException | None
+) -> str:
     return (
         f"`{arg}` failed on placeholder inputs {input_desc} while building "
         f"the layer (unknown dimensions tried with sizes {tried}). The "
@@ -481,7 +520,9 @@ def cannot_initialize(arg, input_desc, tried, error):
     )
 
 
-def output_shape_unknown(layer_name, unknown, tried, error):
+def output_shape_unknown(
+    layer_name: str, unknown: Any, tried: Any, error: BaseException
+) -> str:
     where = ", ".join(
         f"dimension {axis}" if i == 0 else f"input {i} dimension {axis}"
         for i, axis in unknown[:6]
@@ -496,7 +537,9 @@ def output_shape_unknown(layer_name, unknown, tried, error):
     )
 
 
-def inputs_misfit(layer_name, what, expected, received):
+def inputs_misfit(
+    layer_name: str, what: str, expected: Any, received: Any
+) -> str:
     return (
         f"`inputs` do not fit layer '{layer_name}': it was built for {what} "
         f"{expected}. Received: inputs with {what} {received}. Pass inputs "
@@ -505,7 +548,9 @@ def inputs_misfit(layer_name, what, expected, received):
     )
 
 
-def inputs_structure_changed(layer_name, expected, received):
+def inputs_structure_changed(
+    layer_name: str, expected: Any, received: Any
+) -> str:
     return (
         f"`inputs` do not fit layer '{layer_name}': it was built for inputs "
         f"structured as {expected}. Received: inputs structured as "
@@ -517,7 +562,7 @@ def inputs_structure_changed(layer_name, expected, received):
 # Composition helpers.
 
 
-def bad_compose_object(helper, obj):
+def bad_compose_object(helper: Any, obj: Any) -> str:
     return (
         f"`object` of {helper}() must be a keras.Sequential model, a Keras "
         "tensor (e.g. keras.Input(...)), an array, or None. Received: "
@@ -526,7 +571,7 @@ def bad_compose_object(helper, obj):
     )
 
 
-def _names(fn):
+def _names(fn: Callable[..., Any]) -> str:
     import inspect
 
     try:
@@ -535,25 +580,25 @@ def _names(fn):
         return "(unknown)"
 
 
-def _quoted(names):
+def _quoted(names: Any) -> str:
     return ", ".join(f"`{n}`" for n in names)
 
 
-def _more(items, shown):
+def _more(items: Any, shown: Any) -> str:
     return f" (and {len(items) - shown} more)" if len(items) > shown else ""
 
 
 # Packed weights.
 
 
-def not_a_bool(arg, value):
+def not_a_bool(arg: str, value: Any) -> str:
     return (
         f"`{arg}` must be True or False. Received: {arg}={describe(value)}. "
         f"Pass {arg}=True or {arg}=False."
     )
 
 
-def packing_under_model_parallel():
+def packing_under_model_parallel() -> str:
     return (
         "`pack_weights=True` keeps each dtype's leaves in one replicated "
         "variable, so a `keras.distribution.ModelParallel` layout cannot "
@@ -563,7 +608,9 @@ def packing_under_model_parallel():
     )
 
 
-def weights_count_mismatch(layer_name, expected, received):
+def weights_count_mismatch(
+    layer_name: str, expected: Any, received: Any
+) -> str:
     return (
         f"The weights file for layer '{layer_name}' must hold one array per "
         f"leaf of the model: {expected}. Received: {received} arrays. Load "
@@ -574,7 +621,7 @@ def weights_count_mismatch(layer_name, expected, received):
 # Saving and loading configs.
 
 
-def unserializable(path, value):
+def unserializable(path: str, value: Any) -> str:
     return (
         f"`{path}` cannot be saved: it is "
         f"{value!r} ({type(value).__name__}), which has no import path. "
@@ -585,7 +632,7 @@ def unserializable(path, value):
     )
 
 
-def not_a_module_class(import_path, api):
+def not_a_module_class(import_path: str, api: str) -> str:
     return (
         f"The saved layer config names {import_path} as its module class, "
         f"which is not a {api}.Module class. The file may be corrupted or "
@@ -593,7 +640,7 @@ def not_a_module_class(import_path, api):
     )
 
 
-def load_refused(import_path, why):
+def load_refused(import_path: str, why: Any) -> str:
     module_name = import_path.partition(":")[0]
     return (
         f"Loading refused to resolve {import_path}: the module "
@@ -604,7 +651,7 @@ def load_refused(import_path, why):
     )
 
 
-def unknown_config_kind(path, kind, config):
+def unknown_config_kind(path: str, kind: Any, config: dict[str, Any]) -> str:
     return (
         f"The saved config of `{path}` has an entry of unknown kind "
         f"{kind!r}. Received: {config!r}. The file was saved by another "
@@ -613,7 +660,7 @@ def unknown_config_kind(path, kind, config):
     )
 
 
-def not_found(qualname, module_name, import_path):
+def not_found(qualname: str, module_name: str, import_path: str) -> str:
     return (
         f"Cannot find {qualname} in module {module_name} while loading "
         f"a saved layer. Received: {import_path}. Check that the code "
@@ -621,7 +668,7 @@ def not_found(qualname, module_name, import_path):
     )
 
 
-def onnx_unconvertible(layer_name, primitives):
+def onnx_unconvertible(layer_name: str, primitives: Any) -> str:
     return (
         f"Layer '{layer_name}' cannot be exported to ONNX: jax2onnx has no "
         f"conversion for the JAX operation(s) {_quoted(primitives)} that "
@@ -634,7 +681,7 @@ def onnx_unconvertible(layer_name, primitives):
     )
 
 
-def export_backend(backend_name):
+def export_backend(backend_name: str) -> str:
     return (
         "`export_stablehlo` writes `jax.export` artifacts, on the JAX "
         f"backend only. Received: backend={backend_name!r}. Fix: set "
@@ -643,7 +690,7 @@ def export_backend(backend_name):
     )
 
 
-def export_without_signature(model):
+def export_without_signature(model: Model) -> str:
     return (
         "`export_stablehlo` needs `input_signature` for a model without "
         f"`model.input`. Received: model={describe(model)}, "
@@ -655,7 +702,7 @@ def export_without_signature(model):
     )
 
 
-def bad_input_signature(input_signature):
+def bad_input_signature(input_signature: Any) -> str:
     return (
         "`input_signature` must be a structure of `keras.InputSpec`, "
         "`jax.ShapeDtypeStruct` or Keras tensors, as the model takes its "
@@ -668,7 +715,7 @@ def bad_input_signature(input_signature):
 # OptaxOptimizer.
 
 
-def optax_backend(backend_name):
+def optax_backend(backend_name: str) -> str:
     return (
         "`OptaxOptimizer` runs Optax, on the JAX backend only. Received: "
         f"backend={backend_name!r}. Fix: set `KERAS_BACKEND=jax` before "
@@ -676,7 +723,7 @@ def optax_backend(backend_name):
     )
 
 
-def optax_transformation(value):
+def optax_transformation(value: Any) -> str:
     return (
         "`transformation` must be an `optax.GradientTransformation` or a "
         "function returning one. Received: transformation="
@@ -685,7 +732,7 @@ def optax_transformation(value):
     )
 
 
-def optax_factory_result(factory, result):
+def optax_factory_result(factory: Any, result: Any) -> str:
     return (
         "`transformation`, called with the given keyword arguments, must "
         "return an `optax.GradientTransformation`. Received: "
@@ -695,7 +742,7 @@ def optax_factory_result(factory, result):
     )
 
 
-def optax_kwargs_with_transformation(names):
+def optax_kwargs_with_transformation(names: Any) -> str:
     return (
         "Keyword arguments go to a factory; a ready transformation takes "
         f"none. Received: an `optax.GradientTransformation` and {names}. "
@@ -705,7 +752,7 @@ def optax_kwargs_with_transformation(names):
     )
 
 
-def optax_duplicate_paths(paths):
+def optax_duplicate_paths(paths: Sequence[str]) -> str:
     repeated = sorted({p for p in paths if paths.count(p) > 1})
     return (
         "`OptaxOptimizer` keys parameters by their Keras variable paths, "
@@ -714,7 +761,7 @@ def optax_duplicate_paths(paths):
     )
 
 
-def optax_learning_rate_set(value):
+def optax_learning_rate_set(value: Any) -> str:
     return (
         "The learning rate of an `OptaxOptimizer` is Optax's: Keras cannot "
         f"set it. Received: learning_rate={describe(value)} (e.g. from "
@@ -725,7 +772,7 @@ def optax_learning_rate_set(value):
     )
 
 
-def optax_not_serializable(transformation):
+def optax_not_serializable(transformation: Any) -> str:
     return (
         "An `OptaxOptimizer` made from a ready transformation cannot be "
         "saved in a model file. Received: transformation="
@@ -747,14 +794,14 @@ _WRT_FIX = (
 )
 
 
-def wrt_not_a_filter(wrt):
+def wrt_not_a_filter(wrt: Any) -> str:
     return (
         "`wrt` must be a Flax NNX filter choosing the parameters that train. "
         f"Received: wrt={describe(wrt)}. {_WRT_FIX}"
     )
 
 
-def wrt_unsupported(wrt, label):
+def wrt_unsupported(wrt: Any, label: str) -> str:
     return (
         f"`wrt` chooses among the parameters of a model that names them; "
         f"{label} gives its weights as one tree. Received: "
@@ -764,7 +811,7 @@ def wrt_unsupported(wrt, label):
     )
 
 
-def wrt_bad_function(wrt, fn):
+def wrt_bad_function(wrt: Any, fn: Callable[..., Any]) -> str:
     part = "" if fn is wrt else f", holding {describe(fn)},"
     return (
         "`wrt` functions are called as `fn(path, value)` and return whether "
@@ -774,7 +821,7 @@ def wrt_bad_function(wrt, fn):
     )
 
 
-def wrt_typed_for_linen(wrt, typed):
+def wrt_typed_for_linen(wrt: Any, typed: Any) -> str:
     listed = ", ".join(repr(p) for p in typed[:4]) + _more(typed, 4)
     return (
         "`wrt` chooses linen parameters by their path inside `params`; they "
@@ -786,7 +833,7 @@ def wrt_typed_for_linen(wrt, typed):
     )
 
 
-def wrt_selects_nothing(wrt, label, candidates):
+def wrt_selects_nothing(wrt: Any, label: str, candidates: Any) -> str:
     listed = ", ".join(candidates[:8]) + _more(candidates, 8)
     return (
         f"`wrt` selects none of the parameters of {label}, so nothing would "
@@ -796,7 +843,7 @@ def wrt_selects_nothing(wrt, label, candidates):
     )
 
 
-def wrt_not_serializable(wrt, part):
+def wrt_not_serializable(wrt: Any, part: Any) -> str:
     return (
         "`wrt` cannot be saved in a model config: the filter "
         f"{describe(part)} has no import path. Received: wrt={describe(wrt)}. "
@@ -807,7 +854,7 @@ def wrt_not_serializable(wrt, part):
     )
 
 
-def wrt_set(layer_name, wrt):
+def wrt_set(layer_name: str, wrt: Any) -> str:
     return (
         f"`wrt` of layer '{layer_name}' is fixed when the layer is made: its "
         "weights are trainable or not from then on. Received: "
@@ -817,7 +864,7 @@ def wrt_set(layer_name, wrt):
     )
 
 
-def assigned_before_build(layer_name):
+def assigned_before_build(layer_name: str) -> str:
     return (
         f"`flax_variables` of layer '{layer_name}' cannot be assigned before "
         "its weights exist. Received: an assignment to a layer not yet "
@@ -827,7 +874,7 @@ def assigned_before_build(layer_name):
     )
 
 
-def nnx_variables_not_state(variables):
+def nnx_variables_not_state(variables: PyTree) -> str:
     return (
         "`flax_variables` of an NNX layer takes an `nnx.State` (as "
         "`nnx.state(model)` returns) or a pure dict (as `nnx.to_pure_dict` "
@@ -836,7 +883,13 @@ def nnx_variables_not_state(variables):
     )
 
 
-def assignment_misfit(layer_name, missing, extra, mismatched, not_arrays):
+def assignment_misfit(
+    layer_name: str,
+    missing: Sequence[str],
+    extra: Any,
+    mismatched: Any,
+    not_arrays: Any,
+) -> str:
     lines = [
         f"`flax_variables` assigned to layer '{layer_name}' does not fit the "
         "variables it holds; nothing was assigned."
@@ -872,7 +925,7 @@ _RULES_FORM = (
 )
 
 
-def checkpoint_unbuilt(function, layer_name):
+def checkpoint_unbuilt(function: str, layer_name: str) -> str:
     return (
         f"`{function}` needs a built layer: layer {layer_name!r} holds no "
         f"weights yet. Received: layer={layer_name!r} (not built). Call it "
@@ -881,7 +934,7 @@ def checkpoint_unbuilt(function, layer_name):
     )
 
 
-def checkpoint_not_found(filepath):
+def checkpoint_not_found(filepath: str) -> str:
     return (
         "`filepath` must be a safetensors file or a sharded checkpoint's "
         f"`*.safetensors.index.json`. Received: filepath={filepath!r}, "
@@ -890,7 +943,7 @@ def checkpoint_not_found(filepath):
     )
 
 
-def checkpoint_not_safetensors(filepath, error):
+def checkpoint_not_safetensors(filepath: str, error: BaseException) -> str:
     return (
         f"`filepath` must be a safetensors file. Received: "
         f"filepath={filepath!r}, which safetensors cannot read ({error}). "
@@ -900,7 +953,7 @@ def checkpoint_not_safetensors(filepath, error):
     )
 
 
-def checkpoint_bad_index(filepath, error):
+def checkpoint_bad_index(filepath: str, error: BaseException) -> str:
     return (
         "`filepath` names a sharded checkpoint's index, which must be JSON "
         f'with a "weight_map" of key -> file. Received: filepath='
@@ -909,7 +962,7 @@ def checkpoint_bad_index(filepath, error):
     )
 
 
-def checkpoint_missing_shard(filepath, shard):
+def checkpoint_missing_shard(filepath: str, shard: Any) -> str:
     return (
         f"`filepath` is a sharded checkpoint's index naming the file "
         f"{shard!r}, which is not beside it. Received: filepath="
@@ -918,21 +971,23 @@ def checkpoint_missing_shard(filepath, shard):
     )
 
 
-def rules_not_a_list(rules):
+def rules_not_a_list(rules: Any) -> str:
     return (
         '`rules` must be None, "torch" or a list of rules. Received: '
         f"rules={describe(rules)}. {_RULES_FORM}"
     )
 
 
-def bad_rule(index, rule, what):
+def bad_rule(index: Any, rule: Any, what: str) -> str:
     return (
         f"`rules[{index}]` is not a rule: {what} does not fit. Received: "
         f"rules[{index}]={_repr.repr(rule)}. {_RULES_FORM}"
     )
 
 
-def bad_transform(key, shape, kind, argument):
+def bad_transform(
+    key: Any, shape: Sequence[int | None], kind: Any, argument: Any
+) -> str:
     what = (
         "a permutation of its axes"
         if kind == "transpose"
@@ -946,7 +1001,7 @@ def bad_transform(key, shape, kind, argument):
     )
 
 
-def checkpoint_duplicate(arg, first, second):
+def checkpoint_duplicate(arg: str, first: Any, second: Any) -> str:
     return (
         f"`{arg}`: two tensors land on one place, {first!r} and "
         f"{second!r}. Received: both placed at the same name. Make the "
@@ -954,7 +1009,9 @@ def checkpoint_duplicate(arg, first, second):
     )
 
 
-def checkpoint_keys(layer_name, missing, unexpected):
+def checkpoint_keys(
+    layer_name: str, missing: Sequence[str], unexpected: Any
+) -> str:
     lines = [
         f"`filepath` does not hold exactly the weights of layer "
         f"{layer_name!r} (strict=True)."
@@ -975,7 +1032,7 @@ def checkpoint_keys(layer_name, missing, unexpected):
     return " ".join(lines)
 
 
-def checkpoint_misfit(misfits):
+def checkpoint_misfit(misfits: Any) -> str:
     rows = "; ".join(
         f"key {key!r} -> {name}: checkpoint {format_shape(shape)} {dtype}, "
         f"layer {format_shape(held_shape)} {held_dtype}"
@@ -990,7 +1047,7 @@ def checkpoint_misfit(misfits):
     )
 
 
-def safetensors_missing():
+def safetensors_missing() -> str:
     return (
         "Reading and writing safetensors checkpoints needs the `safetensors` "
         "package, which is not installed. Install it: "
@@ -1002,7 +1059,9 @@ def safetensors_missing():
 # Distribution.
 
 
-def layout_key_unmatched(key, layer_name, paths):
+def layout_key_unmatched(
+    key: Any, layer_name: str, paths: Sequence[str]
+) -> str:
     names = [path.split("/", 1)[-1] for path in paths]
     literal = "/".join(re.findall(r"[\w-]+", key))
     closest = difflib.get_close_matches(literal, names, n=1, cutoff=0) or names

@@ -8,17 +8,23 @@ artifact carries its input signature and runs with JAX alone.
 """
 
 import os
+from typing import Any
 
 import jax
 import keras
 
 from keras_flax import _backends
 from keras_flax import _errors
+from keras_flax._model import PyTree
 
 
 def export_stablehlo(
-    model, filepath, input_signature=None, platforms=None, verbose=None
-):
+    model: keras.Model,
+    filepath: str,
+    input_signature: Any = None,
+    platforms: Any = None,
+    verbose: Any = None,
+) -> Any:
     """Writes `model`'s inference function as a serialised StableHLO artifact.
 
     Args:
@@ -50,7 +56,7 @@ def export_stablehlo(
         raise ValueError(_errors.bad_input_signature(input_signature))
     specs = _backends.symbolic_structs(input_signature)
 
-    def serve(inputs):
+    def serve(inputs: PyTree) -> Any:
         # The weights' current values become the artifact's constants; a
         # `StatelessScope` keeps any state update from being written.
         with keras.StatelessScope():
@@ -68,7 +74,7 @@ def export_stablehlo(
     return exported
 
 
-def _model_input(model):
+def _model_input(model: keras.Model) -> Any:
     """The specs of what `model` takes, any batch size: `model.input`
     (functional models) or `model.inputs` (a `Sequential` model)."""
     try:

@@ -18,11 +18,14 @@ operation is compiled once and shared by identical layers.
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.core
 
 from keras_flax import _private
+from keras_flax._model import PyTree
 
 # With more leaves than this (and few values), op by op is faster than one
 # program: XLA compiles each initialiser of the one program separately.
@@ -33,7 +36,7 @@ _OP_BY_OP_LEAVES = 64
 _OPTIMISED_VALUES = 2**23
 
 
-def run_once(init):
+def run_once(init: Callable[..., Any]) -> Callable[..., Any]:
     """`init(rng, inputs)` the fastest way for a single call.
 
     By the size of what it creates: op by op with XLA's default options
@@ -42,7 +45,7 @@ def run_once(init):
     are the same. Under a trace (`jax.eval_shape`), simply jitted.
     """
 
-    def run(rng, inputs):
+    def run(rng: Any, inputs: PyTree) -> Any:
         jitted = jax.jit(init)
         args = (rng, inputs)
         if any(

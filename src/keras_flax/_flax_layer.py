@@ -107,8 +107,8 @@ class FlaxLayer(JaxLayer):
         *,
         rng_collections: tuple[str, ...] | None = None,
         wrt: Any = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
@@ -146,9 +146,9 @@ class FlaxLayer(JaxLayer):
     def from_nnx(
         cls,
         module_class: type,
-        *args,
+        *args: Any,
         layer_kwargs: dict | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> "FlaxLayer":
         """Builds `module_class(*args, **kwargs)` and wraps it, saveably.
 
@@ -194,7 +194,7 @@ class FlaxLayer(JaxLayer):
         read through this property (or by `sync_module()`).
         """
         if _backends.name() != "jax" or not _private.VARIABLE_HOOKS:
-            self._write_back()
+            self._weights.write_back()
         return self._module
 
     def sync_module(self) -> None:
@@ -204,9 +204,9 @@ class FlaxLayer(JaxLayer):
         than Keras' `assign`; a no-op for linen modules, which hold no
         values, and inside traced computations.
         """
-        self._write_back()
+        self._weights.write_back()
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         if name in _UNTRACKED:
             object.__setattr__(self, name, value)
         else:
@@ -238,14 +238,14 @@ class FlaxLayer(JaxLayer):
         """
         user_format = self._model.user_format
         assert user_format is not None  # linen and NNX have their format
-        return user_format.to_user(*self._current_values())
+        return user_format.to_user(*self._weights.current_values())
 
     @flax_variables.setter
     def flax_variables(self, variables: Any) -> None:
-        self._assign_user_variables(variables)
+        self._weights.assign_user(self.name, self._model, variables)
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> "FlaxLayer":
         config = dict(config)
         if "wrt" in config:
             config["wrt"] = _wrt.from_config(config["wrt"])

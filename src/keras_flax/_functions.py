@@ -5,16 +5,19 @@ them; Haiku's `hk.transform(...)` / `hk.transform_with_state(...)` pairs
 fit as they are.
 """
 
+from typing import Any
+
 from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax._model import Diagnostics
 from keras_flax._model import Model
+from keras_flax._model import PyTree
 from keras_flax._model import Rng
 
 
-def arguments(call_fn, init_fn):
+def arguments(call_fn: Any, init_fn: Any) -> tuple[list[str], list[str] | None]:
     """The argument names of `call_fn` and of `init_fn` (None without
     one), checked."""
     call_arguments = _checks.function_arguments(
@@ -28,7 +31,14 @@ def arguments(call_fn, init_fn):
     return call_arguments, init_arguments
 
 
-def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
+def adapt(
+    call_fn: Any,
+    call_arguments: Any,
+    init_fn: Any,
+    init_arguments: Any,
+    params: PyTree,
+    state: PyTree,
+) -> Model:
     """The `Model` of `call_fn` and `init_fn`, whose argument names
     `arguments` gave."""
     has_weights = {"params", "state"} & set(call_arguments)
@@ -39,7 +49,9 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
     user_call = _errors.user_code(call_fn)
     user_init = None if init_fn is None else _errors.user_code(init_fn)
 
-    def apply(params, state, rng, inputs, training):
+    def apply(
+        params: PyTree, state: PyTree, rng: Any, inputs: PyTree, training: bool
+    ) -> tuple[Any, Any]:
         args = {
             "params": params,
             "state": state,
@@ -53,13 +65,13 @@ def adapt(call_fn, call_arguments, init_fn, init_arguments, params, state):
             return result, None
         return _checks.stateful_result(result)
 
-    def init(rng, inputs):
+    def init(rng: Any, inputs: PyTree) -> Any:
         assert user_init is not None and init_arguments is not None
         args = {"rng": rng, "inputs": inputs, "training": True}
         result = user_init(*(args[a] for a in init_arguments))
         return result if takes_state else (result, None)
 
-    def config():
+    def config() -> dict[str, Any | None]:
         return {
             "call_fn": _serialization.serialize_function(call_fn, "call_fn"),
             "init_fn": _serialization.serialize_function(init_fn, "init_fn"),

@@ -6,6 +6,8 @@ with integer placeholders.
 """
 
 import dataclasses
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -14,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_flax import _errors
+from keras_flax._model import PyTree
 
 # Sizes tried, in order, for unknown dimensions when initialising.
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -32,7 +35,7 @@ class Spec:
     dtype: Any
     batch: Any = None
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{_errors.format_shape(self.shape)} {jnp.dtype(self.dtype)}"
 
 
@@ -43,12 +46,14 @@ class Specs:
     which JAX would take for a leaf.)
     """
 
-    def __init__(self, tree, guessed=False, size=None):
+    def __init__(
+        self, tree: PyTree, guessed: Any = False, size: int | None = None
+    ) -> None:
         self.tree = tree
         self.guessed = guessed  # dtypes not known from the inputs
         self.size = size  # the size given to unknown dimensions at init
 
-    def found(self, dtype, size):
+    def found(self, dtype: Any, size: int | None) -> "Specs":
         """These specs as `search` found them to work: with all dtypes
         `dtype` (None: unchanged) and `size` for unknown dimensions."""
         tree = self.tree
@@ -58,15 +63,15 @@ class Specs:
             )
         return Specs(tree, self.guessed, size)
 
-    def dtype_names(self):
+    def dtype_names(self) -> Any:
         return jax.tree_util.tree_map(
             lambda s: jnp.dtype(s.dtype).name, self.tree
         )
 
-    def leaves(self):
+    def leaves(self) -> Any:
         return jax.tree_util.tree_leaves(self.tree)
 
-    def __str__(self):
+    def __str__(self) -> str:
         leaves, treedef = jax.tree_util.tree_flatten(self.tree)
         if treedef.num_nodes == 1:
             return str(leaves[0])
@@ -74,24 +79,24 @@ class Specs:
         return str(jax.tree_util.tree_unflatten(treedef, texts))
 
 
-def _unknown_batch(shape):
-    return (None, *shape[1:]) if shape else shape
+def _unknown_batch(shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    return (None, *shape[1:]) if shape else tuple(shape)
 
 
-def _spec(shape, dtype):
+def _spec(shape: Sequence[int | None], dtype: Any) -> Spec:
     """The spec of an input of `shape`, its batch size kept aside."""
     batch = shape[0] if shape else None
     return Spec(_unknown_batch(shape), dtype, batch)
 
 
-def record(inputs, float_dtype):
+def record(inputs: PyTree, float_dtype: Any) -> Specs:
     """The spec of `inputs` (arrays or Keras tensors), batch size unknown.
 
     Float inputs are recorded in `float_dtype`, the dtype Keras casts them
     to before `call`.
     """
 
-    def spec(x):
+    def spec(x: Any) -> Spec:
         dtype = dtype_of(x)
         if jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.dtype(float_dtype)
@@ -102,7 +107,7 @@ def record(inputs, float_dtype):
     return Specs(jax.tree_util.tree_map(spec, inputs))
 
 
-def shape_of(x):
+def shape_of(x: Any) -> tuple[int | None, ...]:
     """The shape of an array or tensor of any backend.
 
     None for an unknown size, and for a symbolic one (`jax.export` and
@@ -115,11 +120,11 @@ def shape_of(x):
     return tuple(_size(d) for d in shape)
 
 
-def _size(d):
+def _size(d: Any) -> int | None:
     return int(d) if isinstance(d, (int, np.integer)) else None
 
 
-def dtype_of(x):
+def dtype_of(x: Any) -> Any:
     """The NumPy dtype of an array or tensor of any backend."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -127,7 +132,7 @@ def dtype_of(x):
     return jnp.dtype(keras.backend.standardize_dtype(dtype))
 
 
-def from_shape(input_shape, dtype, dtype_names=None):
+def from_shape(input_shape: Any, dtype: Any, dtype_names: Any = None) -> Specs:
     """The spec for a Keras `input_shape` (one shape or a structure).
 
     `dtype_names`, a structure of dtype names like the inputs' (as saved
@@ -147,11 +152,11 @@ def from_shape(input_shape, dtype, dtype_names=None):
     return Specs(keras.tree.pack_sequence_as(dtype_names, specs))
 
 
-def has_unknown(specs, skip_batch):
+def has_unknown(specs: "Specs", skip_batch: bool) -> bool:
     """Whether a placeholder for `specs` needs a size made up (with
     `skip_batch`, other than for the batch dimension)."""
 
-    def dims(s):
+    def dims(s: Spec) -> tuple[Any, ...]:
         if skip_batch or s.batch is not None:
             return s.shape[1:]
         return s.shape
@@ -159,7 +164,7 @@ def has_unknown(specs, skip_batch):
     return any(d is None for s in specs.leaves() for d in dims(s))
 
 
-def unknown_dimensions(inputs):
+def unknown_dimensions(inputs: PyTree) -> list[tuple[int, int]]:
     """`(input index, dimension)` of each unknown size but the batch's."""
     return [
         (i, axis)
@@ -169,11 +174,11 @@ def unknown_dimensions(inputs):
     ]
 
 
-def placeholders(specs, size, dtype=None):
+def placeholders(specs: "Specs", size: int | None, dtype: Any = None) -> Any:
     """Arrays for `specs`: the first batch size given, else `size`, for the
     batch dimension, and `size` for other unknown dimensions."""
 
-    def make(s):
+    def make(s: Spec) -> Any:
         shape = tuple(size if d is None else d for d in s.shape)
         if shape and s.batch is not None:
             shape = (s.batch, *shape[1:])
@@ -184,7 +189,7 @@ def placeholders(specs, size, dtype=None):
     return jax.tree_util.tree_map(make, specs.tree)
 
 
-def search(fn, specs, arg):
+def search(fn: Callable[..., Any], specs: Any, arg: str) -> tuple[Any, Any]:
     """Calls `fn(placeholders)` with the first sizes the module accepts.
 
     Unknown dimensions are tried with each of `CANDIDATE_SIZES`; if the

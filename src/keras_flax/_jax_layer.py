@@ -91,8 +91,8 @@ class JaxLayer(ModelLayer):
         seed: int | None = None,
         native_serialization_platforms: list[str] | None = None,
         pack_weights: bool = False,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         _checks.layer_arguments(type(self).__name__, pack_weights)
         # Checked first: a `call_fn` that is no function is refused there.
         call_arguments, init_arguments = _functions.arguments(call_fn, init_fn)
@@ -114,7 +114,7 @@ class JaxLayer(ModelLayer):
         self.call_fn_has_state = "state" in call_arguments
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> "JaxLayer":
         config = dict(config)
         for arg in ("call_fn", "init_fn"):
             config[arg] = _serialization.deserialize_function(config[arg], arg)

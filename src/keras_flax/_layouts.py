@@ -12,6 +12,10 @@ none of its weights.
 
 import re
 import warnings
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import keras
@@ -25,12 +29,12 @@ class _Weight:
     """What `Distribution.get_variable_layout` reads of a variable: its
     path and shape (the variable does not exist yet)."""
 
-    def __init__(self, path, shape):
+    def __init__(self, path: str, shape: Sequence[int | None]) -> None:
         self.path = path
         self.shape = tuple(shape)
 
 
-def layout(path, shape, axes):
+def layout(path: str, shape: Sequence[int | None], axes: Any) -> Any:
     """The `TensorLayout` of a weight at `path` (None: no distribution)."""
     distribution = keras.distribution.distribution()
     if distribution is None:
@@ -42,7 +46,9 @@ def layout(path, shape, axes):
     return distribution.get_variable_layout(_Weight(path, shape))
 
 
-def init_shardings(layer_name, trees, name_fn, axes):
+def init_shardings(
+    layer_name: str, trees: Any, name_fn: Any, axes: Any
+) -> tuple[Any, ...] | None:
     """The shardings of `trees` (shape trees: params, state) for an `init`
     run under the distribution in force; None where no weight is sharded
     (nothing to gain) or no distribution is set.
@@ -57,8 +63,8 @@ def init_shardings(layer_name, trees, name_fn, axes):
         return None
     sharded = False
 
-    def sharding(trainable):
-        def leaf(keypath, value):
+    def sharding(trainable: bool) -> Callable[[Any, Any], Any]:
+        def leaf(keypath: Any, value: Any) -> Any:
             nonlocal sharded
             parts = _variables.path_parts(keypath)
             name = _variables.path_text(name_fn(trainable, parts))
@@ -81,7 +87,7 @@ def init_shardings(layer_name, trees, name_fn, axes):
     return shardings if sharded else None
 
 
-def sharded_init(init, shardings):
+def sharded_init(init: Any, shardings: Any) -> Any:
     """`init` jitted with `shardings` as its output shardings."""
     return jax.jit(init, out_shardings=shardings)
 
@@ -91,7 +97,7 @@ def sharded_init(init, shardings):
 _WARNED = {}
 
 
-def warn_unmatched(layer_name, paths):
+def warn_unmatched(layer_name: str, paths: Sequence[str]) -> None:
     """Warns once for each `LayoutMap` key aimed at this layer (see
     `_aimed`) that matches none of its weight `paths` (full paths)."""
     distribution = keras.distribution.distribution()
@@ -111,14 +117,14 @@ def warn_unmatched(layer_name, paths):
             )
 
 
-def _matches(key, path):
+def _matches(key: Any, path: str) -> Any:
     try:
         return key == path or re.fullmatch(key, path) is not None
     except re.error:
         return False
 
 
-def _aimed(key, layer_name, parts):
+def _aimed(key: Any, layer_name: str, parts: Collection[str]) -> bool:
     """Whether a key is meant for this layer: it starts with the layer's
     name, or it names one of the layer's modules (`Dense_0`, or another
     of Flax's names of that family, `Dense_7`) and no other layer by a
@@ -133,6 +139,6 @@ def _aimed(key, layer_name, parts):
     return any(_family(token) in families for token in tokens)
 
 
-def _family(name):
+def _family(name: str) -> str:
     """A Flax module name without its counter: `Dense_3` -> `Dense`."""
     return re.sub(r"_\d+$", "", name)

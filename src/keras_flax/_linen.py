@@ -7,6 +7,8 @@ axes of boxed (partitioned) variables; `apply` is `Module.apply` with the
 state's collections mutable, so what a module sows is dropped.
 """
 
+from typing import Any
+
 import flax
 import flax.core
 import flax.errors
@@ -22,6 +24,7 @@ from keras_flax import _variables
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
 from keras_flax._model import Model
+from keras_flax._model import PyTree
 from keras_flax._model import Rng
 from keras_flax._model import UserFormat
 
@@ -29,7 +32,15 @@ from keras_flax._model import UserFormat
 _NEVER_STATE = ("params", "intermediates")
 
 
-def adapt(module, method, takes_training, *, variables, rng_collections, seed):
+def adapt(
+    module: Any,
+    method: Any,
+    takes_training: bool,
+    *,
+    variables: PyTree,
+    rng_collections: Any,
+    seed: Any,
+) -> Model:
     """The `Model` of a linen module.
 
     Args:
@@ -57,10 +68,12 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     module_init = _errors.user_code(module.init)
     module_apply = _errors.user_code(module.apply)
 
-    def init(rng, inputs):
+    def init(rng: Any, inputs: PyTree) -> Any:
         return module_init(rng, inputs, method=method, **training_kwargs(True))
 
-    def apply(params, state, rng, inputs, training):
+    def apply(
+        params: PyTree, state: PyTree, rng: Any, inputs: PyTree, training: bool
+    ) -> tuple[Any, dict[Any, Any]]:
         outputs, mutated = module_apply(
             {**params, **state},
             inputs,
@@ -71,14 +84,16 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
         )
         return outputs, {name: mutated.get(name, state[name]) for name in state}
 
-    def split_variables(variables):
+    def split_variables(
+        variables: PyTree,
+    ) -> tuple[dict[str, Any], dict[Any, Any], dict[Any, Any]]:
         return split(variables, rules)
 
-    def from_user(variables):
+    def from_user(variables: PyTree) -> dict[Any, Any]:
         variables = _checks.linen_variables(variables, "flax_variables")
         return variables_in_init_format(*split(variables, rules)[:2])
 
-    def candidates(params):
+    def candidates(params: PyTree) -> list[tuple[tuple[str, ...], Any, str]]:
         """Each parameter's path inside `params`, array and key."""
         return _variables.keyed_leaves(params, skip=1)
 
@@ -87,7 +102,7 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     if variables is not None:
         params, state, axes = split(_checks.linen_variables(variables), rules)
 
-    def config():
+    def config() -> dict[str, Any]:
         entries = {
             "module": _serialization.serialize_module(module),
             "method": _serialization.serialize_method(module, method),
@@ -136,7 +151,9 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     )
 
 
-def split(variables, rules=()):
+def split(
+    variables: PyTree, rules: Any = ()
+) -> tuple[dict[str, Any], dict[Any, Any], dict[Any, Any]]:
     """`Module.init` output -> `(params, state, axes)`.
 
     `params` keeps its collection key (`{"params": ...}`); boxed
@@ -156,7 +173,7 @@ def split(variables, rules=()):
     return params, state, axes
 
 
-def _is_sown(collection):
+def _is_sown(collection: Any) -> bool:
     """Whether a collection holds `sow` output: tuples of values."""
     leaves = jax.tree_util.tree_flatten_with_path(collection)[0]
     return bool(leaves) and all(
@@ -165,7 +182,7 @@ def _is_sown(collection):
     )
 
 
-def _partitioning(variables, rules):
+def _partitioning(variables: PyTree, rules: Any) -> dict[Any, Any]:
     """Mesh axes of each boxed variable, by path text.
 
     Logical axis names are mapped with the box's rules, else the rules in
@@ -187,6 +204,6 @@ def _partitioning(variables, rules):
     return axes
 
 
-def variables_in_init_format(params, state):
+def variables_in_init_format(params: PyTree, state: PyTree) -> dict[Any, Any]:
     """`{"params": ..., **collections}`, as `Module.init()` returns."""
     return {**(params or {}), **(state or {})}

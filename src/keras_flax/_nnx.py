@@ -11,6 +11,7 @@ values are written back into the user's module (`write_back`).
 import collections.abc
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from keras_flax import _variables
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
 from keras_flax._model import Model
+from keras_flax._model import PyTree
 from keras_flax._model import Rng
 from keras_flax._model import UserFormat
 
@@ -32,7 +34,15 @@ from keras_flax._model import UserFormat
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def adapt(module, method, takes_training, *, variables, rng_collections, seed):
+def adapt(
+    module: Any,
+    method: Any,
+    takes_training: bool,
+    *,
+    variables: PyTree,
+    rng_collections: Any,
+    seed: Any,
+) -> Model:
     """The `Model` of an NNX module.
 
     Args:
@@ -64,7 +74,9 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
 
     user_invoke = _errors.user_code(invoke)
 
-    def run(params, state, inputs, training):
+    def run(
+        params: PyTree, state: PyTree, inputs: PyTree, training: bool
+    ) -> tuple[Any, Any, Any]:
         """The outputs, new params and new state of one call."""
         called = nnx.merge(graphdefs[bool(training)], params, state)
         kwargs = {"training": training} if takes_training else {}
@@ -73,11 +85,13 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
         _, new_params, new_state = nnx.split(called, nnx.Param, ...)
         return outputs, new_params, new_state
 
-    def apply(params, state, rng, inputs, training):
+    def apply(
+        params: PyTree, state: PyTree, rng: Any, inputs: PyTree, training: bool
+    ) -> tuple[Any, Any]:
         outputs, _, new_state = run(params, state, inputs, training)
         return outputs, new_state
 
-    def write_back(parts):
+    def write_back(parts: tuple[str, ...]) -> Callable[[Any], None] | None:
         """Copies a variable's values into the user's module."""
         found = targets.get(_variables.path_text(variable_name(parts)))
         if found is None:
@@ -91,7 +105,7 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
             )
         return functools.partial(_write, target)
 
-    def created(params, state, inputs):
+    def created(params: PyTree, state: PyTree, inputs: PyTree) -> list[str]:
         """Paths of variables that a call creates (a lazily built module).
 
         Traced abstractly; raises what the module raises.
@@ -107,7 +121,7 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
             raise
         return _new_paths(params, new_params) + _new_paths(state, new_state)
 
-    def candidates(params):
+    def candidates(params: PyTree) -> list[tuple[Any, Any, str]]:
         """Each `nnx.Param`'s path and Variable, as `nnx.Optimizer(...,
         wrt=)` gives them to its filter, and its key."""
         return [
@@ -155,7 +169,7 @@ def adapt(module, method, takes_training, *, variables, rng_collections, seed):
     )
 
 
-def from_user(variables):
+def from_user(variables: PyTree) -> Any:
     """An `nnx.State` or pure dict as a pure dict (values sown by the
     module are no state: they are left out)."""
     if isinstance(variables, nnx.State):
@@ -166,11 +180,13 @@ def from_user(variables):
     raise TypeError(_errors.nnx_variables_not_state(variables))
 
 
-def config_fn(module, method, recorded_call):
+def config_fn(
+    module: Any, method: Any, recorded_call: Any
+) -> Callable[[], dict[str, Any]]:
     """The `Model.config` of an NNX module: its recorded constructor call
     when there is one, else its class's own `get_config()`."""
 
-    def config():
+    def config() -> dict[str, Any]:
         if recorded_call is None and not hasattr(type(module), "get_config"):
             raise TypeError(_errors.nnx_not_serializable(module))
         entries = {
@@ -182,7 +198,7 @@ def config_fn(module, method, recorded_call):
     return config
 
 
-def invoke(module, method, inputs, kwargs):
+def invoke(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> Any:
     """Calls `method` (None, a name, or a function) of `module`."""
     if method is None:
         return module(inputs, **kwargs)
@@ -191,7 +207,7 @@ def invoke(module, method, inputs, kwargs):
     return method(module, inputs, **kwargs)
 
 
-def _graphdef_in_mode(module, training):
+def _graphdef_in_mode(module: Any, training: bool) -> Any:
     """The graph of the layer's own copy of the module in a mode.
 
     `train()` / `eval()` set `deterministic` and `use_running_average` on
@@ -204,7 +220,7 @@ def _graphdef_in_mode(module, training):
     return nnx.split(module, nnx.Param, ...)[0]
 
 
-def _reseed(module, seed):
+def _reseed(module: Any, seed: Any) -> None:
     """Reseeds every RNG stream of `module` from `seed`.
 
     A stacked stream (one key per slice, as `nnx.split_rngs` makes them for
@@ -233,7 +249,7 @@ def _reseed(module, seed):
     nnx.reseed(module, **options, **keys)
 
 
-def _sharding(variable):
+def _sharding(variable: Any) -> tuple[Any, ...] | None:
     metadata = variable.get_metadata()
     for key in _SHARDING_KEYS:
         axes = metadata.get(key)
@@ -242,12 +258,12 @@ def _sharding(variable):
     return None
 
 
-def variable_name(parts):
+def variable_name(parts: tuple[str, ...]) -> tuple[str, ...]:
     """NNX state paths end in the Variable's `value`: drop it."""
     return parts[:-1] if parts and parts[-1] == "value" else parts
 
 
-def _new_paths(held, returned):
+def _new_paths(held: Any, returned: Any) -> list[str]:
     held_paths = {path for path, _ in nnx.to_flat_state(held)}
     return [
         _variables.path_text(path)
@@ -256,14 +272,14 @@ def _new_paths(held, returned):
     ]
 
 
-def has_linen_bridge(module):
+def has_linen_bridge(module: Any) -> bool:
     """Whether `module` holds `nnx.bridge.ToNNX` modules (linen inside)."""
     return any(
         isinstance(node, nnx.bridge.ToNNX) for _, node in nnx.iter_graph(module)
     )
 
 
-def _write(target, value):
+def _write(target: Any, value: Any) -> None:
     """Points the NNX Variable `target` at `value`.
 
     Keras writes the trained values back into its variables at the end of
@@ -283,7 +299,9 @@ def _write(target, value):
     target.set_value(value)
 
 
-def _write_attribute(module, path, dtype, value):
+def _write_attribute(
+    module: Any, path: tuple[Any, ...], dtype: Any, value: Any
+) -> None:
     """Sets the plain array attribute at `path` of `module` to `value`
     (see `_write`)."""
     value = _backends.own_array(value, dtype)

@@ -13,15 +13,19 @@ Keras calls the model under jax2onnx's trace. A layer called there
 """
 
 import functools
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.core
 
 from keras_flax import _errors
 from keras_flax import _private
+from keras_flax._model import PyTree
 
 
-def converting(inputs):
+def converting(inputs: PyTree) -> bool:
     """Whether `inputs` are traced by a jax2onnx conversion in progress."""
     traced = any(
         isinstance(x, jax.core.Tracer)
@@ -30,19 +34,35 @@ def converting(inputs):
     return traced and _private.jax2onnx_converting()
 
 
-def converted(layer_name, run, fn):
-    """`run` (the layer's runner of `fn`), checked first and run with
-    Flax's pooling functions taking their documented arguments."""
+def guarded(
+    layer_name: str, run: Any, fn: Callable[..., Any]
+) -> Callable[..., Any]:
+    """`run` (the layer's runner of `fn`), which under a jax2onnx conversion
+    checks `fn` first and runs with Flax's pooling functions taking their
+    documented arguments."""
 
-    def run_converted(*args, training, **options):
+    def run_guarded(
+        params: PyTree,
+        state: PyTree,
+        seed: Any,
+        inputs: PyTree,
+        *,
+        training: bool,
+        **options: Any,
+    ) -> Any:
+        args = (params, state, seed, inputs)
+        if not converting(inputs):
+            return run(*args, training=training, **options)
         with _private.flax_pools_as_documented():
             check(layer_name, fn, *args, training=training)
             return run(*args, training=training, **options)
 
-    return run_converted
+    return run_guarded
 
 
-def check(layer_name, fn, *args, training):
+def check(
+    layer_name: str, fn: Callable[..., Any], *args: Any, training: bool
+) -> None:
     """Raises naming the operations of `fn(*args)` jax2onnx cannot convert
     (nothing where its registry cannot be read)."""
     converted_names = _private.jax2onnx_primitives()
@@ -56,7 +76,7 @@ def check(layer_name, fn, *args, training):
         )
 
 
-def primitives(jaxpr):
+def primitives(jaxpr: Any) -> Iterator[str]:
     """The names of the primitives in `jaxpr` and the programs it nests."""
     for eqn in jaxpr.eqns:
         yield eqn.primitive.name

@@ -9,7 +9,9 @@ and `optax.multi_transform` labels can key on.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
+from typing import Never
 
 import jax
 import keras
@@ -18,6 +20,7 @@ import optax
 from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _serialization
+from keras_flax._model import PyTree
 
 
 @keras.saving.register_keras_serializable(package="keras_flax")
@@ -45,7 +48,9 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         ```
     """
 
-    def __init__(self, transformation, /, *, name="optax", **kwargs):
+    def __init__(
+        self, transformation: Any, /, *, name: str = "optax", **kwargs: Any
+    ) -> None:
         if _backends.name() != "jax":
             raise ValueError(_errors.optax_backend(_backends.name()))
         factory, tx = None, _transformation(transformation)
@@ -74,7 +79,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         self._trained = _Trained([])
         self._names = []
 
-    def build(self, variables):
+    def build(self, variables: PyTree) -> None:
         if self.built:
             return
         names = [v.path for v in variables]
@@ -94,12 +99,12 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
                 # `optax.inject_hyperparams`: the schedule's current value.
                 self._learning_rate_variable = variable
 
-    def _state_variable(self, path, leaf, by_name):
+    def _state_variable(self, path: Any, leaf: Any, by_name: Any) -> Any:
         """A Keras variable holding one leaf of the Optax state; laid out
         (sharded) as the parameter it belongs to, where it has one."""
         value = leaf
 
-        def initializer(shape, dtype=None):
+        def initializer(shape: Sequence[int | None], dtype: Any = None) -> Any:
             return value
 
         names = _key_names(path)
@@ -125,7 +130,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
             name=name,
         )
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads: Any, trainable_variables: Any = None) -> None:
         grads = list(grads)
         if trainable_variables is None:
             trainable_variables = self._trained.variables
@@ -155,12 +160,12 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         self.iterations.assign_add(1)  # pyright: ignore (a Keras variable)
 
     @property
-    def transformation(self):
+    def transformation(self) -> optax.GradientTransformation:
         """The `optax.GradientTransformation` this optimizer runs."""
         return self._tx
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> Any:
         """The current learning rate of an `optax.inject_hyperparams`
         transformation (the Keras variable holding it), else NaN."""
         if self._learning_rate_variable is not None:
@@ -168,10 +173,10 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         return math.nan
 
     @learning_rate.setter
-    def learning_rate(self, value):
+    def learning_rate(self, value: Any) -> Never:
         raise ValueError(_errors.optax_learning_rate_set(value))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         if self._factory is None:
             raise TypeError(_errors.optax_not_serializable(self._tx))
         return {
@@ -181,7 +186,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> "OptaxOptimizer":
         factory = _serialization.deserialize_value(config["factory"], "factory")
         kwargs = _serialization.deserialize_value(config["kwargs"], "kwargs")
         return cls(factory, name=config["name"], **kwargs)
@@ -190,11 +195,11 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
 class _Trained:
     """The model variables the optimizer was built for."""
 
-    def __init__(self, variables):
+    def __init__(self, variables: PyTree) -> None:
         self.variables = list(variables)
 
 
-def _key_names(path):
+def _key_names(path: Any) -> list[Any | None]:
     """The dict keys, attribute names and indices of a key path."""
     return [
         getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
@@ -202,7 +207,7 @@ def _key_names(path):
     ]
 
 
-def _transformation(value):
+def _transformation(value: Any) -> Any:
     """`value` as an `optax.GradientTransformation`, or None.
 
     `optax.MultiSteps` (gradient accumulation) is a wrapper object: its
@@ -225,7 +230,7 @@ class LearningRateLogger(keras.callbacks.Callback):
     `model.fit(..., callbacks=[keras_flax.LearningRateLogger()])`.
     """
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         optimizer = getattr(self.model, "optimizer", None)
         found = getattr(optimizer, "_learning_rate_variable", None)
         if logs is not None and found is not None:

@@ -39,6 +39,9 @@ version guard) and run by a test:
 import contextlib
 import inspect
 import sys
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen
 import flax.linen.pooling
@@ -48,6 +51,7 @@ import keras
 from flax import nnx
 
 from keras_flax import _backends
+from keras_flax._model import PyTree
 
 try:
     from keras.src.backend.common.stateless_scope import in_stateless_scope
@@ -75,7 +79,7 @@ VARIABLE_HOOKS = SCOPE_CHECKS is not None and hasattr(
 # Keras variables and layers.
 
 
-def held_values(variables):
+def held_values(variables: PyTree) -> list[Any | None] | None:
     """The arrays `variables` hold, when each `.value` is that array (no
     `keras.StatelessScope` or autocast scope in force, JAX backend); else
     None, and the caller reads `.value`."""
@@ -88,7 +92,7 @@ def held_values(variables):
     return None if any(value is None for value in held) else held
 
 
-def track_variable(layer, variable):
+def track_variable(layer: Any, variable: Any) -> None:
     """Tracks `variable` as one of `layer`'s weights."""
     if TRACK_VARIABLE:
         layer._track_variable(variable)
@@ -96,17 +100,17 @@ def track_variable(layer, variable):
         setattr(layer, f"_keras_flax_{len(layer.weights)}", variable)
 
 
-def in_safe_mode():
+def in_safe_mode() -> bool:
     """Whether Keras is loading in safe mode (assumed, when unknown)."""
     return _safe_mode is None or _safe_mode() is not False
 
 
-def layout_map(distribution):
+def layout_map(distribution: Any) -> Any:
     """`distribution`'s `LayoutMap` (`ModelParallel`), or None."""
     return getattr(distribution, "_layout_map", None)
 
 
-def layout_map_has(distribution, path):
+def layout_map_has(distribution: Any, path: str) -> bool:
     """Whether `distribution`'s `LayoutMap` has an entry for `path`."""
     found = layout_map(distribution)
     return found is not None and found[path] is not None
@@ -122,18 +126,20 @@ class FlaxVariable(keras.Variable):
             given is copied (the user's NNX module, see `_nnx`), or None.
     """
 
-    def __init__(self, *args, layout=None, mirror=None, **kwargs):
+    def __init__(
+        self, *args: Any, layout: Any = None, mirror: Any = None, **kwargs: Any
+    ) -> None:
         self._flax_layout = layout
         self._mirror = None  # not while Keras sets the initial value
         super().__init__(*args, **kwargs)
         self._mirror = mirror
 
-    def _initialize_layout(self):
+    def _initialize_layout(self) -> None:
         if self._layout is None and self._flax_layout is not None:
             self._layout = self._flax_layout(self.path)
         super()._initialize_layout()
 
-    def assign(self, value):
+    def assign(self, value: Any) -> Any:
         value = super().assign(value)
         # Not a `StatelessScope`'s update (whose values are not written).
         written = SCOPE_CHECKS is not None and not SCOPE_CHECKS[0]()
@@ -155,7 +161,7 @@ RUN_ONCE_OPTIONS = {
 }
 
 
-def compile_once(lowered):
+def compile_once(lowered: Any) -> Any:
     """`lowered` compiled at XLA's cheapest options, where the platform
     takes them."""
     try:
@@ -164,7 +170,7 @@ def compile_once(lowered):
         return lowered.compile()
 
 
-def run_op_by_op(closed_jaxpr, args, cheapest=True):
+def run_op_by_op(closed_jaxpr: Any, args: Any, cheapest: Any = True) -> Any:
     """Evaluates a traced program one equation at a time.
 
     As `jax.extend.core.jaxpr_as_fun` does, with two savings for a program
@@ -183,7 +189,7 @@ def run_op_by_op(closed_jaxpr, args, cheapest=True):
         return jax.extend.core.jaxpr_as_fun(closed_jaxpr)(*args)
 
 
-def _live(jaxpr):
+def _live(jaxpr: Any) -> list[Any]:
     """The equations whose results reach the outputs (or have effects)."""
     Var = jax.extend.core.Var
     needed = {v for v in jaxpr.outvars if isinstance(v, Var)}
@@ -195,12 +201,14 @@ def _live(jaxpr):
     return live[::-1]
 
 
-def _evaluate(jaxpr, consts, args, eqns, cheapest):
+def _evaluate(
+    jaxpr: Any, consts: Any, args: Any, eqns: Any, cheapest: Any
+) -> list[Any]:
     Literal = jax.extend.core.Literal
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
 
-    def read(v):
+    def read(v: Any) -> Any:
         return v.val if isinstance(v, Literal) else env[v]
 
     # Each value is dropped after its last use (a large module's kernels
@@ -247,7 +255,7 @@ _POOLS = {
 }
 
 
-def jax2onnx_converting():
+def jax2onnx_converting() -> bool:
     """Whether a jax2onnx conversion is tracing the caller (False where no
     frames can be read)."""
     if "jax2onnx" not in sys.modules or not FRAMES:
@@ -260,7 +268,7 @@ def jax2onnx_converting():
     return False
 
 
-def jax2onnx_primitives():
+def jax2onnx_primitives() -> frozenset[Any] | None:
     """The names of the primitives jax2onnx converts, or None where its
     registry cannot be read."""
     try:
@@ -271,7 +279,7 @@ def jax2onnx_primitives():
 
 
 @contextlib.contextmanager
-def flax_pools_as_documented():
+def flax_pools_as_documented() -> Iterator[None]:
     """Within: Flax's `avg_pool` takes `window_shape`, `strides` and
     `padding` by position too, where a conversion swapped it."""
     swapped = {
@@ -288,8 +296,14 @@ def flax_pools_as_documented():
             setattr(owner, attr, replacement)
 
 
-def _by_keyword(pool):
-    def avg_pool(inputs, window_shape, strides=None, padding="VALID", **rest):
+def _by_keyword(pool: Callable[..., Any]) -> Callable[..., Any]:
+    def avg_pool(
+        inputs: PyTree,
+        window_shape: Any,
+        strides: Any = None,
+        padding: Any = "VALID",
+        **rest: Any,
+    ) -> Any:
         return pool(
             inputs,
             window_shape=window_shape,

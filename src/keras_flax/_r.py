@@ -7,17 +7,20 @@ in R's column-major order cross with every release: R's `writeBin` gives a
 """
 
 import typing
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+
+from keras_flax._model import PyTree
 
 # R's vector types and their bytes (little-endian, as R writes them).
 _R_BYTES = {"double": "<f8", "integer": "<i4", "logical": "<i4"}
 _INT32 = np.iinfo(np.int32)
 
 
-def from_r(data, kind, dims, dtype):
+def from_r(data: Any, kind: Any, dims: Any, dtype: Any) -> np.ndarray:
     """An R vector's bytes -> a NumPy array of `dtype` and shape `dims`.
 
     >>> import struct
@@ -38,7 +41,7 @@ class RArray(typing.NamedTuple):
     dims: list
 
 
-def to_r(array):
+def to_r(array: Any) -> RArray:
     """An array -> `(bytes in column-major order, R type, dims)`.
 
     Booleans become R logicals, integers that fit R integers, everything
@@ -62,7 +65,7 @@ def to_r(array):
     return RArray(bytearray(data), kind, list(array.shape))
 
 
-def tree_to_r(tree):
+def tree_to_r(tree: PyTree) -> Any:
     """`to_r` on every leaf of a tree of arrays or Keras variables (an NNX
     `State` as its pure dict); dicts, lists and tuples stay."""
     if isinstance(tree, nnx.State):

@@ -7,6 +7,7 @@ inside a jitted train step is a valid key without conversion.
 
 import random
 import zlib
+from typing import Any
 
 import jax
 
@@ -18,7 +19,7 @@ INIT_STREAMS = ("params", "dropout")
 CALL_STREAMS = ("dropout", "params")
 
 
-def key_from_seed(seed):
+def key_from_seed(seed: Any) -> Any:
     """A raw key from an int seed, or from Python's RNG when `seed` is None.
 
     Python's RNG is seeded by `keras.utils.set_random_seed`, so unseeded
@@ -29,10 +30,10 @@ def key_from_seed(seed):
     return jax.random.key_data(jax.random.key(seed))
 
 
-def stream_id(name):
+def stream_id(name: str) -> int:
     return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
-def stream_keys(key, streams):
+def stream_keys(key: Any, streams: Any) -> dict[Any, Any]:
     """One independent key for each named stream, derived from `key`."""
     return {name: jax.random.fold_in(key, stream_id(name)) for name in streams}

@@ -23,6 +23,10 @@ import json
 import math
 import os
 import re
+import types
+from collections.abc import Sequence
+from typing import Any
+from typing import Self
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ import numpy as np
 
 from keras_flax import _backends
 from keras_flax import _errors
+from keras_flax._model import PyTree
 
 TRANSFORMS = ("transpose", "reshape", "dtype")
 
@@ -170,7 +175,7 @@ def save_safetensors(
     save_file(tensors, os.fspath(filepath), metadata={"format": fmt})
 
 
-def _safetensors():
+def _safetensors() -> types.ModuleType:
     """The `safetensors` package (an optional dependency)."""
     try:
         import safetensors
@@ -183,16 +188,16 @@ def _safetensors():
 # The layer.
 
 
-def _held(layer, function):
+def _held(layer: Any, function: str) -> tuple[dict[Any, Any], dict[Any, Any]]:
     """The layer's weights by name, and the short names of its state (see
     `_short_names`); an unbuilt layer is refused."""
-    params, state = layer._weights_by_name()
+    params, state = layer._weights.by_name(layer._model.rng_state)
     if not (params or state):
         raise ValueError(_errors.checkpoint_unbuilt(function, layer.name))
     return {**params, **state}, _short_names(params, state)
 
 
-def _short_names(params, state):
+def _short_names(params: PyTree, state: PyTree) -> dict[Any, Any]:
     """Short name -> name, for state in collections: a state name without
     its first part where no parameter's name starts with that part (a
     linen collection, `batch_stats/bn/mean` -> `bn/mean`), and no other
@@ -213,7 +218,7 @@ def _short_names(params, state):
 # Rules.
 
 
-def _rules(rules):
+def _rules(rules: Any) -> list["_Rule | str"]:
     """`rules` as a list of `_Rule`s and `"torch"`; bad ones refused."""
     if rules is None:
         return []
@@ -224,7 +229,7 @@ def _rules(rules):
     return [_rule(i, rule) for i, rule in enumerate(rules)]
 
 
-def _rule(index, rule):
+def _rule(index: Any, rule: Any) -> "_Rule | str":
     if rule == "torch":
         return rule
     if not (isinstance(rule, (list, tuple)) and len(rule) in (2, 3)):
@@ -242,11 +247,17 @@ def _rule(index, rule):
     return _Rule(pattern, replacement, tuple(transforms.items()))
 
 
-def _uses_torch(rule_list):
+def _uses_torch(rule_list: Any) -> bool:
     return any(rule == "torch" for rule in rule_list)
 
 
-def _place_load(key, shape, held, shorts, rule_list):
+def _place_load(
+    key: Any,
+    shape: Sequence[int],
+    held: Any,
+    shorts: Any,
+    rule_list: Any,
+) -> tuple[str, tuple[Any, ...]] | None:
     """`(name, transforms)` for a checkpoint key: the first rule placing
     it; `("", ())` for a key PyTorch's rules drop; None for none."""
     if not rule_list:
@@ -263,7 +274,9 @@ def _place_load(key, shape, held, shorts, rule_list):
     return None
 
 
-def _torch_load(key, shape, held, shorts):
+def _torch_load(
+    key: Any, shape: Sequence[int], held: Any, shorts: Any
+) -> tuple[str, tuple[Any, ...]] | None:
     *module, leaf = key.split(".")
     if leaf in _TORCH_DROPPED:
         return "", ()
@@ -280,7 +293,9 @@ def _torch_load(key, shape, held, shorts):
     return None
 
 
-def _place_save(name, holder, shorts, rule_list):
+def _place_save(
+    name: str, holder: Any, shorts: Any, rule_list: Any
+) -> tuple[str, tuple[Any, ...]]:
     """`(key, transforms)` for a weight name; `shorts` maps names to their
     short forms (see `_short_names`)."""
     if not rule_list:
@@ -294,7 +309,7 @@ def _place_save(name, holder, shorts, rule_list):
     return name, ()
 
 
-def _torch_save(path, holder):
+def _torch_save(path: str, holder: Any) -> tuple[str, tuple[Any, ...]]:
     *module, leaf = path.split("/")
     transforms = ()
     if leaf == "kernel" and len(holder.shape) in _TORCH_KERNEL_AXES:
@@ -310,7 +325,7 @@ def _torch_save(path, holder):
     return ".".join([*module, leaf]), transforms
 
 
-def _torch_counters(tensors):
+def _torch_counters(tensors: Any) -> dict[Any, Any]:
     """A zero `num_batches_tracked` beside each BatchNorm's statistics,
     as `torch.nn.BatchNorm*d.state_dict()` holds one."""
     counters = {}
@@ -327,7 +342,9 @@ def _torch_counters(tensors):
 # Planning and checks: nothing is read or written here.
 
 
-def _plan_load(checkpoint, held, shorts, rule_list):
+def _plan_load(
+    checkpoint: Any, held: Any, shorts: Any, rule_list: Any
+) -> tuple[list[Any], list[Any]]:
     items, unexpected, targets = [], [], {}
     for key in checkpoint.keys():
         shape = checkpoint.shape(key)
@@ -350,7 +367,9 @@ def _plan_load(checkpoint, held, shorts, rule_list):
     return items, unexpected
 
 
-def _transformed_shape(key, shape, transforms):
+def _transformed_shape(
+    key: Any, shape: Sequence[int], transforms: Any
+) -> tuple[int, ...]:
     for kind, argument in transforms:
         if kind == "transpose":
             axes = tuple(argument)
@@ -369,7 +388,7 @@ def _transformed_shape(key, shape, transforms):
     return tuple(shape)
 
 
-def _reshaped(shape, target):
+def _reshaped(shape: Sequence[int], target: Any) -> Any:
     """`target` with a `-1` filled in, or None where the element count
     would change."""
     size = math.prod(shape)
@@ -383,7 +402,7 @@ def _reshaped(shape, target):
     return target if math.prod(target) == size else None
 
 
-def _kind(dtype):
+def _kind(dtype: Any) -> str:
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating):
         return "float"
@@ -392,7 +411,7 @@ def _kind(dtype):
     return "integer"
 
 
-def _check_fit(items, held, checkpoint):
+def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
     """Refuses, listing them all, the tensors whose shape or dtype kind
     does not fit the weight they are read into."""
     misfits = []
@@ -416,21 +435,21 @@ def _check_fit(items, held, checkpoint):
         raise ValueError(_errors.checkpoint_misfit(misfits))
 
 
-def _target_dtype(dtype, transforms):
+def _target_dtype(dtype: Any, transforms: Any) -> Any:
     for kind, argument in transforms:
         if kind == "dtype":
             dtype = argument
     return dtype
 
 
-def _dtype_of(holder):
+def _dtype_of(holder: Any) -> Any:
     return jnp.dtype(keras.backend.standardize_dtype(holder.dtype))
 
 
 # Reading.
 
 
-def _transform(value, transforms):
+def _transform(value: Any, transforms: Any) -> Any:
     for kind, argument in transforms:
         if kind == "transpose":
             value = jnp.transpose(value, tuple(argument))
@@ -441,7 +460,7 @@ def _transform(value, transforms):
     return value
 
 
-def _read(checkpoint, item, holder):
+def _read(checkpoint: Any, item: Any, holder: Any) -> Any:
     """The tensor of `item`, transformed, in the holder's dtype and, for a
     variable laid out over several devices, read shard by shard."""
     dtype = _dtype_of(holder)
@@ -451,7 +470,7 @@ def _read(checkpoint, item, holder):
         return _backends.initial_value(value.astype(dtype))
     by_slice = all(kind != "reshape" for kind, _ in item.transforms)
 
-    def shard(index):
+    def shard(index: Any) -> np.ndarray:
         if not by_slice:  # a reshape moves elements across slices
             whole = _transform(checkpoint.tensor(item.key), item.transforms)
             return np.asarray(whole[index].astype(dtype))
@@ -460,7 +479,7 @@ def _read(checkpoint, item, holder):
     return jax.make_array_from_callback(item.shape, sharding, shard)
 
 
-def _read_slice(checkpoint, item, index):
+def _read_slice(checkpoint: Any, item: Any, index: Any) -> Any:
     """`transform(tensor)[index]`, reading only the slice it needs."""
     axes = list(range(len(checkpoint.shape(item.key))))
     for kind, argument in item.transforms:
@@ -475,7 +494,7 @@ def _read_slice(checkpoint, item, index):
     return _transform(value, [t for t in item.transforms if t[0] == "dtype"])
 
 
-def _sharding(holder):
+def _sharding(holder: Any) -> Any:
     """The holder's sharding where it spans several devices, else None."""
     value = getattr(holder, "value", None)
     sharding = getattr(value, "sharding", None)
@@ -490,7 +509,7 @@ class _Checkpoint:
     """A safetensors file, or the files of a sharded checkpoint's index,
     opened lazily; the keys in file order."""
 
-    def __init__(self, filepath):
+    def __init__(self, filepath: str | os.PathLike) -> None:
         filepath = os.fspath(filepath)
         if not os.path.isfile(filepath):
             raise FileNotFoundError(_errors.checkpoint_not_found(filepath))
@@ -502,7 +521,7 @@ class _Checkpoint:
         else:
             self._files = dict.fromkeys(self._file(filepath).keys(), filepath)
 
-    def _read_index(self, filepath):
+    def _read_index(self, filepath: str) -> None:
         try:
             with open(filepath) as f:
                 weight_map = json.load(f)["weight_map"]
@@ -521,7 +540,7 @@ class _Checkpoint:
             for key, shard in weight_map.items()
         }
 
-    def _file(self, path):
+    def _file(self, path: str) -> Any:
         safetensors = _safetensors()
         if path not in self._open:
             try:
@@ -534,26 +553,26 @@ class _Checkpoint:
                 ) from error
         return self._open[path]
 
-    def keys(self):
+    def keys(self) -> list[Any]:
         return list(self._files)
 
-    def shape(self, key):
+    def shape(self, key: Any) -> tuple[Any, ...]:
         return tuple(self._file(self._files[key]).get_slice(key).get_shape())
 
-    def dtype(self, key):
+    def dtype(self, key: Any) -> str:
         name = self._file(self._files[key]).get_slice(key).get_dtype()
         return _SAFETENSORS_DTYPES[name]
 
-    def tensor(self, key):
+    def tensor(self, key: Any) -> Any:
         return self._file(self._files[key]).get_tensor(key)
 
-    def slice(self, key, index):
+    def slice(self, key: Any, index: Any) -> Any:
         return self._file(self._files[key]).get_slice(key)[index]
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self._stack.close()
 
 

@@ -19,6 +19,7 @@ import functools
 import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -39,12 +40,12 @@ class UnserializableError(TypeError):
     pass
 
 
-def serialize_module(module):
+def serialize_module(module: Any) -> dict[str, Any]:
     """A JSON-ready config of a linen module instance."""
     return _module_config(module, "module")
 
 
-def deserialize_module(config) -> Any:
+def deserialize_module(config: dict[str, Any]) -> Any:
     """A linen or NNX module (from its own config) from a saved config."""
     if config.get(_TAG) == "nnx_config":
         return deserialize_nnx(config)
@@ -59,7 +60,7 @@ class RecordedCall:
     kwargs: dict
 
 
-def serialize_method(module, method):
+def serialize_method(module: Any, method: Any) -> Any:
     if method is None or isinstance(method, str):
         return method
     func = getattr(method, "__func__", None)
@@ -71,13 +72,13 @@ def serialize_method(module, method):
     return _encode(method, "method")
 
 
-def deserialize_method(config) -> Any:
+def deserialize_method(config: dict[str, Any]) -> Any:
     if config is None or isinstance(config, str):
         return config
     return _decode(config, "method")
 
 
-def serialize_function(fn, arg):
+def serialize_function(fn: Callable[..., Any] | None, arg: str) -> Any:
     """A JSON-ready config of a function: Keras-registered, or by path."""
     if fn is None:
         return None
@@ -87,28 +88,28 @@ def serialize_function(fn, arg):
     return _encode(fn, arg)
 
 
-def deserialize_function(config, arg) -> Any:
+def deserialize_function(config: dict[str, Any], arg: str) -> Any:
     if isinstance(config, dict) and _TAG in config:
         return _decode(config, arg)
     return keras.saving.deserialize_keras_object(config)
 
 
-def import_path(obj, path):
+def import_path(obj: Any, path: str) -> str:
     """`module:qualname` of a class or function; `resolve` finds it."""
     return _import_path(obj, path)
 
 
-def serialize_value(value, path):
+def serialize_value(value: Any, path: str) -> Any:
     """A JSON-ready config of `value`: what a module field may hold
     (numbers, strings, containers, functions by import path, ...)."""
     return _encode(value, path)
 
 
-def deserialize_value(config, path) -> Any:
+def deserialize_value(config: dict[str, Any], path: str) -> Any:
     return _decode(config, path)
 
 
-def serialize_nnx(module, recorded_call):
+def serialize_nnx(module: Any, recorded_call: Any) -> dict[str, Any]:
     """The config of an NNX module.
 
     Its recorded constructor call when there is one, else its class's own
@@ -123,7 +124,7 @@ def serialize_nnx(module, recorded_call):
     }
 
 
-def serialize_call(cls, recorded_call, tag):
+def serialize_call(cls: type, recorded_call: Any, tag: str) -> dict[str, Any]:
     """The config of a recorded constructor call `cls(*args, **kwargs)`,
     tagged `tag` (which `recorded_call` reads back)."""
     return {
@@ -134,7 +135,7 @@ def serialize_call(cls, recorded_call, tag):
     }
 
 
-def recorded_call(config, tag, base, api) -> Any:
+def recorded_call(config: dict[str, Any], tag: str, base: Any, api: str) -> Any:
     """`(class, args, kwargs)` of a call saved by `serialize_call` with
     `tag`, whose class must be a subclass of `base` (`api` names it in the
     message); None for another config."""
@@ -147,7 +148,7 @@ def recorded_call(config, tag, base, api) -> Any:
     return cls, args, _decode(config["kwargs"], "module")
 
 
-def _nnx_class(config) -> Any:
+def _nnx_class(config: dict[str, Any]) -> Any:
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
         raise ValueError(
@@ -156,16 +157,16 @@ def _nnx_class(config) -> Any:
     return cls
 
 
-def deserialize_nnx(config) -> Any:
+def deserialize_nnx(config: dict[str, Any]) -> Any:
     return _nnx_class(config).from_config(config["config"])
 
 
-def nnx_call(config) -> Any:
+def nnx_call(config: dict[str, Any]) -> Any:
     """`(class, args, kwargs)` of a recorded NNX constructor call, or None."""
     return recorded_call(config, "nnx_call", nnx.Module, "flax.nnx")
 
 
-def _module_config(module, path):
+def _module_config(module: Any, path: str) -> dict[str, Any]:
     cls = type(module)
     if hasattr(module, "get_config"):
         return {
@@ -185,7 +186,7 @@ def _module_config(module, path):
     return {_TAG: "module", "class": _import_path(cls, path), "config": fields}
 
 
-def _is_default(value, field):
+def _is_default(value: Any, field: Any) -> Any:
     default = field.default
     if default is dataclasses.MISSING:
         if field.default_factory is dataclasses.MISSING:
@@ -233,7 +234,7 @@ def _encode(value: Any, path: str) -> Any:
     raise UnserializableError(_errors.unserializable(path, value))
 
 
-def _is_key(value):
+def _is_key(value: Any) -> Any:
     """A JAX PRNG key: typed, or raw (`uint32[2]`, `jax.random.PRNGKey`)."""
     dtype = getattr(value, "dtype", None)
     if dtype is None or not isinstance(value, jax.Array):
@@ -243,7 +244,7 @@ def _is_key(value):
     return dtype == jnp.uint32 and tuple(value.shape) == (2,)
 
 
-def _rng_streams(rngs):
+def _rng_streams(rngs: Any) -> set[Any]:
     return {
         node.tag
         for _, node in nnx.iter_graph(rngs)
@@ -251,7 +252,7 @@ def _rng_streams(rngs):
     }
 
 
-def _is_factory_closure(fn):
+def _is_factory_closure(fn: Any) -> Any:
     """A function made by a factory, `factory.<locals>.inner`."""
     qualname = getattr(fn, "__qualname__", "")
     return (
@@ -261,7 +262,7 @@ def _is_factory_closure(fn):
     )
 
 
-def _closure_config(fn, path):
+def _closure_config(fn: Any, path: str) -> dict[str, Any]:
     """`factory(**captured)` for a closure such as `normal(0.02)`.
 
     Saved when the factory can be imported and every variable the closure
@@ -290,7 +291,7 @@ def _closure_config(fn, path):
     }
 
 
-def _is_dtype(value):
+def _is_dtype(value: Any) -> bool:
     if isinstance(value, np.dtype):
         return True
     if not isinstance(value, type) or issubclass(value, nn.Module):
@@ -301,7 +302,7 @@ def _is_dtype(value):
         return False
 
 
-def _import_path(obj, path):
+def _import_path(obj: Any, path: str) -> str:
     """`module:qualname` of `obj`, by a public module where one has it
     (`jax.nn:gelu`, not the private module defining `gelu`)."""
     module = getattr(obj, "__module__", None)
@@ -316,11 +317,11 @@ def _import_path(obj, path):
     return f"{_public_module(obj, module, qualname)}:{qualname}"
 
 
-def _is_public(module_name):
+def _is_public(module_name: str) -> bool:
     return not any(part.startswith("_") for part in module_name.split("."))
 
 
-def _public_module(obj, module, qualname):
+def _public_module(obj: Any, module: Any, qualname: str) -> Any:
     """The shortest public module of `module`'s package holding `obj` at
     `qualname`, or `module` itself."""
     if _is_public(module):
@@ -340,14 +341,14 @@ def _public_module(obj, module, qualname):
     return module
 
 
-def _lookup(module_name, qualname) -> Any:
+def _lookup(module_name: str, qualname: str) -> Any:
     obj = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj
 
 
-def _decode(config, path) -> Any:
+def _decode(config: Any, path: str) -> Any:
     if isinstance(config, list):
         return [_decode(v, path) for v in config]
     if not isinstance(config, dict) or _TAG not in config:
@@ -381,7 +382,7 @@ def _decode(config, path) -> Any:
     raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 
-def _decode_module(config, path) -> Any:
+def _decode_module(config: dict[str, Any], path: str) -> Any:
     cls = resolve(config["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(
@@ -405,7 +406,7 @@ _CALLABLE_FACTORIES = (
 )
 
 
-def resolve(import_path, call=False) -> Any:
+def resolve(import_path: str, call: Any = False) -> Any:
     """The object at `module:qualname`, resolved safely.
 
     In safe mode, the module must already be imported (the standard library

@@ -9,8 +9,14 @@ ends in `Dense_0/kernel`: `keras.distribution.LayoutMap` keys and
 """
 
 import contextlib
+import dataclasses
 import functools
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Iterable
 from collections.abc import Mapping
+from typing import Any
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +25,16 @@ import numpy as np
 
 from keras_flax import _backends
 from keras_flax import _private
+from keras_flax._model import PyTree
 
 
-def is_array_leaf(value):
+def is_array_leaf(value: Any) -> bool:
     return isinstance(
         value, (jax.Array, np.ndarray, np.generic, bool, int, float)
     )
 
 
-def path_parts(keypath):
+def path_parts(keypath: Iterable[Any]) -> tuple[str, ...]:
     """Name parts of a `jax.tree_util` key path, as Keras scope names."""
     parts = []
     for key in keypath:
@@ -41,7 +48,9 @@ def path_parts(keypath):
     return tuple(parts)
 
 
-def keyed_leaves(tree, skip=0):
+def keyed_leaves(
+    tree: PyTree, skip: int = 0
+) -> list[tuple[tuple[str, ...], Any, str]]:
     """`(path parts, leaf, path text)` of each leaf of `tree`, the parts
     without their first `skip` (what a `wrt` filter is given, see
     `_model.FineTuning.candidates`)."""
@@ -51,137 +60,221 @@ def keyed_leaves(tree, skip=0):
     ]
 
 
-def path_text(path):
+def path_text(path: Iterable[Any]) -> str:
     """The one text of a path: a `jax.tree_util` key path, an NNX path or
     name parts, as `Dense_0/kernel` (`(root)` for the empty path)."""
     parts = path_parts(path)
     return "/".join(parts) if parts else "(root)"
 
 
-def is_typed_key(value):
+def is_typed_key(value: Any) -> Any:
     dtype = getattr(value, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(
         dtype, jax.dtypes.prng_key
     )
 
 
+class Storage(Protocol):
+    """How a tree's array leaves are held in Keras variables.
+
+    `Plain` (one variable per leaf) and `_packing.Packed` (small leaves of
+    one dtype sharing a flat variable) are the two; a `VariableTree` holds
+    one and is the same whichever it holds.
+
+    Attributes:
+        variables: the Keras variables.
+        members: the leaf indices each variable holds, in variable order.
+    """
+
+    variables: list[Any]
+    members: list[list[int]]
+
+    def holders(self) -> list[Any]:
+        """What holds each leaf, in leaf order: its Keras variable, or a
+        view of its part of one, with `value` and `assign`."""
+        ...
+
+    def leaves(self, values: list[Any]) -> list[Any]:
+        """The array leaves, in leaf order, from the variables' values."""
+        ...
+
+    def updates(
+        self, new_leaves: list[Any], old_leaves: list[Any]
+    ) -> list[Any]:
+        """New values for the variables from new leaves (None for a leaf
+        left unchanged), None for a variable left unchanged."""
+        ...
+
+    def mirrors(self) -> list[Callable[[Any], None] | None]:
+        """For each variable, what copies its value into the user's module
+        (None where nothing does)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """An array leaf to hold: its initial value, the name parts of its
+    variable, whether it trains, and its `metadata` (Flax axes, mirror)."""
+
+    array: jax.Array
+    parts: tuple[str, ...]
+    trains: bool
+    metadata: dict[str, Any] | None
+
+
+class Plain:
+    """One Keras variable per leaf (see `Storage`)."""
+
+    def __init__(
+        self, layer: Any, leaves: list[Leaf], trainable: bool, autocast: bool
+    ) -> None:
+        del trainable  # each variable is named by its own path
+        self.variables = [
+            new_variable(
+                layer,
+                leaf.parts,
+                leaf.array,
+                leaf.trains,
+                autocast,
+                leaf.metadata,
+            )
+            for leaf in leaves
+        ]
+        self.members = [[i] for i in range(len(leaves))]
+        self._mirrors = [(leaf.metadata or {}).get("mirror") for leaf in leaves]
+
+    def holders(self) -> list[Any]:
+        return list(self.variables)
+
+    def leaves(self, values: list[Any]) -> list[Any]:
+        return list(values)
+
+    def updates(
+        self, new_leaves: list[Any], old_leaves: list[Any]
+    ) -> list[Any]:
+        return changed_leaves(new_leaves, old_leaves)
+
+    def mirrors(self) -> list[Callable[[Any], None] | None]:
+        return list(self._mirrors)
+
+
+StorageFactory = Callable[[Any, list[Leaf], bool, bool], Storage]
+
+
 class VariableTree:
     """A PyTree whose array leaves are held in Keras variables of one layer.
 
-    Each array leaf is a variable of its own, named after its path (see
-    `_packing.PackedTree` for leaves sharing variables).
+    The leaves are held by a `Storage` (`Plain` by default); the empty tree
+    (`None`) holds nothing.
 
     Attributes:
-        tree: the PyTree with a `keras.Variable` at each array leaf, and
-            its static leaves.
+        tree: the PyTree with what holds each array leaf (a `keras.Variable`
+            or a packed leaf's view) at its place, and its static leaves.
         variables: the Keras variables.
-        names: the path of each leaf inside the tree, as a string.
+        names: the name of each array leaf inside the layer, as a string.
+        paths: the path of each array leaf inside the tree, as a string.
     """
 
     def __init__(
         self,
-        layer,
-        values,
-        trainable,
-        name_fn,
-        autocast=True,
-        metadata_fn=None,
-        frozen=(),
-        float_dtype=None,
-        copy=True,
-    ):
-        leaves, self._treedef = jax.tree_util.tree_flatten_with_path(values)
+        layer: Any,
+        values: Any,
+        trainable: bool,
+        name_fn: Callable[[tuple[str, ...]], tuple[str, ...]],
+        autocast: bool = True,
+        metadata_fn: Callable[[tuple[str, ...]], dict[str, Any]] | None = None,
+        frozen: Collection[str] = (),
+        float_dtype: Callable[[Any], Any] | None = None,
+        copy: bool = True,
+        storage: StorageFactory = Plain,
+    ) -> None:
+        flat, self._treedef = jax.tree_util.tree_flatten_with_path(values)
         self._static = []
         self._key_impls = []
         self.names = []
         self.paths = []
-        arrays, metadata, parts_list = [], [], []
-        for keypath, leaf in leaves:
+        leaves = []
+        for keypath, leaf in flat:
             if not (is_array_leaf(leaf) or is_typed_key(leaf)):
                 self._static.append(leaf)
                 continue
-            parts = name_fn(path_parts(keypath))
             self._static.append(_VARIABLE)
             self._key_impls.append(
                 jax.random.key_impl(leaf) if is_typed_key(leaf) else None
             )
-            arrays.append(_initial_array(leaf, float_dtype, copy))
-            metadata.append(metadata_fn and metadata_fn(path_parts(keypath)))
-            parts_list.append(parts)
-            self.names.append(path_text(parts))
-            self.paths.append(path_text(keypath))
-        self._leaf_specs = [(a.shape, a.dtype) for a in arrays]
-        # Whether each leaf trains: leaves at `frozen` paths do not.
-        trains = [trainable and p not in frozen for p in self.paths]
-        self.autocast = autocast
-        self._make_variables(
-            layer, arrays, metadata, trains, parts_list, trainable
-        )
-
-    def _make_variables(
-        self, layer, arrays, metadata, trains, parts_list, trainable
-    ):
-        """One variable per leaf."""
-        self.variables = [
-            new_variable(layer, parts, a, t, self.autocast, meta)
-            for parts, a, t, meta in zip(
-                parts_list, arrays, trains, metadata, strict=True
+            parts = name_fn(path_parts(keypath))
+            path = path_text(keypath)
+            leaves.append(
+                Leaf(
+                    array=_initial_array(leaf, float_dtype, copy),
+                    parts=parts,
+                    # Leaves at `frozen` paths do not train.
+                    trains=trainable and path not in frozen,
+                    metadata=metadata_fn and metadata_fn(path_parts(keypath)),
+                )
             )
+            self.names.append(path_text(parts))
+            self.paths.append(path)
+        self._leaf_specs = [
+            (leaf.array.shape, leaf.array.dtype) for leaf in leaves
         ]
-        self._mirrors = [(meta or {}).get("mirror") for meta in metadata]
-        self.tree = self.unflatten(self.variables)
+        self.autocast = autocast
+        self._storage = storage(layer, leaves, trainable, autocast)
+        self.variables = self._storage.variables
+        self.tree = self.unflatten(self._storage.holders())
 
-    def holders(self):
+    @property
+    def holds_nothing(self) -> bool:
+        """Whether the tree is `None` (no tree given or created)."""
+        return self._treedef == _NONE
+
+    def holders(self) -> list[Any]:
         """What holds each array leaf, in leaf order: its Keras variable,
         or, packed, a view with `value` and `assign`."""
-        leaves = self._treedef.flatten_up_to(self.tree)
-        return [
-            leaf
-            for leaf, s in zip(leaves, self._static, strict=True)
-            if s is _VARIABLE
-        ]
+        return self._storage.holders()
 
-    def freeze(self, paths):
-        """Makes the variables of the leaves at `paths` non-trainable."""
-        for path, variable in zip(self.paths, self.variables, strict=True):
-            if path in paths:
+    def freeze(self, paths: Collection[str]) -> None:
+        """Makes the variables holding only leaves at `paths` non-trainable
+        (a pack is frozen when it is made: see `_packing`)."""
+        storage = self._storage
+        for variable, members in zip(
+            storage.variables, storage.members, strict=True
+        ):
+            if all(self.paths[i] in paths for i in members):
                 variable.trainable = False
 
-    # Whether leaves share variables (`_packing.PackedTree`).
-    packed = False
-
-    def values(self):
+    def values(self) -> list[Any]:
         """The current values of the variables."""
         held = _private.held_values(self.variables)
         if held is not None:
             return held
         return [variable.value for variable in self.variables]
 
-    def leaves(self, values):
+    def leaves(self, values: list[Any]) -> list[Any]:
         """The array leaves, in leaf order, from the variables' `values`."""
-        return list(values)
+        return self._storage.leaves(values)
 
-    def rebuild(self, values):
+    def rebuild(self, values: list[Any]) -> Any:
         """The PyTree with the variables' `values` at its leaves.
 
         Key data held for typed PRNG keys is wrapped back into keys.
         """
         return self.unflatten_leaves(self.leaves(values))
 
-    def unflatten_leaves(self, leaves):
+    def unflatten_leaves(self, leaves: Iterable[Any]) -> Any:
         """The PyTree of array `leaves` (leaf order)."""
         return self.unflatten(
             jax.random.wrap_key_data(v, impl=impl) if impl else v
             for v, impl in zip(leaves, self._key_impls, strict=True)
         )
 
-    def unflatten(self, values):
+    def unflatten(self, values: Iterable[Any]) -> Any:
         """The PyTree of `values` at the variables' places (leaf order)."""
         values = iter(values)
         leaves = [next(values) if s is _VARIABLE else s for s in self._static]
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
-    def leaves_of(self, tree, given=None):
+    def leaves_of(self, tree: Any, given: list[Any] | None = None) -> list[Any]:
         """The leaves of `tree` (same structure) at the variables' places.
 
         `None` at a variable's place stays `None`: it marks a leaf that a
@@ -199,40 +292,48 @@ class VariableTree:
             if s is _VARIABLE
         ]
 
-    def updates(self, new_leaves, old_leaves):
+    def updates(
+        self, new_leaves: list[Any], old_leaves: list[Any]
+    ) -> list[Any]:
         """New values for the variables, `None` for those left unchanged.
 
         A leaf is unchanged when a call returns the very array it was
-        given (or `None`).
+        given (or `None`); a variable holding several leaves is written
+        when any of them changed.
         """
-        return changed_leaves(new_leaves, old_leaves)
+        return self._storage.updates(new_leaves, old_leaves)
 
-    def mirror_values(self):
+    def mirror_values(self) -> None:
         """Copies each variable's current value into its mirror (the
         user's NNX module), where it has one."""
-        for variable, mirror in zip(self.variables, self._mirrors, strict=True):
+        for variable, mirror in zip(
+            self.variables, self._storage.mirrors(), strict=True
+        ):
             if mirror is not None:
                 mirror(_backends.to_jax(variable.value))
 
-    def leaf_specs(self):
+    def leaf_specs(self) -> list[tuple[tuple[int, ...], Any]]:
         """`(shape, dtype)` of each array leaf, in leaf order."""
         return list(self._leaf_specs)
 
-    def assign(self, values):
+    def assign(self, values: list[Any]) -> None:
         """Assigns `values` (`None` to skip) to the variables."""
         for variable, value in zip(self.variables, values, strict=True):
             if value is not None:
                 variable.assign(value)
 
     @property
-    def treedef(self):
+    def treedef(self) -> Any:
         return self._treedef
 
 
 _VARIABLE = object()
+_NONE = jax.tree_util.tree_structure(None)
 
 
-def changed_leaves(new_leaves, old_leaves):
+def changed_leaves(
+    new_leaves: list[Any], old_leaves: list[Any]
+) -> list[Any | None]:
     """`new_leaves`, with None where a call returned the very array it was
     given (or None): those are not written back."""
     return [
@@ -241,13 +342,15 @@ def changed_leaves(new_leaves, old_leaves):
     ]
 
 
-def key_data(value):
+def key_data(value: Any) -> Any:
     if value is not None and is_typed_key(value):
         return jax.random.key_data(value)
     return value
 
 
-def _initial_array(value, float_dtype=None, copy=True):
+def _initial_array(
+    value: Any, float_dtype: Any = None, copy: bool = True
+) -> Any:
     """A leaf as a JAX array in the variable's dtype.
 
     Floats take `float_dtype(dtype)` (the layer's rule) where given. A
@@ -268,7 +371,14 @@ def _initial_array(value, float_dtype=None, copy=True):
     return value if value.dtype == dtype else value.astype(dtype)
 
 
-def new_variable(layer, parts, initial, trainable, autocast, metadata=None):
+def new_variable(
+    layer: Any,
+    parts: tuple[str, ...],
+    initial: Any,
+    trainable: bool,
+    autocast: bool,
+    metadata: Any = None,
+) -> Any:
     """Creates a variable named `parts` in the layer's scope and tracks it.
 
     `Layer.add_weight` takes a single name, so the scopes for the Flax path
@@ -302,7 +412,7 @@ def new_variable(layer, parts, initial, trainable, autocast, metadata=None):
     return variable
 
 
-def shape_struct(value):
+def shape_struct(value: Any) -> Any:
     """`jax.ShapeDtypeStruct` of an array-like leaf, or the leaf itself."""
     if is_typed_key(value):
         value = jax.eval_shape(jax.random.key_data, value)
@@ -312,7 +422,7 @@ def shape_struct(value):
     return value
 
 
-def with_leaves(tree, leaves):
+def with_leaves(tree: PyTree, leaves: Any) -> Any:
     """`tree` (nested dicts, or None) with zeros added at `leaves`, a dict
     of path text -> `(shape, dtype)`."""
     if not leaves:
@@ -327,13 +437,13 @@ def with_leaves(tree, leaves):
     return tree
 
 
-def _dict_copy(tree):
+def _dict_copy(tree: PyTree) -> Any:
     if isinstance(tree, Mapping):
         return {k: _dict_copy(v) for k, v in tree.items()}
     return tree
 
 
-def by_path(tree):
+def by_path(tree: PyTree) -> dict[str, Any]:
     """The leaves of `tree` (arrays or variables) by path text. A Keras
     variable is a leaf (in Keras' NNX mode it is also a PyTree node)."""
     leaves = jax.tree_util.tree_flatten_with_path(
@@ -342,26 +452,30 @@ def by_path(tree):
     return {path_text(keypath): leaf for keypath, leaf in leaves}
 
 
-def specs_of(leaves):
+def specs_of(
+    leaves: Any,
+) -> dict[str, tuple[tuple[int, ...], Any] | None]:
     """`(shape, dtype)` of each of `leaves` (a dict of arrays or variables),
     None for one that is not an array."""
     return {path: _spec_or_none(leaf) for path, leaf in leaves.items()}
 
 
-def specs_by_path(tree):
+def specs_by_path(
+    tree: PyTree,
+) -> dict[str, tuple[tuple[int, ...], Any] | None]:
     """`(shape, dtype)` of each leaf of `tree` (arrays or variables), by
     path text (None for a leaf that is not an array)."""
     return specs_of(by_path(tree))
 
 
-def _spec_or_none(leaf):
+def _spec_or_none(leaf: Any) -> tuple[tuple[int, ...], Any] | None:
     leaf = shape_struct(leaf)
     if not hasattr(leaf, "shape"):
         return None
     return tuple(leaf.shape), getattr(leaf, "dtype", None)
 
 
-def flax_layout(path, axes):
+def flax_layout(path: str, axes: Any) -> Any:
     """The layout for Flax partitioning `axes`, or None to let Keras choose.
 
     None when no distribution is set, when the distribution's `LayoutMap`

@@ -14,6 +14,9 @@ arguments, Variable types and functions by import path.
 """
 
 import inspect
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 from flax import nnx
 
@@ -37,7 +40,7 @@ _FILTERS = (
 _VARIABLE_FILTERS = (nnx.OfType, nnx.WithTag)
 
 
-def predicate(wrt, fine_tuning, label):
+def predicate(wrt: Any, fine_tuning: Any, label: str) -> Any:
     """The predicate of the filter `wrt`, or None for None (every
     parameter).
 
@@ -63,7 +66,9 @@ def predicate(wrt, fine_tuning, label):
     return found
 
 
-def left_out(wrt, found, label, candidates):
+def left_out(
+    wrt: Any, found: Any, label: str, candidates: Any
+) -> frozenset[Any]:
     """The parameters that `found` (the predicate of `wrt`) leaves out.
 
     Args:
@@ -91,7 +96,7 @@ def left_out(wrt, found, label, candidates):
     return out
 
 
-def _is_filter(wrt):
+def _is_filter(wrt: Any) -> bool:
     if isinstance(wrt, (list, tuple)):
         return all(_is_filter(f) for f in wrt)
     return (
@@ -102,7 +107,7 @@ def _is_filter(wrt):
     )
 
 
-def _parts(found):
+def _parts(found: Any) -> Iterator[Any]:
     """`found` and the predicates it is made of."""
     yield found
     if isinstance(found, (nnx.Any, nnx.All)):
@@ -112,7 +117,7 @@ def _parts(found):
         yield from _parts(found.predicate)
 
 
-def _takes_path_and_value(fn):
+def _takes_path_and_value(fn: Callable[..., Any]) -> bool:
     try:
         inspect.signature(fn).bind("path", "value")
     except TypeError:
@@ -125,21 +130,21 @@ def _takes_path_and_value(fn):
 # Saving.
 
 
-def to_config(wrt):
+def to_config(wrt: Any) -> Any:
     """A JSON-ready config of the filter `wrt` (None for None)."""
     if wrt is None:
         return None
     return _encode(wrt, nnx.filterlib.to_predicate(wrt))
 
 
-def from_config(config):
+def from_config(config: dict[str, Any]) -> Any:
     """The predicate saved by `to_config`."""
     if config is None:
         return None
     return _decode(config)
 
 
-def _encode(wrt, found):
+def _encode(wrt: Any, found: Any) -> Any:
     if isinstance(found, nnx.Everything):
         return True
     if isinstance(found, nnx.Nothing):
@@ -165,7 +170,7 @@ def _encode(wrt, found):
         raise TypeError(_errors.wrt_not_serializable(wrt, part)) from error
 
 
-def _decode(config):
+def _decode(config: dict[str, Any]) -> Any:
     if isinstance(config, (bool, str)):
         return nnx.filterlib.to_predicate(config)
     if isinstance(config, dict) and len(config) in (1, 2):

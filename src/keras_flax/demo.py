@@ -16,12 +16,14 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
+from keras_flax._model import PyTree
+
 
 class CNN(nn.Module):
     """The CNN of the Keras docs' FlaxLayer example, exactly as written."""
 
     @nn.compact
-    def __call__(self, inputs):
+    def __call__(self, inputs: PyTree) -> Any:
         x = inputs
         x = nn.Conv(features=32, kernel_size=(3, 3))(x)
         x = nn.relu(x)
@@ -37,12 +39,12 @@ class CNN(nn.Module):
 class NNXCNN(nnx.Module):
     """The same CNN in Flax NNX, for 8x8x1 images."""
 
-    def __init__(self, rngs):
+    def __init__(self, rngs: Any) -> None:
         self.conv = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
         self.dense1 = nnx.Linear(4 * 4 * 32, 200, rngs=rngs)
         self.dense2 = nnx.Linear(200, 10, rngs=rngs)
 
-    def __call__(self, inputs):
+    def __call__(self, inputs: PyTree) -> Any:
         x = nnx.relu(self.conv(inputs))
         x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # flatten
@@ -50,13 +52,15 @@ class NNXCNN(nnx.Module):
         return nnx.softmax(self.dense2(x))
 
 
-def make_module(api, seed):
+def make_module(api: str, seed: int) -> nnx.Module | nn.Module:
     if api == "nnx":
         return NNXCNN(nnx.Rngs(seed))
     return CNN()
 
 
-def load_digits_split(seed):
+def load_digits_split(
+    seed: Any,
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """Digits as (N, 8, 8, 1) floats in [0, 1], split 80/20."""
     try:
         from sklearn.datasets import load_digits
@@ -75,7 +79,7 @@ def load_digits_split(seed):
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-def build_model(seed, api="linen", compile=True):
+def build_model(seed: Any, api: str = "linen", compile: bool = True) -> Any:
     import keras
 
     from keras_flax import FlaxLayer
@@ -93,7 +97,9 @@ def build_model(seed, api="linen", compile=True):
     return model
 
 
-def run(epochs=15, batch_size=32, seed=0, api="linen"):
+def run(
+    epochs: int = 15, batch_size: int = 32, seed: Any = 0, api: str = "linen"
+) -> Any:
     """Trains, evaluates, saves and reloads; returns the test accuracy."""
     import keras
     import numpy as np
@@ -128,7 +134,7 @@ def run(epochs=15, batch_size=32, seed=0, api="linen"):
     return accuracy
 
 
-def main(argv=None):
+def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser(
         prog="keras-flax demo", description=(__doc__ or "").split("\n\n")[0]
     )

@@ -1,9 +1,13 @@
 """TensorFlow only: jax2tf conversion, tracing and `model.export`."""
 
+import equinox as eqx
+import jax
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from keras_flax import EquinoxLayer
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from tests import modules
@@ -86,3 +90,42 @@ def test_sixty_unknown_dimensions_get_names_of_their_own():
     np.testing.assert_allclose(
         model.predict(arrays, verbose=0), want, 1e-5, 1e-6
     )
+
+
+class _EqxBatchNorm(eqx.Module):
+    linear: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(5, 3, key=key)
+        self.norm = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
+
+    def __call__(self, x, state):
+        return self.norm(self.linear(x), state)
+
+
+def test_a_model_without_symbolic_batch_runs_per_batch_size_else_says_so():
+    # Equinox's BatchNorm: `pmean` over the vmapped batch, which jax2tf
+    # cannot convert for a symbolic batch size.
+    bn, state = eqx.nn.make_with_state(_EqxBatchNorm)(jax.random.PRNGKey(1))
+    layer = EquinoxLayer(bn, state=state)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    x = data(30, 5)
+    for n in (8, 6):  # a batch size each, the last batch a smaller one
+        out = layer(x[:n], training=False)
+        want = jax.vmap(
+            eqx.nn.inference_mode(bn),
+            axis_name="batch",
+            in_axes=(0, None),
+            out_axes=(0, None),
+        )(x[:n], state)[0]
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    y = data(30, 3, seed=2)
+    model.fit(x[:24], y[:24], batch_size=8, verbose=0)  # batches of 8
+    # 30 samples in batches of 8: Keras traces for an unknown batch size.
+    with pytest.raises(ValueError) as raised:
+        model.fit(x, y, batch_size=8, verbose=0)
+    message = str(raised.value)
+    assert f"Layer '{layer.name}'" in message
+    assert "(None, 5)" in message and "dividing the number" in message

@@ -1,0 +1,401 @@
+"""What a layer holds: its model's weights, as one value.
+
+`plan` decides it from the model, the input spec and the given trees: the
+arrays (given, or made by `model.init`), the parameters that do not train
+and the given leaves the model does not use. `Weights` holds a plan's
+arrays as Keras variables, in two `_variables.VariableTree`s (`params` and
+`state`; the empty tree where there is none), and reads, assigns, saves
+and loads them. How the leaves sit in variables (one each, or packed) is
+the trees' `Storage`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+from keras_flax import _backends
+from keras_flax import _checks
+from keras_flax import _errors
+from keras_flax import _inputs
+from keras_flax import _layouts
+from keras_flax import _packing
+from keras_flax import _variables
+from keras_flax._model import Axes
+from keras_flax._model import Model
+from keras_flax._model import PyTree
+
+# Given leaves `init` does not create, by the tree holding them
+# ("params", "state"): path -> (shape, dtype).
+Unused = dict[str, dict[str, tuple[tuple[int, ...], Any]]]
+
+
+def no_unused() -> Unused:
+    """No unused leaves."""
+    return {"params": {}, "state": {}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What a layer is to hold.
+
+    Attributes:
+        params: the parameters, a PyTree of arrays (None for none).
+        state: the state, a PyTree of arrays (None for none).
+        frozen: the paths of the parameters that do not train (`wrt` left
+            them out, or the model does not use them).
+        unused: the given leaves the model does not use (kept, frozen).
+        axes: Flax partitioning axes by path text.
+        spec: the input specs the plan is for (sizes found, if searched).
+        copy: whether the variables copy the arrays (the user keeps them).
+    """
+
+    params: Any
+    state: Any
+    frozen: frozenset[str]
+    unused: Unused
+    axes: Mapping[str, Any]
+    spec: _inputs.Specs | None
+    copy: bool
+
+
+def given(
+    model: Model,
+    params: Any,
+    state: Any,
+    left_out: Callable[[Any], frozenset[str]],
+) -> Plan:
+    """The plan for the trees given at construction, before any input is
+    seen: nothing checked yet, the parameters `wrt` leaves out frozen.
+    Arrays the user passed are copied once; an NNX module's own arrays are
+    shared with it (one copy of each weight)."""
+    return Plan(
+        params=params,
+        state=state,
+        frozen=left_out(params) if params is not None else frozenset(),
+        unused=no_unused(),
+        axes=dict(model.axes),
+        spec=None,
+        copy=not model.shares_given,
+    )
+
+
+def plan(
+    model: Model,
+    spec: _inputs.Specs,
+    trees: tuple[Any, Any],
+    *,
+    seed: int | None,
+    layer_name: str,
+    axes: Mapping[str, Any],
+    left_out: Callable[[Any], frozenset[str]],
+    saved_unused: Unused,
+) -> Plan:
+    """What a layer holds once built for inputs of `spec`.
+
+    Args:
+        model: the `Model`.
+        spec: the input specs.
+        trees: `(params, state)` given (arrays, or their shapes); both None
+            where the model's `init` is to make them.
+        seed: the seed of `init`'s RNG.
+        layer_name: the layer's name, for messages.
+        axes: the Flax partitioning axes known so far, by path text.
+        left_out: the paths of a parameter tree `wrt` does not train.
+        saved_unused: unused leaves a saved layer had (the weights file
+            fills them).
+    """
+    if all(tree is None for tree in trees) and model.init is not None:
+
+        def init(
+            inputs: PyTree,
+        ) -> tuple[Any, Any, Mapping[str, tuple[str | None, ...]]]:
+            return initialize(model, seed, layer_name, axes, inputs)
+
+        (params, state, init_axes), spec = _inputs.search(
+            init, spec, model.diagnostics.initializer
+        )
+        frozen = left_out(params) | set(saved_unused["params"])
+        return Plan(
+            params=_variables.with_leaves(params, saved_unused["params"]),
+            state=_variables.with_leaves(state, saved_unused["state"]),
+            frozen=frozenset(frozen),
+            unused=saved_unused,
+            axes={**axes, **init_axes},
+            spec=spec,
+            copy=False,
+        )
+    params, state = trees
+    unused = _check_given(model, spec, trees, seed, layer_name, axes)
+    frozen = left_out(params) if params is not None else frozenset()
+    return Plan(
+        params=params,
+        state=state,
+        frozen=frozenset(frozen | set(unused["params"])),
+        unused=unused,
+        axes=axes,
+        spec=spec,
+        copy=not model.shares_given,
+    )
+
+
+def initialize(
+    model: Model,
+    seed: int | None,
+    layer_name: str,
+    axes: Mapping[str, Any],
+    inputs: Any,
+) -> tuple[Any, Any, Axes]:
+    """`(params, state, axes)` made by `model.init` at `inputs`
+    (placeholders); under a distribution that shards weights, each made in
+    its shards."""
+    init, rng_of = model.init, model.rng.init
+    assert init is not None and rng_of is not None  # built by `init`
+    rng = rng_of(seed)
+    if keras.distribution.distribution() is not None:
+        *shapes, init_axes = model.split(jax.eval_shape(init, rng, inputs))
+        shardings = _layouts.init_shardings(
+            layer_name, shapes, model.names, {**axes, **init_axes}
+        )
+        if shardings is not None:
+            sharded = _layouts.sharded_init(
+                lambda rng, x: model.split(init(rng, x))[:2], shardings
+            )
+            return (*sharded(rng, inputs), init_axes)
+    return model.split(init(rng, inputs))
+
+
+def _check_given(
+    model: Model, spec: Any, trees: Any, seed: Any, layer_name: str, axes: Any
+) -> Unused:
+    """Compares the given trees with what `init` creates.
+
+    Missing or mis-shaped leaves are refused; a model that would create
+    variables when called (a lazily built NNX module) is refused. Returns
+    the given leaves that `init` does not create (a pretrained model's
+    head, used through another method): they are kept, the parameters
+    frozen, as Flax's `apply` accepts them. With unknown sizes only the
+    paths are compared, at the first sizes the model accepts.
+    """
+    if model.diagnostics.created is not None:
+        params, state = trees
+        _checks.nothing_created(
+            model, params, state, _inputs.placeholders(spec, 1)
+        )
+    if model.init is None:
+        return no_unused()  # nothing to compare with
+    sizes_known = not _inputs.has_unknown(spec, skip_batch=True)
+
+    def expected_shapes(inputs: PyTree) -> Any:
+        return jax.eval_shape(
+            lambda: initialize(model, seed, layer_name, axes, inputs)[:2]
+        )
+
+    try:
+        if sizes_known:
+            expected = expected_shapes(_inputs.placeholders(spec, 1))
+        else:
+            expected, _ = _inputs.search(expected_shapes, spec, "inputs")
+    except _errors.UserCodeError:
+        return no_unused()  # the call raises the model's error
+    return _checks.unused_leaves(model, trees, expected, spec, sizes_known)
+
+
+class Weights:
+    """A layer's weights: `params` (trainable, but those frozen) and `state`
+    (non-trainable), each a `_variables.VariableTree`."""
+
+    def __init__(
+        self, params: _variables.VariableTree, state: _variables.VariableTree
+    ) -> None:
+        self.params = params
+        self.state = state
+        self._trees = (params, state)
+
+    @classmethod
+    def empty(cls, layer: Any) -> "Weights":
+        """Weights holding nothing (before build)."""
+        return cls(
+            _variables.VariableTree(layer, None, True, lambda parts: parts),
+            _variables.VariableTree(layer, None, False, lambda parts: parts),
+        )
+
+    @classmethod
+    def create(
+        cls,
+        layer: Any,
+        model: Model,
+        plan: Plan,
+        *,
+        packed: bool,
+        float_dtype: Callable[[Any], Any],
+    ) -> "Weights":
+        """The variables of `plan` in `layer`: one per leaf, or the small
+        leaves of each dtype packed (`_packing`)."""
+        if packed and (plan.params is not None or plan.state is not None):
+            _checks.packing_allowed()
+        user_format = model.user_format
+        write_back = None if user_format is None else user_format.write_back
+
+        def tree(
+            values: Any, trainable: bool, frozen: Collection[str] = ()
+        ) -> _variables.VariableTree:
+            def metadata(parts: tuple[str, ...]) -> dict[str, Any]:
+                return {
+                    "axes": plan.axes.get(_variables.path_text(parts)),
+                    "mirror": None if write_back is None else write_back(parts),
+                }
+
+            return _variables.VariableTree(
+                layer,
+                values,
+                trainable=trainable,
+                name_fn=lambda parts: model.names(trainable, parts),
+                autocast=trainable,
+                metadata_fn=metadata,
+                frozen=frozen,
+                float_dtype=float_dtype,
+                copy=plan.copy,
+                storage=_packing.Packed if packed else _variables.Plain,
+            )
+
+        weights = cls(
+            tree(plan.params, True, plan.frozen), tree(plan.state, False)
+        )
+        _layouts.warn_unmatched(layer.name, [v.path for v in weights.variables])
+        return weights
+
+    @property
+    def holds_nothing(self) -> bool:
+        """Whether neither tree was given or created."""
+        return all(tree.holds_nothing for tree in self._trees)
+
+    @property
+    def variables(self) -> list[Any]:
+        """Every Keras variable, parameters then state."""
+        return [v for tree in self._trees for v in tree.variables]
+
+    def freeze(self, paths: Collection[str]) -> None:
+        """Makes the parameters at `paths` non-trainable."""
+        self.params.freeze(paths)
+
+    def trees(self) -> tuple[Any, Any]:
+        """`(params, state)` with what holds each leaf at its place."""
+        return self.params.tree, self.state.tree
+
+    def current_values(self, copy: bool = True) -> tuple[Any, Any]:
+        """`(params, state)`: the current values (copies), as trees."""
+        return tuple(
+            tree.rebuild([_copy(v) if copy else v for v in tree.values()])
+            for tree in self._trees
+        )  # pyright: ignore[reportReturnType]
+
+    def shapes(self) -> tuple[Any, Any]:
+        """`(params, state)` of the current values, traced only: JAX arrays
+        as they are, another backend's as their shapes."""
+        return jax.tree_util.tree_map(_spec_of, self.current_values(copy=False))
+
+    def by_name(self, rng_state: Collection[str]) -> tuple[dict, dict]:
+        """What holds each weight, by its name inside the layer (the Flax
+        path, `Dense_0/kernel`, `batch_stats/BatchNorm_0/mean`): a Keras
+        variable, or a packed leaf's view; `(params, state)`, two dicts.
+        The names in `rng_state` (RNG state) are left out."""
+        return tuple(
+            {
+                name: holder
+                for name, holder in zip(tree.names, tree.holders(), strict=True)
+                if name not in rng_state
+            }
+            for tree in self._trees
+        )  # pyright: ignore[reportReturnType]
+
+    def write_back(self) -> None:
+        """Copies every current value into the user's object, where the
+        model writes back (an NNX module); not inside traced computations.
+        """
+        if not all(_backends.is_concrete(v.value) for v in self.variables):
+            return
+        for tree in self._trees:
+            tree.mirror_values()
+
+    def assign_user(
+        self, layer_name: str, model: Model, variables: Any
+    ) -> None:
+        """Assigns every value of `variables` (the model's own format);
+        all are checked first, and on a misfit nothing changes."""
+        if self.holds_nothing:
+            raise ValueError(_errors.assigned_before_build(layer_name))
+        user_format = model.user_format
+        assert user_format is not None  # only layers of such kinds assign
+        given = _variables.by_path(user_format.from_user(variables))
+        held = {}
+        for tree in self._trees:
+            held.update(_variables.by_path(user_format.view(tree.tree)))
+        _checks.assignable(layer_name, given, held)
+        for path, variable in held.items():
+            # A copy: `fit` donates the variables' buffers, and the given
+            # arrays stay the user's.
+            value = _copy(_variables.key_data(given[path]))
+            variable.assign(_backends.initial_value(value))
+        self.write_back()
+
+    def specs(self, cast_to: str | None) -> tuple[list, list]:
+        """`ShapeDtypeStruct`s of the values a call reads, `(params,
+        state)`: floats of the parameters cast to `cast_to` (None: not
+        cast), as Keras autocasts them."""
+        return _specs(self.params, cast_to), _specs(self.state, None)
+
+    def leaf_values(self) -> list[np.ndarray]:
+        """Every leaf's value, parameters then state, in leaf order (the
+        same however the leaves are held)."""
+        values = []
+        for tree in self._trees:
+            arrays = [keras.ops.convert_to_numpy(v) for v in tree.values()]
+            values.extend(tree.leaves(arrays))
+        return values
+
+    def load(self, layer_name: str, store: Any) -> None:
+        """Assigns the leaf values of `store` (`leaf_values`' order)."""
+        specs = [spec for tree in self._trees for spec in tree.leaf_specs()]
+        if len(store.keys()) != len(specs):
+            raise ValueError(
+                _errors.weights_count_mismatch(
+                    layer_name, len(specs), len(store.keys())
+                )
+            )
+        arrays = iter(np.asarray(store[str(i)]) for i in range(len(specs)))
+        for tree in self._trees:
+            leaves = [next(arrays) for _ in tree.leaf_specs()]
+            values = tree.updates(leaves, [None] * len(leaves))
+            tree.assign([np.asarray(v) for v in values])
+
+
+def _spec_of(value: Any) -> Any:
+    """A JAX array as it is, another backend's tensor as its shape."""
+    if isinstance(value, jax.Array):
+        return value
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    return jax.ShapeDtypeStruct(tuple(value.shape), dtype)
+
+
+def _copy(value: Any) -> Any:
+    return jax.numpy.array(_backends.to_jax(value), copy=True)
+
+
+def _specs(tree: PyTree, cast_to: str | None) -> list[Any]:
+    """`ShapeDtypeStruct`s of the variables of `tree` (packed or not),
+    floats cast to `cast_to` (None: not cast)."""
+
+    def spec(variable: Any) -> Any:
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        if floating and cast_to is not None:
+            dtype = cast_to
+        return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
+
+    return [spec(v) for v in tree.variables]
