@@ -11,6 +11,7 @@ from keras_flax import EquinoxLayer
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from tests import modules
+from tests.backends.common_test import _EqxBatchNorm
 from tests.conftest import data
 
 
@@ -90,18 +91,6 @@ def test_sixty_unknown_dimensions_get_names_of_their_own():
     np.testing.assert_allclose(
         model.predict(arrays, verbose=0), want, 1e-5, 1e-6
     )
-
-
-class _EqxBatchNorm(eqx.Module):
-    linear: eqx.nn.Linear
-    norm: eqx.nn.BatchNorm
-
-    def __init__(self, key):
-        self.linear = eqx.nn.Linear(5, 3, key=key)
-        self.norm = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
-
-    def __call__(self, x, state):
-        return self.norm(self.linear(x), state)
 
 
 def test_a_model_without_symbolic_batch_runs_per_batch_size_else_says_so():
