@@ -681,6 +681,21 @@ def onnx_unconvertible(layer_name: str, primitives: Any) -> str:
     )
 
 
+def onnx_quantized(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX once quantized "
+        f"(mode {mode!r}): its module runs Qwix's quantized `dot_general` "
+        "(integer weights with their scales, in Qwix's quantized kernel "
+        "objects), which jax2onnx does not convert: its Flax `Dense` / "
+        "`Linear` conversions take float kernels only, and an integer dot "
+        "becomes an ONNX `Gemm` that ONNX refuses. Nothing was written. "
+        "Export the quantized model as StableHLO "
+        "(`keras_flax.export_stablehlo(model, path)`, which keeps the integer "
+        "weights), or export the float model to ONNX and quantize the file "
+        "with ONNX Runtime's tools (`onnxruntime.quantization`)."
+    )
+
+
 def export_backend(backend_name: str) -> str:
     return (
         "`export_stablehlo` writes `jax.export` artifacts, on the JAX "
@@ -1072,4 +1087,94 @@ def layout_key_unmatched(
         "so it lays out nothing. Keras matches each key against a weight's "
         f"whole path (`re.fullmatch`); this layer's are {shown}{more}. "
         f"Write the whole path or a pattern such as '.*/{closest[0]}'."
+    )
+
+
+# Quantization.
+
+
+def qwix_missing() -> str:
+    return (
+        "Quantizing a Flax layer (`model.quantize`, `layer.quantize`) needs "
+        "the `qwix` package, which is not installed. Install it: "
+        '`pip install "keras-flax[quantize]"` (or `pip install qwix`).'
+    )
+
+
+def quantize_backend(layer_name: str, backend_name: str) -> str:
+    return (
+        f"Layer '{layer_name}' is quantized on the JAX backend only (Qwix "
+        f"rewrites the module's JAX operations). Received: "
+        f"KERAS_BACKEND={backend_name!r}. Quantize (and load a quantized "
+        "model) with `KERAS_BACKEND=jax`; to serve elsewhere, export the "
+        "quantized model (`export_stablehlo`, ONNX)."
+    )
+
+
+def quantize_kind_not_implemented(layer_name: str, label: str) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) does not implement quantization: "
+        "only Flax modules (linen and NNX, in `FlaxLayer`) are quantized, "
+        "through Qwix. It stays float. To quantize it, wrap it as a Flax "
+        "module, or apply Qwix to your functions yourself."
+    )
+
+
+def quantize_mode_not_implemented(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' does not implement quantization mode "
+        f"{mode!r}: Flax layers are quantized by Qwix's post-training "
+        "quantization, in the modes 'int8', 'int4' and 'float8'. It stays "
+        "float. Quantize it in one of them (`layer.quantize('int8')`), or "
+        "leave it out with `model.quantize(..., filters=...)`."
+    )
+
+
+def quantizer_not_supported(layer_name: str, arg: str, value: Any) -> str:
+    return (
+        f"Layer '{layer_name}' cannot honour the quantization config's "
+        f"`{arg}`: Qwix quantizes with its own absmax calibration (per "
+        "channel for weights, per token for activations, as Keras' default "
+        f"`AbsMaxQuantizer`s). Received: {arg}={describe(value)}. Leave "
+        f"`{arg}` at its default (or, for activations, None for "
+        "weight-only quantization)."
+    )
+
+
+def quantize_refused(
+    layer_name: str, label: str, mode: str, error: BaseException
+) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) cannot be quantized in mode "
+        f"{mode!r}: Qwix refused the module: {type(error).__name__}: "
+        f"{error}. Nothing was changed. Quantize in another mode, or leave "
+        "the layer out with `model.quantize(..., filters=...)`."
+    )
+
+
+def uneven_blocks(
+    layer_name: str, block_size: int, weights: Sequence[tuple[str, int]]
+) -> str:
+    shown = ", ".join(
+        f"{path} (contracted size {size})" for path, size in weights
+    )
+    return (
+        f"Layer '{layer_name}' cannot be quantized to int4 in blocks of "
+        f"{block_size}: Qwix quantizes in whole blocks, and {block_size} "
+        f"does not divide the contracted size of {shown}. Nothing was "
+        "changed. Quantize per channel (`model.quantize(config=keras."
+        "quantizers.Int4QuantizationConfig(block_size=-1))`), or give a "
+        "`block_size` that divides these sizes."
+    )
+
+
+def nothing_to_quantize(
+    layer_name: str, label: str, mode: str, ops: Sequence[str]
+) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) has nothing to quantize in mode "
+        f"{mode!r}: Qwix quantizes the weights of its {_quoted(ops)} "
+        "operations (`nn.Dense`, `nnx.Linear`, `nn.Einsum`, ...), and the "
+        "module runs none on a weight (convolutions and embeddings stay "
+        "float, as in Keras' own layers). It stays float."
     )

@@ -8,6 +8,7 @@ asks what kind of model it holds; `JaxLayer` and `FlaxLayer` only make the
 `Model` and name the public attributes.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -19,6 +20,8 @@ from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _onnx
+from keras_flax import _private
+from keras_flax import _quantize
 from keras_flax import _weights
 from keras_flax import _wrt
 from keras_flax._model import Model
@@ -36,6 +39,9 @@ class ModelLayer(keras.layers.Layer):
         pack_weights: hold the leaves of each dtype in one flat variable.
         wrt: the filter of the parameters that train (see `_wrt`), where
             the model has `FineTuning`; None for all.
+        quantization_config: the `keras.quantizers.QuantizationConfig` (or
+            its config) a quantized layer was saved with; with a quantized
+            `dtype` policy, the layer is quantized when built.
         **kwargs: Keras layer arguments.
     """
 
@@ -46,6 +52,7 @@ class ModelLayer(keras.layers.Layer):
         native_serialization_platforms: list[str] | None = None,
         pack_weights: bool = False,
         wrt: Any = None,
+        quantization_config: Any = None,
         **kwargs: Any,
     ) -> None:
         self._trains = _wrt.predicate(
@@ -54,11 +61,13 @@ class ModelLayer(keras.layers.Layer):
         # A dtype policy given to the layer, or a global one other than the
         # default, decides the float storage; else the module's own dtypes
         # are kept (a `param_dtype=bfloat16` module holds bfloat16).
-        self._policy_given = (
-            kwargs.get("dtype") is not None
-            or keras.config.dtype_policy().name != "float32"
-        )
+        self._policy_given = _policy_given(kwargs.get("dtype"))
         super().__init__(**kwargs)
+        if isinstance(quantization_config, dict):
+            quantization_config = keras.saving.deserialize_keras_object(
+                quantization_config
+            )
+        self.quantization_config = quantization_config
         self._model = model
         # As given (Keras would wrap a list of filters in its own type).
         object.__setattr__(self, "_wrt", wrt)
@@ -75,11 +84,7 @@ class ModelLayer(keras.layers.Layer):
         self._input_record = None
         self._built_spec = None
         self._axes = dict(model.axes)
-        self._runner = _backends.make_runner(
-            self._forward, native_serialization_platforms, self.name
-        )
-        if _backends.name() == "jax":
-            self._runner = _onnx.guarded(self.name, self._runner, self._forward)
+        self._runner = self._make_runner()
         # Given leaves the model does not use, as a saved layer had them.
         self._saved_unused = _weights.no_unused()
         self._weights = _weights.Weights.empty(self)
@@ -120,6 +125,22 @@ class ModelLayer(keras.layers.Layer):
     def tracked_state(self) -> list:
         """The non-trainable state's Keras variables, flat."""
         return list(self._weights.state.variables)
+
+    def _make_runner(self) -> Any:
+        """The backend's runner of `_forward` (see `_backends`)."""
+        runner = _backends.make_runner(
+            self._forward,
+            self.jax2tf_native_serialization_platforms,
+            self.name,
+        )
+        if _backends.name() == "jax":
+            runner = _onnx.guarded(
+                self.name,
+                runner,
+                self._forward,
+                quantized=self.quantization_mode,
+            )
+        return runner
 
     def _view(self, tree: PyTree) -> Any:
         """A tree of the layer's as the model shows it."""
@@ -197,6 +218,11 @@ class ModelLayer(keras.layers.Layer):
         self._saved_unused = plan.unused
         self._built_spec = plan.spec
         self._input_record = None
+        mode = self.quantization_mode
+        if mode is not None and not getattr(self, "_is_quantized", False):
+            # A quantized layer loaded: built float, quantized, then filled
+            # by the weights file.
+            self._quantize_weights(mode, self.quantization_config)
 
     def get_build_config(self) -> Any:
         config: dict[str, Any] | None = super().get_build_config()
@@ -414,6 +440,76 @@ class ModelLayer(keras.layers.Layer):
         new_leaves = tree.leaves_of(new_state, given)
         return outputs, tree.updates(new_leaves, state_leaves)
 
+    # Quantization (Keras' protocol; see `_quantize`).
+
+    def quantize(
+        self,
+        mode: str | None = None,
+        type_check: bool = True,
+        config: Any = None,
+    ) -> None:
+        """Quantizes the wrapped module's weights with Qwix (`"int8"`,
+        `"int4"`, `"float8"`), as `model.quantize(mode)` asks.
+
+        Keras resolves `mode` and `config` and refuses an unbuilt or
+        already quantized layer first. The quantized weights (integers and
+        their scales, named by Flax path) replace the float ones; those of
+        the operations Qwix leaves float (convolutions, LoRA adapters)
+        stay, and still train.
+
+        Raises:
+            NotImplementedError: the model has nothing Qwix quantizes, the
+                mode has no Qwix form, or the backend is not JAX (Keras'
+                `model.quantize` warns and goes on).
+            ValueError: Qwix refuses the module in this mode.
+            ImportError: Qwix is not installed.
+        """
+        del type_check  # subclasses quantize their module as this does
+        assert mode is not None  # resolved by Keras' `quantize` wrapper
+        self._quantize_weights(mode, config)
+
+    def _quantize_weights(self, mode: str, config: Any) -> None:
+        """Replaces the float weights with Qwix's quantization of them;
+        on any refusal, nothing is changed."""
+        if _backends.name() != "jax":
+            raise NotImplementedError(
+                _errors.quantize_backend(self.name, _backends.name())
+            )
+        assert self._built_spec is not None  # built (Keras checked)
+        quantized = _quantize.quantized(
+            self._model,
+            self.name,
+            mode,
+            config,
+            self._weights.current_values(copy=False),
+            _inputs.placeholders(self._built_spec, 1),
+        )
+        model = quantized.model
+        plan = _weights.given(model, model.params, model.state, self._left_out)
+        old = self._weights.variables
+        self._model = model
+        self._weights = self._create(
+            dataclasses.replace(plan, frozen=plan.frozen | quantized.frozen)
+        )
+        self._model = model.replace(params=None, state=None)
+        for variable in old:
+            _private.untrack_variable(self, variable)
+        self._axes = dict(model.axes)
+        # The wrapped module (`FlaxLayer.module`) is Qwix's quantized copy
+        # from now on: it holds the values.
+        self._module = quantized.module
+        self._is_quantized = True
+        self.quantization_config = config
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = _quantize.policy_name(
+                mode, config, self.dtype_policy.name
+            )
+        self._runner = self._make_runner()
+
+    def quantized_call(self, *args: Any, **kwargs: Any) -> Any:
+        # The quantized module is called as the float one was.
+        return self.call(*args, **kwargs)
+
     # Serialization.
 
     def save_own_variables(self, store: Any) -> None:
@@ -434,10 +530,12 @@ class ModelLayer(keras.layers.Layer):
         self._weights.load(self.name, store)
 
     def get_config(self) -> dict[Any, Any]:
+        quantized = getattr(self, "_is_quantized", False)
         config = {
             # No policy given: none saved, so that the loaded layer keeps
-            # the module's own dtypes too.
-            **({} if self._policy_given else {"dtype": None}),
+            # the module's own dtypes too (a quantized one's policy is
+            # saved: it quantizes the loaded layer).
+            **({} if self._policy_given or quantized else {"dtype": None}),
             "seed": self.seed,
             "pack_weights": self.pack_weights,
             "native_serialization_platforms": (
@@ -446,6 +544,10 @@ class ModelLayer(keras.layers.Layer):
         }
         if self._wrt is not None:
             config["wrt"] = _wrt.to_config(self._wrt)
+        if quantized:
+            config["quantization_config"] = keras.saving.serialize_keras_object(
+                self.quantization_config
+            )
         return {**super().get_config(), **config, **self._model.config()}
 
 
@@ -458,6 +560,19 @@ class _Untracked:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+def _policy_given(dtype: Any) -> bool:
+    """Whether a layer made with `dtype` decides its float storage by a
+    dtype policy (else the module's own float dtypes are kept): one given,
+    or a global one other than the default. A quantized policy from
+    `float32` (what a layer without one is quantized to) counts as none."""
+    if dtype is None:
+        return keras.config.dtype_policy().name != "float32"
+    policy = keras.dtype_policies.get(dtype)
+    if policy.quantization_mode is not None:
+        return not policy.name.endswith("_from_float32")
+    return True
 
 
 def _nothing_left_out(params: PyTree) -> frozenset[Any]:

@@ -18,6 +18,7 @@ import jax
 from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _fast_init
+from keras_flax import _quantize
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
@@ -25,6 +26,7 @@ from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
 from keras_flax._model import Model
 from keras_flax._model import PyTree
+from keras_flax._model import Quantization
 from keras_flax._model import Rng
 from keras_flax._model import UserFormat
 
@@ -111,6 +113,32 @@ def adapt(
             entries["rng_collections"] = list(rngs)
         return entries
 
+    def quantize(
+        rules: list[Any], params: PyTree, state: PyTree, inputs: PyTree
+    ) -> tuple[Model, Any]:
+        """Qwix's quantized copy of the module, holding `params` quantized
+        as its `init` lays them out (`_model.Quantization`)."""
+        name, target = _quantize.method(module, method)
+        quantized = _quantize.linen_module(module, name, rules)
+        quantized_init = _errors.user_code(quantized.init)
+        abstract = jax.eval_shape(
+            lambda rng, x: quantized_init(
+                rng, x, method=target, **training_kwargs(True)
+            ),
+            _rng.stream_keys(_rng.key_from_seed(None), _rng.INIT_STREAMS),
+            inputs,
+        )
+        qparams = _quantize.linen_params(params["params"], abstract["params"])
+        model = adapt(
+            quantized,
+            target,
+            takes_training,
+            variables={"params": qparams, **state},
+            rng_collections=rng_collections,
+            seed=None,
+        )
+        return model.replace(init=None), quantized
+
     return Model(
         init=_fast_init.run_once(init),
         split=split_variables,
@@ -134,6 +162,11 @@ def adapt(
             from_user=from_user,
         ),
         fine_tuning=FineTuning(candidates=candidates, variable_filters=False),
+        quantization=Quantization(
+            quantize=quantize,
+            # `("params", *module path, name)`
+            module_path=lambda parts: "/".join(parts[1:-1]),
+        ),
         diagnostics=Diagnostics(
             label=type(module).__name__,
             initializer="module",

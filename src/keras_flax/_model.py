@@ -18,8 +18,9 @@ comes back from `split` as data, and the layer stores it at build.
 Every adapter gives the fields of `Model` that have no default. What only
 some kinds have comes in optional groups: `UserFormat` (the model's own
 variables format, and writing values back into the user's object),
-`FineTuning` (choosing the parameters that train with `wrt`) and
-`Diagnostics` (what messages say). A kind without a group gets the
+`FineTuning` (choosing the parameters that train with `wrt`),
+`Quantization` (Keras' `quantize`, through Qwix) and `Diagnostics` (what
+messages say). A kind without a group gets the
 layer's plain behaviour: trees shown as they are, no `wrt`, generic
 messages.
 """
@@ -133,6 +134,32 @@ class FineTuning:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """How the model is quantized (`layer.quantize`, see `_quantize`).
+
+    Attributes:
+        quantize: `(rules, params, state, inputs) -> (Model, module)`: the
+            model Qwix's post-training quantization under `rules` (Qwix
+            `QuantizationRule`s) makes of this one at the current `params`
+            and `state`, run on `inputs` where Qwix needs a call, and the
+            quantized module it wraps. The model's `params` and `state`
+            are the quantized arrays and its `init` None; it is given this
+            model's `config` (a saved layer is rebuilt float, then
+            quantized).
+        module_path: `weight path parts -> module path`: the path (as
+            Qwix's rules match it, `/`-joined) of the module holding the
+            parameter at those parts of `params` (`("params", "Dense_0",
+            "kernel")` -> `"Dense_0"`).
+        float_paths: the module paths that stay float: LoRA adapters,
+            which train on the quantized base.
+    """
+
+    quantize: Callable[[list[Any], PyTree, PyTree, PyTree], tuple["Model", Any]]
+    module_path: Callable[[tuple[str, ...]], str]
+    float_paths: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Diagnostics:
     """What messages say about the model, and checks that only explain.
 
@@ -185,6 +212,8 @@ class Model:
             variables holding RNG state, which no checkpoint holds.
         user_format: the model's own variables format, or None.
         fine_tuning: what `wrt` chooses among, or None (no `wrt`).
+        quantization: how `layer.quantize` quantizes it, or None (it
+            does not: `NotImplementedError`, as a native layer).
         diagnostics: what messages say.
     """
 
@@ -202,6 +231,7 @@ class Model:
     rng_state: frozenset[str] = frozenset()
     user_format: UserFormat | None = None
     fine_tuning: FineTuning | None = None
+    quantization: Quantization | None = None
     diagnostics: Diagnostics = Diagnostics()
 
     def replace(self, **changes: Any) -> "Model":

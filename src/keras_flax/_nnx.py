@@ -20,6 +20,7 @@ from flax import nnx
 from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
+from keras_flax import _quantize
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _variables
@@ -27,6 +28,7 @@ from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
 from keras_flax._model import Model
 from keras_flax._model import PyTree
+from keras_flax._model import Quantization
 from keras_flax._model import Rng
 from keras_flax._model import UserFormat
 
@@ -135,6 +137,32 @@ def adapt(
         if found:
             axes[_variables.path_text((*path, "value"))] = found
 
+    def quantize(
+        rules: list[Any], params: PyTree, state: PyTree, inputs: PyTree
+    ) -> tuple[Model, Any]:
+        """Qwix's quantized copy of the module at `params` and `state`, in
+        eval mode (`_model.Quantization`)."""
+        name, target = _quantize.method(module, method)
+        current = nnx.merge(graphdefs[False], params, state)
+        kwargs = {"training": False} if takes_training else {}
+        quantized = _quantize.nnx_module(current, name, rules, inputs, **kwargs)
+        model = adapt(
+            quantized,
+            target,
+            takes_training,
+            variables=None,
+            rng_collections=None,
+            seed=None,
+        )
+        return model, quantized
+
+    # LoRA adapters stay float (they train on the quantized base).
+    lora_paths = tuple(
+        "/".join(str(part) for part in path)
+        for path, node in nnx.iter_graph(copy)
+        if isinstance(node, nnx.LoRA)
+    )
+
     rng_state = frozenset(
         _variables.path_text(path)
         for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.RngState))
@@ -161,6 +189,11 @@ def adapt(
             write_back=write_back,
         ),
         fine_tuning=FineTuning(candidates=candidates, variable_filters=True),
+        quantization=Quantization(
+            quantize=quantize,
+            module_path=lambda parts: "/".join(parts[:-1]),
+            float_paths=lora_paths,
+        ),
         diagnostics=Diagnostics(
             label=type(module).__name__,
             initializer="module",

@@ -35,11 +35,15 @@ def converting(inputs: PyTree) -> bool:
 
 
 def guarded(
-    layer_name: str, run: Any, fn: Callable[..., Any]
+    layer_name: str,
+    run: Any,
+    fn: Callable[..., Any],
+    quantized: str | None = None,
 ) -> Callable[..., Any]:
     """`run` (the layer's runner of `fn`), which under a jax2onnx conversion
     checks `fn` first and runs with Flax's pooling functions taking their
-    documented arguments."""
+    documented arguments; a layer quantized in mode `quantized` (not None)
+    is refused there (jax2onnx converts no Qwix kernel)."""
 
     def run_guarded(
         params: PyTree,
@@ -53,6 +57,10 @@ def guarded(
         args = (params, state, seed, inputs)
         if not converting(inputs):
             return run(*args, training=training, **options)
+        if quantized is not None:
+            raise NotImplementedError(
+                _errors.onnx_quantized(layer_name, quantized)
+            )
         with _private.flax_pools_as_documented():
             check(layer_name, fn, *args, training=training)
             return run(*args, training=training, **options)

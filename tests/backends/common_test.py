@@ -382,3 +382,21 @@ def test_optax_optimizer_on_jax_refused_elsewhere_with_the_fix():
         )
     assert f"Received: backend='{keras.backend.backend()}'" in message
     assert "Fix: set `KERAS_BACKEND=jax`" in message
+
+
+def test_quantize_on_jax_refused_elsewhere_with_the_fix():
+    layer = FlaxLayer(modules.MLP(), seed=0, name="mlp")
+    model = keras.Sequential([keras.Input((5,)), layer])
+    before = [w.path for w in layer.weights]
+    if keras.backend.backend() == "jax":
+        model.quantize("int8")
+        assert layer.quantization_mode == "int8"
+        return
+    # `model.quantize` turns the refusal into a warning, as for a native
+    # layer without the mode; the layer stays float.
+    with pytest.warns(UserWarning, match="'mlp' is quantized on the JAX"):
+        model.quantize("int8")
+    assert layer.quantization_mode is None
+    assert [w.path for w in layer.weights] == before
+    with pytest.raises(NotImplementedError, match="`KERAS_BACKEND=jax`"):
+        layer.quantize("int8")
