@@ -475,17 +475,6 @@ CASES = [
             name="patches",
         ),
     ),
-    Case(
-        "lazy-nnx-module",
-        lambda layer: layer(keras.Input((4,))),
-        ValueError,
-        r"creates variables when it is called \(kernel\).*"
-        r"nnx.Linear\(in_features",
-        lambda layer: _works(
-            FlaxLayer(nnx.Linear(4, 3, rngs=nnx.Rngs(0))), data(2, 4)
-        ),
-        setup=lambda: FlaxLayer(nnx_modules.LazyLinear(3, nnx.Rngs(0))),
-    ),
     # Call.
     Case(
         "state-returned-with-another-structure",

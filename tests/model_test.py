@@ -66,8 +66,8 @@ class LinenNorm(nn.Module):
 
 
 class NnxNorm(nnx.Module):
-    def __init__(self, rngs):
-        self.dense = nnx.Linear(4, 3, rngs=rngs)
+    def __init__(self, rngs, in_features=4):
+        self.dense = nnx.Linear(in_features, 3, rngs=rngs)
         self.norm = nnx.BatchNorm(3, momentum=0.9, rngs=rngs)
         self.head = nnx.Linear(3, 2, rngs=rngs)
 
@@ -188,6 +188,28 @@ CASES = {
     "nnx": Case(
         make=lambda **kw: FlaxLayer.from_nnx(
             NnxNorm, rngs=nnx.Rngs(0), layer_kwargs={"name": "model", **kw}
+        ),
+        reference=_nnx_reference,
+        state_of=_nnx_state,
+        trainable=[
+            "model/dense/bias",
+            "model/dense/kernel",
+            "model/head/bias",
+            "model/head/kernel",
+            "model/norm/bias",
+            "model/norm/scale",
+        ],
+        non_trainable=["model/norm/mean", "model/norm/var"],
+        wrt=nnx.PathContains("head"),
+        trains_with_wrt=("model/head/bias", "model/head/kernel"),
+    ),
+    # The same module, its input size left to the build.
+    "nnx-sized": Case(
+        make=lambda **kw: FlaxLayer.from_nnx(
+            NnxNorm,
+            rngs=nnx.Rngs(0),
+            in_features=FlaxLayer.input_dim(),
+            layer_kwargs={"name": "model", **kw},
         ),
         reference=_nnx_reference,
         state_of=_nnx_state,

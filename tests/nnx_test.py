@@ -1,6 +1,5 @@
 """FlaxLayer on NNX modules, against plain NNX on the same state."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import keras
@@ -254,25 +253,6 @@ def test_seed_reseeds_the_module_streams_reproducibly():
 
     assert first_step_loss(5) == first_step_loss(5)
     assert first_step_loss(5) != first_step_loss(6)
-
-
-@pytest.mark.parametrize(
-    "make, created",
-    [
-        (lambda: m.LazyLinear(3, nnx.Rngs(0)), "kernel"),
-        (lambda: nnx.bridge.ToNNX(nn.Dense(3), rngs=nnx.Rngs(0)), "linen"),
-    ],
-    ids=["param-on-first-call", "uninitialised-linen-bridge"],
-)
-def test_lazy_module_is_refused_with_the_fix(make, created):
-    layer = FlaxLayer(make())
-    with pytest.raises(
-        ValueError,
-        match=rf"creates variables when it is called \(.*{created}.*"
-        r"nnx.Linear\(in_features.*lazy_init",
-    ):
-        layer(keras.Input((4,)))
-    assert not layer.built
 
 
 def test_bad_nnx_arguments():

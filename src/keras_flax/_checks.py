@@ -167,17 +167,22 @@ def _signature_text(fn: Callable[..., Any], skip_module: bool) -> str:
 
 
 def defined_methods(module: Any, base: Any) -> list[str]:
+    cls = _class_of(module)
     names = [
         name
-        for name in dir(type(module))
+        for name in dir(cls)
         if name not in set(dir(base))
         and not name.startswith("_")
-        and callable(getattr(type(module), name, None))
+        and callable(getattr(cls, name, None))
     ]
-    own = [c for c in type(module).__mro__ if c not in base.__mro__]
+    own = [c for c in cls.__mro__ if c not in base.__mro__]
     if any("__call__" in vars(c) for c in own):
         names.insert(0, "__call__")
     return names
+
+
+def _class_of(module: Any) -> type:
+    return module if isinstance(module, type) else type(module)
 
 
 def resolve_method(
@@ -186,7 +191,8 @@ def resolve_method(
     """Checks `method` of a Flax module and tells how to call it.
 
     Args:
-        module: the module instance.
+        module: the module instance, or its class (a module constructed
+            at build, `FlaxLayer.input_dim()`).
         method: None (`__call__`), a method name, a method of the module,
             or a function whose first argument is the module.
         base: the module base class (`flax.linen.Module` or
@@ -197,21 +203,25 @@ def resolve_method(
         function taking the module first (what `Module.apply` takes as
         `method`); `signature` a `MethodSignature`.
     """
-    cls_name = type(module).__name__
+    cls = _class_of(module)
+    cls_name = cls.__name__
+    # Looked up on the class, a method takes the module first.
+    unbound = module is cls
     if method is None:
         fn, target, name, skip = module.__call__, None, "__call__", False
     elif isinstance(method, str):
-        if not callable(getattr(type(module), method, None)):
+        if not callable(getattr(cls, method, None)):
             raise ValueError(
                 _errors.unknown_method(
-                    module, method, defined_methods(module, base)
+                    cls_name, method, defined_methods(module, base)
                 )
             )
         fn, target, name, skip = getattr(module, method), method, method, False
     elif inspect.ismethod(method) and isinstance(method.__self__, base):
         fn, name, skip = method, method.__name__, False
-        on_class = getattr(type(module), name, None) is method.__func__
+        on_class = getattr(cls, name, None) is method.__func__
         target = name if on_class else method.__func__
+        unbound = False
     elif callable(method):
         fn, target, skip = method, method, True
         name = getattr(method, "__name__", repr(method))
@@ -222,7 +232,7 @@ def resolve_method(
     else:
         label = f"{cls_name}.{name}"
         prefix = "module(" if name == "__call__" else f"module.{name}("
-    return target, method_signature(fn, label, prefix, skip)
+    return target, method_signature(fn, label, prefix, skip or unbound)
 
 
 def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
@@ -441,22 +451,6 @@ def nnx_arguments(variables: PyTree, rng_collections: Any) -> None:
         raise ValueError(_errors.nnx_with_variables(variables))
     if rng_collections is not None:
         raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
-
-
-def nothing_created(
-    model: Model, params: PyTree, state: PyTree, inputs: PyTree
-) -> None:
-    """Refuses a model that creates variables when first called."""
-    created_fn = model.diagnostics.created
-    assert created_fn is not None  # asked only of models that can
-    try:
-        created = created_fn(params, state, inputs)
-    except _errors.UserCodeError:
-        return  # the call raises the module's own error
-    if created:
-        raise ValueError(
-            _errors.lazy_nnx_module(model.diagnostics.label, created)
-        )
 
 
 def unused_leaves(

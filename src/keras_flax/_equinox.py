@@ -139,7 +139,7 @@ def config_fn(
             "module": _serialization.serialize_call(
                 type(module), recorded_call, CALL_TAG
             ),
-            "method": _serialization.serialize_method(module, method),
+            "method": _serialization.serialize_method(type(module), method),
             "batched": batched,
         }
 
@@ -194,7 +194,9 @@ def _method(
         fn = getattr(type(module), method, None)
         if not callable(fn):
             defined = _checks.defined_methods(module, eqx.Module)
-            raise ValueError(_errors.unknown_method(module, method, defined))
+            raise ValueError(
+                _errors.unknown_method(type(module).__name__, method, defined)
+            )
     elif callable(method):
         fn = getattr(method, "__func__", method)  # a bound method: its own
     else:

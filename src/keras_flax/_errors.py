@@ -209,10 +209,10 @@ def bad_method_type(method: Any) -> str:
     )
 
 
-def unknown_method(module: Any, name: str, available: Any) -> str:
+def unknown_method(cls_name: str, name: str, available: Any) -> str:
     listed = ", ".join(f"'{n}'" for n in available) or "none"
     return (
-        f"`method` names no method of {type(module).__name__}. Received: "
+        f"`method` names no method of {cls_name}. Received: "
         f"method={name!r}. Methods defined on the module: {listed}. Pass one "
         "of them, or a function `method(module, inputs, training)`."
     )
@@ -387,14 +387,68 @@ def nnx_with_rng_collections(rng_collections: Any) -> str:
     )
 
 
-def lazy_nnx_module(cls_name: str, created: Any) -> str:
-    listed = ", ".join(created[:6]) + _more(created, 6)
+def lazy_build_failed(cls_name: str, spec: Any, error: Any) -> str:
     return (
-        f"`module` {cls_name} creates variables when it is called ({listed}), "
-        "so their shapes are unknown until the first call. Received: an "
-        "NNX module built lazily. Build it with explicit sizes, e.g. "
-        "`nnx.Linear(in_features, out_features, rngs=rngs)`, or create its "
-        "variables before wrapping it (`nnx.bridge.lazy_init(module, x)`)."
+        f"`module` {cls_name} creates its variables when first called, and "
+        "that call failed when the layer was built. The module raised: "
+        f"{type(error).__name__}: {error}. Received: inputs {spec}. Call "
+        "the layer on inputs of the shape the module is "
+        "written for (`keras.Input(shape=...)`), or build the module "
+        "yourself first (`nnx.bridge.lazy_init(module, x)`)."
+    )
+
+
+def input_dim_axis(axis: Any) -> str:
+    return (
+        "`FlaxLayer.input_dim(axis)` takes a non-batch axis of the input, an "
+        "int other than 0 (the batch axis, whose size is unknown at build; "
+        f"-1 is the last). Received: axis={axis!r}. Give the axis whose "
+        "size the argument takes, e.g. `FlaxLayer.input_dim(-1)`."
+    )
+
+
+def input_dim_in_module(cls_name: str, field: str) -> str:
+    return (
+        f"`module` {cls_name} holds `FlaxLayer.input_dim()` in its field "
+        f"`{field}`, which only `FlaxLayer.from_nnx` fills. Received: a "
+        "module constructed with it. A linen module takes its input sizes "
+        "from its inputs already: leave the size out; for an NNX module "
+        "class, use `FlaxLayer.from_nnx(module_class, FlaxLayer.input_dim(), "
+        "...)`."
+    )
+
+
+def input_dim_in_layer_kwargs(keys: Any) -> str:
+    return (
+        "`layer_kwargs` are the layer's own arguments, which no input size "
+        f"fills. Received: `FlaxLayer.input_dim()` in layer_kwargs {keys}. "
+        "Give it among the module's constructor arguments (`*args` and "
+        "`**kwargs` of `from_nnx`)."
+    )
+
+
+def input_dim_not_one_input(layer_name: str, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim()` from its input, "
+        f"which must be one array. Received: inputs {spec}. Call the layer "
+        "on one array, or give the module its sizes explicitly."
+    )
+
+
+def input_dim_out_of_range(layer_name: str, axis: int, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim({axis})` from axis "
+        f"{axis} of its input, which has no such non-batch axis. Received: "
+        f"inputs {spec}. Give an axis of the input other than the batch "
+        "axis (-1 is the last)."
+    )
+
+
+def input_dim_unknown(layer_name: str, axis: int, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim({axis})` from axis "
+        f"{axis} of its input, whose size is unknown. Received: inputs "
+        f"{spec}. Give that size in `keras.Input(shape=...)`."
     )
 
 

@@ -6,6 +6,7 @@ the rest. `FlaxLayer` is a `JaxLayer`, as `keras.layers.FlaxLayer` is.
 
 from collections.abc import Callable
 from typing import Any
+from typing import cast
 
 import flax.linen as nn
 import keras
@@ -19,6 +20,7 @@ from keras_flax import _nnx
 from keras_flax import _private
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _sizes
 from keras_flax import _wrt
 from keras_flax._jax_layer import JaxLayer
 from keras_flax._layer import ModelLayer
@@ -114,7 +116,7 @@ class FlaxLayer(JaxLayer):
         )
         kind = _kinds.of(module, "FlaxLayer")
         target, signature = _checks.resolve_method(
-            module, method, kind.module_type
+            kind.owner(module), method, kind.module_type
         )
         model = kind.adapt(
             module,
@@ -129,9 +131,10 @@ class FlaxLayer(JaxLayer):
         )
         # `JaxLayer.__init__` takes functions: the model is made here.
         ModelLayer.__init__(self, model, wrt=wrt, **kwargs)
-        self._module = module
+        # A module sized from its input is constructed (and set) at build.
+        sized = isinstance(module, _sizes.SizedCall)
+        self._module = None if sized else module
         self.method = method
-        self.call_fn = model.apply
         self.init_fn = model.init
         # As `keras.layers.FlaxLayer` describes its generated functions.
         training = ("training",) if signature.takes_training else ()
@@ -175,14 +178,59 @@ class FlaxLayer(JaxLayer):
         'flax.nnx.nn.linear:Linear'
         """
         _checks.nnx_class(module_class)
-        layer = cls(module_class(*args, **kwargs), **(layer_kwargs or {}))
+        if _sizes.find(layer_kwargs, {}):
+            raise ValueError(
+                _errors.input_dim_in_layer_kwargs(sorted(layer_kwargs or {}))
+            )
+        if _sizes.find(args, kwargs):
+            module = _sizes.SizedCall(module_class, args, kwargs)
+        else:
+            module = module_class(*args, **kwargs)
+        # A `SizedCall` is the module the layer constructs at build.
+        layer = cls(cast(Any, module), **(layer_kwargs or {}))
         recorded = _serialization.RecordedCall(args, kwargs)
-        config = _nnx.config_fn(layer._module, layer.method, recorded)
+        config = _nnx.config_fn(module_class, layer.method, recorded)
         layer._model = layer._model.replace(config=config)
         return layer
 
+    @staticmethod
+    def input_dim(axis: int = -1) -> Any:
+        """A size `from_nnx` takes from the input when the layer is built.
+
+        `FlaxLayer.from_nnx(nnx.Linear, FlaxLayer.input_dim(), 10,
+        rngs=nnx.Rngs(0))` constructs `nnx.Linear(d, 10, rngs=...)` at
+        build, `d` the size of the input's last axis: the same code builds
+        for `keras.Input((20,))` and `keras.Input((30,))`, as
+        `keras.layers.Dense(10)` does. It may stand for any constructor
+        argument (inside lists, tuples and dicts too); the config records
+        it, so `load_model` constructs the module for the saved input
+        shape. Until built, the layer has no weights and `module` is None.
+
+        Args:
+            axis: the input's axis (not the batch axis, 0); -1 is the
+                last. The input is one array, that axis' size known.
+
+        Returns:
+            The placeholder.
+
+        Example:
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = FlaxLayer.from_nnx(
+        ...     nnx.Linear, FlaxLayer.input_dim(), 4, rngs=nnx.Rngs(0)
+        ... )
+        >>> layer(jnp.ones((2, 3))).shape
+        (2, 4)
+        >>> layer.module.kernel.shape
+        (3, 4)
+        """
+        placeholder = _sizes.InputDim(axis)
+        _sizes.find(placeholder, {})
+        return placeholder
+
     @property
-    def module(self) -> nn.Module | nnx.Module:
+    def module(self) -> nn.Module | nnx.Module | None:
         """The wrapped module.
 
         An NNX module holds the layer's values: every value Keras writes
@@ -192,6 +240,10 @@ class FlaxLayer(JaxLayer):
         optimizers write the variables in place (inside graphs, or with
         fused in-place ops), the values are copied in when the module is
         read through this property (or by `sync_module()`).
+
+        A module built at Keras build time (one creating its variables on
+        its first call) is the user's module, built then; a module sized
+        from its input (`input_dim`) is None until then.
         """
         if _backends.name() != "jax" or not _private.VARIABLE_HOOKS:
             self._weights.write_back()
@@ -211,6 +263,12 @@ class FlaxLayer(JaxLayer):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    @property
+    def call_fn(self) -> Any:
+        """The pure forward function `(params, state, rng, inputs,
+        training)`, as `keras.layers.FlaxLayer` generates it."""
+        return self._model.apply
 
     @property
     def wrt(self) -> Any:

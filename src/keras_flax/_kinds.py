@@ -26,6 +26,7 @@ from keras_flax import _errors
 from keras_flax import _functions
 from keras_flax import _linen
 from keras_flax import _nnx
+from keras_flax import _sizes
 from keras_flax._model import Model
 
 
@@ -41,6 +42,8 @@ class Kind:
         module_type: the base class of the modules it accepts, whose own
             methods (those the base lacks) a layer may call; None for a
             kind without methods.
+        owner: `object -> module or class` on which its methods are
+            looked up.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Kind:
     accepts: Callable[[Any], bool]
     adapt: Callable[..., Model]
     module_type: type | None = None
+    owner: Callable[[Any], Any] = lambda obj: obj
 
 
 def _instance_of(cls: type) -> Callable[[Any], bool]:
@@ -86,6 +90,14 @@ KINDS = (
         accepts=_instance_of(nnx.Module),
         adapt=_nnx.adapt,
         module_type=nnx.Module,
+    ),
+    Kind(
+        name="nnx-sized",
+        layer="FlaxLayer",
+        accepts=_instance_of(_sizes.SizedCall),
+        adapt=_nnx.adapt_sized,
+        module_type=nnx.Module,
+        owner=lambda sized: sized.module_class,
     ),
     Kind(
         name="equinox",

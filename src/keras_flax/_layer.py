@@ -22,6 +22,7 @@ from keras_flax import _inputs
 from keras_flax import _onnx
 from keras_flax import _private
 from keras_flax import _quantize
+from keras_flax import _summary
 from keras_flax import _weights
 from keras_flax import _wrt
 from keras_flax._model import Model
@@ -83,6 +84,7 @@ class ModelLayer(keras.layers.Layer):
         self._inference_rng = False
         self._input_record = None
         self._built_spec = None
+        self._submodules = None  # the model's submodules, once asked for
         self._axes = dict(model.axes)
         self._runner = self._make_runner()
         # Given leaves the model does not use, as a saved layer had them.
@@ -114,6 +116,38 @@ class ModelLayer(keras.layers.Layer):
     def state(self) -> Any:
         """The non-trainable state: a PyTree of Keras variables, or None."""
         return self._view(self._weights.state.tree)
+
+    @property
+    def layers(self) -> list[Any]:
+        """The wrapped module's submodules, as
+        `model.summary(expand_nested=True)` prints them.
+
+        `_summary.Row`s, nested: each submodule's path, class, parameter
+        count (its non-trainable part told) and output shape where known;
+        the rows of one level add up to the row above, the top ones to
+        `count_params()`. Empty for a model without submodules known, for
+        an unbuilt layer, and where Keras' summary reads what rows do not
+        have (`_private.NESTED_SUMMARY`): the layer is then one row.
+        """
+        structure = self._model.structure
+        spec = self._built_spec
+        if structure is None or spec is None or not _private.NESTED_SUMMARY:
+            return []
+        if self._submodules is None:
+            # Traced once (saving reads `layers` too).
+            nodes = structure.nodes(
+                *self._weights.shapes(), _backends.symbolic_structs(spec.tree)
+            )
+            self._submodules = _Untracked(nodes)
+        weights = [
+            _summary.Weight(
+                path=structure.path_of(in_params, parts),
+                size=size,
+                trainable=trains and self.trainable,
+            )
+            for in_params, parts, size, trains in self._weights.leaves()
+        ]
+        return _summary.rows(self._submodules.value, weights)
 
     @property
     def tracked_params(self) -> list:
@@ -189,6 +223,7 @@ class ModelLayer(keras.layers.Layer):
         spec = self._input_record
         if spec is None:
             spec = _inputs.from_shape(input_shape, self.compute_dtype)
+        self._complete(spec)
         left_out = self._left_out
         if self._given is not None:
             trees = self._given.value
@@ -223,6 +258,38 @@ class ModelLayer(keras.layers.Layer):
             # A quantized layer loaded: built float, quantized, then filled
             # by the weights file.
             self._quantize_weights(mode, self.quantization_config)
+
+    def _complete(self, spec: _inputs.Specs) -> None:
+        """Completes a model that the inputs complete (`Model.build`: a
+        module creating its variables on its first call, or sized from its
+        input): its weights replace those held so far."""
+        while self._model.build is not None:
+            made = self._model.build(spec, self.name)
+            if made is None:
+                return
+            model, module = made
+            # Rebuilt by the config of the model the layer was made with.
+            self._adopt(model.replace(config=self._model.config), module)
+
+    def _adopt(
+        self, model: Model, module: Any, frozen: frozenset[str] = frozenset()
+    ) -> None:
+        """Holds `model`, with the weights it is given (those at `frozen`
+        paths, and those `wrt` leaves out, frozen), in place of the model
+        and weights held so far; `module` is the object it wraps."""
+        plan = _weights.given(model, model.params, model.state, self._left_out)
+        old = self._weights.variables
+        self._model = model
+        self._weights = self._create(
+            dataclasses.replace(plan, frozen=plan.frozen | frozen)
+        )
+        self._model = model.replace(params=None, state=None)
+        for variable in old:
+            _private.untrack_variable(self, variable)
+        self._axes = dict(model.axes)
+        self._module = module
+        self._submodules = None
+        self._runner = self._make_runner()
 
     def get_build_config(self) -> Any:
         config: dict[str, Any] | None = super().get_build_config()
@@ -484,27 +551,16 @@ class ModelLayer(keras.layers.Layer):
             self._weights.current_values(copy=False),
             _inputs.placeholders(self._built_spec, 1),
         )
-        model = quantized.model
-        plan = _weights.given(model, model.params, model.state, self._left_out)
-        old = self._weights.variables
-        self._model = model
-        self._weights = self._create(
-            dataclasses.replace(plan, frozen=plan.frozen | quantized.frozen)
-        )
-        self._model = model.replace(params=None, state=None)
-        for variable in old:
-            _private.untrack_variable(self, variable)
-        self._axes = dict(model.axes)
         # The wrapped module (`FlaxLayer.module`) is Qwix's quantized copy
         # from now on: it holds the values.
-        self._module = quantized.module
+        self._adopt(quantized.model, quantized.module, quantized.frozen)
         self._is_quantized = True
         self.quantization_config = config
         if self.dtype_policy.quantization_mode is None:
             self.dtype_policy = _quantize.policy_name(
                 mode, config, self.dtype_policy.name
             )
-        self._runner = self._make_runner()
+        self._runner = self._make_runner()  # ONNX refuses it from now on
 
     def quantized_call(self, *args: Any, **kwargs: Any) -> Any:
         # The quantized module is called as the float one was.

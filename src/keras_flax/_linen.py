@@ -21,6 +21,8 @@ from keras_flax import _fast_init
 from keras_flax import _quantize
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _sizes
+from keras_flax import _summary
 from keras_flax import _variables
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
@@ -28,6 +30,7 @@ from keras_flax._model import Model
 from keras_flax._model import PyTree
 from keras_flax._model import Quantization
 from keras_flax._model import Rng
+from keras_flax._model import Structure
 from keras_flax._model import UserFormat
 
 # Collections never held as state: what modules `sow`.
@@ -55,6 +58,7 @@ def adapt(
         seed: not read here: the layer gives it to `Model.rng.init`.
     """
     del seed
+    _sizes.refuse_in_fields(module)
     rngs = (
         _rng.CALL_STREAMS if rng_collections is None else tuple(rng_collections)
     )
@@ -107,7 +111,7 @@ def adapt(
     def config() -> dict[str, Any]:
         entries = {
             "module": _serialization.serialize_module(module),
-            "method": _serialization.serialize_method(module, method),
+            "method": _serialization.serialize_method(type(module), method),
         }
         if rngs != _rng.CALL_STREAMS:
             entries["rng_collections"] = list(rngs)
@@ -139,6 +143,43 @@ def adapt(
         )
         return model.replace(init=None), quantized
 
+    def nodes(params: PyTree, state: PyTree, inputs: PyTree) -> Any:
+        """The weights by collection, and the submodules met by a call on
+        `inputs` in inference (`nn.intercept_methods`, traced abstractly;
+        none where the call fails)."""
+        found: dict[tuple[Any, ...], tuple[str, Any]] = {}
+
+        def record(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+            outputs = next_fun(*args, **kwargs)
+            path = tuple(context.module.path)
+            if path and path not in found and context.method_name != "setup":
+                found[path] = (
+                    type(context.module).__name__,
+                    _summary.outputs_shape(outputs),
+                )
+            return outputs
+
+        def call(params: PyTree, state: PyTree, inputs: PyTree) -> None:
+            with nn.intercept_methods(record):
+                module_apply(
+                    variables_in_init_format(params, state),
+                    inputs,
+                    method=method,
+                    mutable=True,
+                    **training_kwargs(False),
+                )
+
+        try:
+            jax.eval_shape(call, params, state, inputs)
+        except _errors.UserCodeError:
+            pass  # the rows have no output shapes
+        # Submodules in the order they are called; weights by collection.
+        for collection, tree in variables_in_init_format(params, state).items():
+            for keypath, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                path = _variables.path_parts(keypath)
+                found.setdefault(path, (collection, None))
+        return found
+
     return Model(
         init=_fast_init.run_once(init),
         split=split_variables,
@@ -166,6 +207,10 @@ def adapt(
             quantize=quantize,
             # `("params", *module path, name)`
             module_path=lambda parts: "/".join(parts[1:-1]),
+        ),
+        # Weights as `("params", *module path, name)`.
+        structure=Structure(
+            path_of=lambda trainable, parts: tuple(parts[1:]), nodes=nodes
         ),
         diagnostics=Diagnostics(
             label=type(module).__name__,

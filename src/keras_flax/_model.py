@@ -19,10 +19,10 @@ Every adapter gives the fields of `Model` that have no default. What only
 some kinds have comes in optional groups: `UserFormat` (the model's own
 variables format, and writing values back into the user's object),
 `FineTuning` (choosing the parameters that train with `wrt`),
-`Quantization` (Keras' `quantize`, through Qwix) and `Diagnostics` (what
-messages say). A kind without a group gets the
-layer's plain behaviour: trees shown as they are, no `wrt`, generic
-messages.
+`Quantization` (Keras' `quantize`, through Qwix), `Structure` (the
+submodules a nested summary shows) and `Diagnostics` (what messages say).
+A kind without a group gets the layer's plain behaviour: trees shown as
+they are, no `wrt`, one summary row, generic messages.
 """
 
 import dataclasses
@@ -160,6 +160,32 @@ class Quantization:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Structure:
+    """What the model is made of: its submodules, as
+    `model.summary(expand_nested=True)` shows them (see `_summary`).
+
+    Attributes:
+        path_of: `(trainable, path parts) -> path`: the path in the module
+            (a tuple, the module's own keys) of the leaf at those parts of
+            `params` (trainable) or `state`.
+        nodes: `(params, state, inputs) -> {path: (label, output shape)}`:
+            each submodule (label: its class name) and weight (label: its
+            kind, a Variable type or collection) by path, the model itself
+            left out, with the shape of the output of the submodule's
+            first call when the model is called on `inputs` (symbolic
+            `jax.ShapeDtypeStruct`s): a tuple, None for unknown sizes;
+            None where it is not one array, or not known. `params` and
+            `state` are shapes.
+    """
+
+    path_of: Callable[[bool, tuple[str, ...]], tuple[Any, ...]]
+    nodes: Callable[
+        [PyTree, PyTree, PyTree],
+        Mapping[tuple[Any, ...], tuple[str, Any]],
+    ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Diagnostics:
     """What messages say about the model, and checks that only explain.
 
@@ -172,9 +198,6 @@ class Diagnostics:
             as the user gave them.
         without_params: `state -> message` where given weights hold no
             parameters though `init` creates some, or None.
-        created: `(params, state, inputs) -> paths` of the variables a call
-            would create (a lazily built module), or None; it raises what
-            the model raises on the inputs.
     """
 
     label: str = "the model"
@@ -186,7 +209,6 @@ class Diagnostics:
         lambda params, state: [("params", params), ("state", state)]
     )
     without_params: Callable[[PyTree], str] | None = None
-    created: Callable[[PyTree, PyTree, PyTree], list[str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,7 +236,16 @@ class Model:
         fine_tuning: what `wrt` chooses among, or None (no `wrt`).
         quantization: how `layer.quantize` quantizes it, or None (it
             does not: `NotImplementedError`, as a native layer).
+        structure: its submodules, or None (the summary shows the layer
+            as one row).
         diagnostics: what messages say.
+        build: `(specs, layer name) -> (Model, module) or None`, for a
+            model completed by the inputs: a module creating its variables
+            on its first call, or sized from its inputs. At build, given
+            the input specs (`_inputs.Specs`), it makes the complete model
+            (its weights given, its own `build` None or that of a further
+            step) and the module it wraps, which replace this one; None
+            where there is nothing to complete. None for a complete model.
     """
 
     init: Init | None
@@ -232,7 +263,9 @@ class Model:
     user_format: UserFormat | None = None
     fine_tuning: FineTuning | None = None
     quantization: Quantization | None = None
+    structure: Structure | None = None
     diagnostics: Diagnostics = Diagnostics()
+    build: Callable[[Any, str], tuple["Model", Any] | None] | None = None
 
     def replace(self, **changes: Any) -> "Model":
         """This model with `changes` (field values) made."""

@@ -11,6 +11,7 @@ values are written back into the user's module (`write_back`).
 import collections.abc
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,12 @@ from flax import nnx
 from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
+from keras_flax import _inputs
 from keras_flax import _quantize
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _sizes
+from keras_flax import _summary
 from keras_flax import _variables
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
@@ -30,6 +34,7 @@ from keras_flax._model import Model
 from keras_flax._model import PyTree
 from keras_flax._model import Quantization
 from keras_flax._model import Rng
+from keras_flax._model import Structure
 from keras_flax._model import UserFormat
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
@@ -58,6 +63,7 @@ def adapt(
             it (in the layer's copy of the module).
     """
     _checks.nnx_arguments(variables, rng_collections)
+    label = type(module).__name__
     targets = {
         _variables.path_text(path): (path, leaf)
         for path, leaf in nnx.to_flat_state(nnx.state(module))
@@ -107,29 +113,34 @@ def adapt(
             )
         return functools.partial(_write, target)
 
-    def created(params: PyTree, state: PyTree, inputs: PyTree) -> list[str]:
-        """Paths of variables that a call creates (a lazily built module).
-
-        Traced abstractly; raises what the module raises.
-        """
+    def build(spec: Any, layer_name: str) -> tuple[Model, Any] | None:
+        """The module built by its first call at `spec` (a module creating
+        its variables then: `nnx.bridge.ToNNX` without `lazy_init`), with
+        the layer's seed; None where that call creates nothing."""
+        inputs = _inputs.placeholders(spec, 1)
+        kwargs = {"training": False} if takes_training else {}
         try:
-            _, new_params, new_state = jax.eval_shape(
-                lambda p, s, x: run(p, s, x, True), params, state, inputs
-            )
-        except _errors.UserCodeError:
-            if has_linen_bridge(module):
-                # A linen module inside that was never initialised.
-                return ["its linen variables"]
-            raise
-        return _new_paths(params, new_params) + _new_paths(state, new_state)
-
-    def candidates(params: PyTree) -> list[tuple[Any, Any, str]]:
-        """Each `nnx.Param`'s path and Variable, as `nnx.Optimizer(...,
-        wrt=)` gives them to its filter, and its key."""
-        return [
-            (path, variable, _variables.path_text((*path, "value")))
-            for path, variable in nnx.to_flat_state(params)
-        ]
+            created = _created(module, method, inputs, kwargs)
+        except _errors.UserCodeError as refused:
+            if not _unbuilt_bridge(module):
+                return None  # the call raises the module's own error
+            error = _errors.lazy_build_failed(label, spec, refused.error)
+            raise ValueError(error) from refused.error
+        if not created:
+            return None
+        # Built in the user's module, which then holds the variables.
+        if seed is not None:
+            _reseed(module, seed)
+        _errors.user_code(_first_call)(module, method, inputs, kwargs)
+        model = adapt(
+            module,
+            method,
+            takes_training,
+            variables=None,
+            rng_collections=None,
+            seed=seed,
+        )
+        return model.replace(build=None), module
 
     axes = {}
     for path, leaf in nnx.to_flat_state(nnx.state(copy)):
@@ -163,6 +174,43 @@ def adapt(
         if isinstance(node, nnx.LoRA)
     )
 
+    def nodes(params: PyTree, state: PyTree, inputs: PyTree) -> Any:
+        """The submodules and Variables of the module's graph (a shared one
+        at its first path, as `nnx.split` holds it), with the outputs of
+        each submodule's first call on `inputs` in eval mode, which
+        `nnx.capture` records (traced abstractly; none where it fails)."""
+        found: dict[tuple[Any, ...], tuple[str, Any]] = {
+            path: (type(node).__name__, None)
+            for path, node in nnx.iter_graph(copy)
+            if path and isinstance(node, (nnx.Pytree, nnx.Variable))
+        }
+        capture = nnx.capture(
+            _errors.user_code(invoke),
+            nnx.Intermediate,
+            method_outputs=nnx.Intermediate,
+        )
+        kwargs = {"training": False} if takes_training else {}
+
+        def call(params: PyTree, state: PyTree, inputs: PyTree) -> None:
+            called = nnx.merge(graphdefs[False], params, state)
+            _, captured = capture(called, method, inputs, kwargs)
+            calls: dict[tuple[Any, ...], Any] = {}
+            for path, variable in nnx.to_flat_state(captured):
+                *module_path, name = path
+                first = variable.get_value()[0]
+                if name == "__call__" or tuple(module_path) not in calls:
+                    calls[tuple(module_path)] = first
+            for path, outputs in calls.items():
+                if path in found:
+                    label = found[path][0]
+                    found[path] = (label, _summary.outputs_shape(outputs))
+
+        try:
+            jax.eval_shape(call, params, state, inputs)
+        except _errors.UserCodeError:
+            pass  # the rows have no output shapes
+        return found
+
     rng_state = frozenset(
         _variables.path_text(path)
         for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.RngState))
@@ -174,7 +222,7 @@ def adapt(
         apply=apply,
         params=params,
         state=state,
-        names=lambda trainable, parts: variable_name(parts),
+        names=_names,
         # The module draws from its own RNG streams, held as state.
         rng=Rng(),
         takes_training=True,
@@ -182,23 +230,130 @@ def adapt(
         shares_given=True,
         axes=axes,
         rng_state=rng_state,
-        user_format=UserFormat(
-            view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
-            to_user=nnx.merge_state,
-            from_user=from_user,
-            write_back=write_back,
-        ),
-        fine_tuning=FineTuning(candidates=candidates, variable_filters=True),
+        user_format=_user_format(write_back),
+        fine_tuning=FineTuning(candidates=_candidates, variable_filters=True),
         quantization=Quantization(
             quantize=quantize,
             module_path=lambda parts: "/".join(parts[:-1]),
             float_paths=lora_paths,
         ),
-        diagnostics=Diagnostics(
-            label=type(module).__name__,
-            initializer="module",
-            created=created,
-        ),
+        structure=Structure(path_of=_names, nodes=nodes),
+        diagnostics=Diagnostics(label=label, initializer="module"),
+        build=build,
+    )
+
+
+def adapt_sized(
+    sized: _sizes.SizedCall,
+    method: Any,
+    takes_training: bool,
+    *,
+    variables: PyTree,
+    rng_collections: Any,
+    seed: Any,
+) -> Model:
+    """The `Model` of an NNX module class whose sizes follow the input
+    (`FlaxLayer.input_dim()` among its constructor arguments): constructed
+    at build (`Model.build`), then as `adapt` makes it. Arguments as
+    `adapt`'s, `sized` the class and its arguments."""
+    _checks.nnx_arguments(variables, rng_collections)
+    cls = sized.module_class
+
+    def build(spec: Any, layer_name: str) -> tuple[Model, Any]:
+        args, kwargs = _sizes.fill(sized.args, sized.kwargs, spec, layer_name)
+        module = _errors.user_code(cls)(*args, **kwargs)
+        model = adapt(
+            module,
+            method,
+            takes_training,
+            variables=None,
+            rng_collections=None,
+            seed=seed,
+        )
+        return model, module
+
+    recorded = _serialization.RecordedCall(sized.args, sized.kwargs)
+    return Model(
+        init=None,
+        split=lambda raw: (*raw, {}),
+        apply=_unbuilt,
+        params=None,
+        state=None,
+        names=_names,
+        rng=Rng(),
+        takes_training=True,
+        config=config_fn(cls, method, recorded),
+        user_format=_user_format(None),
+        fine_tuning=FineTuning(candidates=_candidates, variable_filters=True),
+        diagnostics=Diagnostics(label=cls.__name__, initializer="module"),
+        build=build,
+    )
+
+
+def _names(trainable: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    return variable_name(parts)
+
+
+def _user_format(write_back: Any) -> UserFormat:
+    """The `nnx.State` format of the variables (`flax_variables`)."""
+    return UserFormat(
+        view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
+        to_user=nnx.merge_state,
+        from_user=from_user,
+        write_back=write_back,
+    )
+
+
+def _unbuilt(*args: Any) -> Any:
+    raise AssertionError("called before build")  # `Model.build` comes first
+
+
+def _candidates(params: PyTree) -> list[tuple[Any, Any, str]]:
+    """Each `nnx.Param`'s path and Variable, as `nnx.Optimizer(...,
+    wrt=)` gives them to its filter, and its key."""
+    return [
+        (path, variable, _variables.path_text((*path, "value")))
+        for path, variable in nnx.to_flat_state(params)
+    ]
+
+
+def _first_call(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> None:
+    """Calls `method` of `module` as its first call, with Flax's
+    `nnx.bridge.lazy_init` (which lets linen modules inside create their
+    variables)."""
+    if method is None:
+        fn = module
+    elif isinstance(method, str):
+        fn = getattr(module, method)
+    else:
+        fn = types.MethodType(method, module)
+    nnx.bridge.lazy_init(fn, inputs, **kwargs)
+
+
+def _created(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> list:
+    """Paths of the variables the first call of a copy of `module` creates
+    (traced abstractly; raises what the module raises as `UserCodeError`).
+    Values sown by the call are not variables."""
+    graphdef, state = nnx.split(module)
+    first_call = _errors.user_code(_first_call)
+
+    def call(state: Any, inputs: PyTree) -> Any:
+        copy = nnx.merge(graphdef, state)
+        first_call(copy, method, inputs, kwargs)
+        return nnx.state(copy, nnx.Not(nnx.Intermediate))
+
+    return _new_paths(state, jax.eval_shape(call, state, inputs))
+
+
+def _unbuilt_bridge(module: Any) -> bool:
+    """Whether `module` holds an `nnx.bridge.ToNNX` never initialised (no
+    variables but its RNG state)."""
+    return any(
+        isinstance(node, nnx.bridge.ToNNX)
+        and not jax.tree_util.tree_leaves(
+            nnx.state(node, nnx.Not(nnx.RngState))
+        )
+        for _, node in nnx.iter_graph(module)
     )
 
 
@@ -216,17 +371,24 @@ def from_user(variables: PyTree) -> Any:
 def config_fn(
     module: Any, method: Any, recorded_call: Any
 ) -> Callable[[], dict[str, Any]]:
-    """The `Model.config` of an NNX module: its recorded constructor call
-    when there is one, else its class's own `get_config()`."""
+    """The `Model.config` of an NNX module (or of its class, given with
+    its recorded constructor call): that call when there is one, else its
+    class's own `get_config()`."""
+    cls = module if isinstance(module, type) else type(module)
 
     def config() -> dict[str, Any]:
-        if recorded_call is None and not hasattr(type(module), "get_config"):
+        if recorded_call is not None:
+            entry = _serialization.serialize_call(
+                cls, recorded_call, "nnx_call"
+            )
+        elif hasattr(cls, "get_config"):
+            entry = _serialization.serialize_nnx(module, None)
+        else:
             raise TypeError(_errors.nnx_not_serializable(module))
-        entries = {
-            "module": _serialization.serialize_nnx(module, recorded_call),
-            "method": _serialization.serialize_method(module, method),
+        return {
+            "module": entry,
+            "method": _serialization.serialize_method(cls, method),
         }
-        return entries
 
     return config
 
@@ -303,13 +465,6 @@ def _new_paths(held: Any, returned: Any) -> list[str]:
         for path, _ in nnx.to_flat_state(returned)
         if path not in held_paths
     ]
-
-
-def has_linen_bridge(module: Any) -> bool:
-    """Whether `module` holds `nnx.bridge.ToNNX` modules (linen inside)."""
-    return any(
-        isinstance(node, nnx.bridge.ToNNX) for _, node in nnx.iter_graph(module)
-    )
 
 
 def _write(target: Any, value: Any) -> None:

@@ -12,6 +12,12 @@ version guard) and run by a test:
   track them, and a quantized layer's float weights untracked as `Dense`
   untracks its kernel. Fallback: tracked as a layer attribute, which Keras
   tracks publicly, and untracked by deleting it.
+- The private attributes Keras' `model.summary` reads of each nested layer
+  it prints (`_inbound_nodes`, `_build_shapes_dict`): a wrapped module's
+  rows (`_summary.Row`) carry them, so that `expand_nested=True` shows
+  the submodules. Found by the names Keras' summary functions read.
+  Fallback (Keras reading other private names): no rows, the layer shown
+  as one row.
 - `serialization_lib.in_safe_mode`: whether `load_model` runs in safe
   mode. Fallback: safe mode assumed (the stricter rule).
 - `Variable._initialize_layout` (overridden by `FlaxVariable`, with the
@@ -68,6 +74,11 @@ try:
 except ImportError:  # pragma: no cover (a Keras without it)
     _safe_mode = None
 
+try:
+    from keras.src.utils import summary_utils as _summary_utils
+except ImportError:  # pragma: no cover (a Keras without the module)
+    _summary_utils = None
+
 # Files saved before configs named public import paths name JAX's
 # initializer factories by their private module; loading still calls them.
 SAVED_FACTORY_MODULES = ("jax._src.nn.initializers",)
@@ -115,6 +126,62 @@ def untrack_variable(layer: Any, variable: Any) -> None:
 def _attribute(variable: Any) -> str:
     """The layer attribute holding a variable tracked publicly."""
     return f"_keras_flax_{id(variable)}"
+
+
+# The private names Keras' summary may read of a nested layer's row
+# (`_keras_history` of the tensors of its nodes, which rows have none of).
+_SUMMARY_ROW_NAMES = frozenset(
+    ("_inbound_nodes", "_build_shapes_dict", "_keras_history")
+)
+# Keras' functions printing one row of a layer, and their nested ones.
+_SUMMARY_ROW_FUNCTIONS = (
+    "format_layer_shape",
+    "get_layer_fields",
+    "get_connections",
+    "print_layer",
+)
+
+
+def _private_names_read(module: Any) -> frozenset[str] | None:
+    """The private attribute names Keras' functions printing a summary row
+    read, or None where they are not found."""
+    if module is None or not hasattr(module, "print_summary"):
+        return None
+    found: set[str] = set()
+    codes = [module.format_layer_shape.__code__, module.print_summary.__code__]
+    seen = set()
+    while codes:
+        code = codes.pop()
+        if code.co_name in _SUMMARY_ROW_FUNCTIONS:
+            seen.add(code.co_name)
+            found.update(
+                name
+                for name in code.co_names
+                if name.startswith("_") and not name.startswith("__")
+            )
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))
+    if seen != set(_SUMMARY_ROW_FUNCTIONS):
+        return None
+    return frozenset(found)
+
+
+def nested_summary(module: Any = _summary_utils) -> bool:
+    """Whether Keras' summary reads of a nested row only the private names
+    `set_summary_row` gives (else no rows are given: one row per layer)."""
+    names = _private_names_read(module)
+    return names is not None and names <= _SUMMARY_ROW_NAMES
+
+
+NESTED_SUMMARY = nested_summary()
+
+
+def set_summary_row(row: Any, output_shape: Any) -> None:
+    """Gives a `_summary.Row` the private attributes Keras' summary reads:
+    no call nodes, and build shapes only where the output shape is known
+    (Keras then prints the row's `output_shape`, else "?")."""
+    known = {"output_shape": output_shape} if output_shape is not None else {}
+    row._inbound_nodes = []
+    row._build_shapes_dict = known
 
 
 def in_safe_mode() -> bool:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from keras_flax import _errors
 from keras_flax import _private
+from keras_flax import _sizes
 
 _TAG = "__keras_flax__"
 _SIMPLE = (type(None), bool, int, float, str)
@@ -60,14 +61,12 @@ class RecordedCall:
     kwargs: dict
 
 
-def serialize_method(module: Any, method: Any) -> Any:
+def serialize_method(cls: type, method: Any) -> Any:
+    """The config of `method` of a module of class `cls`."""
     if method is None or isinstance(method, str):
         return method
     func = getattr(method, "__func__", None)
-    if (
-        func is not None
-        and getattr(type(module), method.__name__, None) is func
-    ):
+    if func is not None and getattr(cls, method.__name__, None) is func:
         return method.__name__  # a method of the module's class, by name
     return _encode(method, "method")
 
@@ -222,6 +221,8 @@ def _encode(value: Any, path: str) -> Any:
             "args": _encode(list(value.args), f"{path}.args"),
             "keywords": _encode(dict(value.keywords), f"{path}.keywords"),
         }
+    if isinstance(value, _sizes.InputDim):
+        return {_TAG: "input_dim", "axis": value.axis}
     if isinstance(value, nnx.Rngs):
         return {_TAG: "nnx_rngs", "streams": sorted(_rng_streams(value))}
     if _is_key(value):
@@ -372,6 +373,8 @@ def _decode(config: Any, path: str) -> Any:
     if kind == "closure":
         factory = resolve(config["factory"], call=True)
         return factory(**_decode(config["kwargs"], path))
+    if kind == "input_dim":
+        return _sizes.InputDim(config["axis"])
     if kind == "nnx_rngs":
         # The values come from the weights file; any key builds the module.
         return nnx.Rngs(**{stream: 0 for stream in config["streams"]})

@@ -173,6 +173,7 @@ class VariableTree:
         variables: the Keras variables.
         names: the name of each array leaf inside the layer, as a string.
         paths: the path of each array leaf inside the tree, as a string.
+        keys: the path of each array leaf inside the tree, as its parts.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class VariableTree:
         self._key_impls = []
         self.names = []
         self.paths = []
+        self.keys = []
         leaves = []
         for keypath, leaf in flat:
             if not (is_array_leaf(leaf) or is_typed_key(leaf)):
@@ -215,6 +217,7 @@ class VariableTree:
             )
             self.names.append(path_text(parts))
             self.paths.append(path)
+            self.keys.append(path_parts(keypath))
         self._leaf_specs = [
             (leaf.array.shape, leaf.array.dtype) for leaf in leaves
         ]
@@ -243,6 +246,17 @@ class VariableTree:
             if all(self.paths[i] in paths for i in members):
                 variable.trainable = False
 
+    def trains(self) -> list[bool]:
+        """Whether each array leaf trains (its variable does), in order."""
+        storage = self._storage
+        trains = [False] * len(self.keys)
+        for variable, members in zip(
+            storage.variables, storage.members, strict=True
+        ):
+            for i in members:
+                trains[i] = bool(variable.trainable)
+        return trains
+
     def values(self) -> list[Any]:
         """The current values of the variables."""
         held = _private.held_values(self.variables)
@@ -264,7 +278,7 @@ class VariableTree:
     def unflatten_leaves(self, leaves: Iterable[Any]) -> Any:
         """The PyTree of array `leaves` (leaf order)."""
         return self.unflatten(
-            jax.random.wrap_key_data(v, impl=impl) if impl else v
+            jax.random.wrap_key_data(_key_data(v), impl=impl) if impl else v
             for v, impl in zip(leaves, self._key_impls, strict=True)
         )
 
@@ -340,6 +354,14 @@ def changed_leaves(
         None if new is None or new is old else new
         for new, old in zip(new_leaves, old_leaves, strict=True)
     ]
+
+
+def _key_data(value: Any) -> Any:
+    """Key data held by a variable as JAX's `uint32` array: another
+    backend's, read eagerly, is converted (TensorFlow's variable; PyTorch's
+    integer tensor, PyTorch having no `uint32`)."""
+    value = _backends.to_jax(value)
+    return value if value.dtype == jnp.uint32 else value.astype(jnp.uint32)
 
 
 def key_data(value: Any) -> Any:

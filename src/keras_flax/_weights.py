@@ -10,6 +10,7 @@ the trees' `Storage`.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Mapping
@@ -175,18 +176,12 @@ def _check_given(
 ) -> Unused:
     """Compares the given trees with what `init` creates.
 
-    Missing or mis-shaped leaves are refused; a model that would create
-    variables when called (a lazily built NNX module) is refused. Returns
+    Missing or mis-shaped leaves are refused. Returns
     the given leaves that `init` does not create (a pretrained model's
     head, used through another method): they are kept, the parameters
     frozen, as Flax's `apply` accepts them. With unknown sizes only the
     paths are compared, at the first sizes the model accepts.
     """
-    if model.diagnostics.created is not None:
-        params, state = trees
-        _checks.nothing_created(
-            model, params, state, _inputs.placeholders(spec, 1)
-        )
     if model.init is None:
         return no_unused()  # nothing to compare with
     sizes_known = not _inputs.has_unknown(spec, skip_batch=True)
@@ -299,6 +294,17 @@ class Weights:
         """`(params, state)` of the current values, traced only: JAX arrays
         as they are, another backend's as their shapes."""
         return jax.tree_util.tree_map(_spec_of, self.current_values(copy=False))
+
+    def leaves(self) -> list[tuple[bool, tuple[str, ...], int, bool]]:
+        """`(in params, path parts, size, trains)` of every array leaf,
+        parameters then state."""
+        return [
+            (tree is self.params, parts, math.prod(shape), trains)
+            for tree in self._trees
+            for parts, (shape, _), trains in zip(
+                tree.keys, tree.leaf_specs(), tree.trains(), strict=True
+            )
+        ]
 
     def by_name(self, rng_state: Collection[str]) -> tuple[dict, dict]:
         """What holds each weight, by its name inside the layer (the Flax

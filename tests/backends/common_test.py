@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import keras
@@ -250,6 +251,41 @@ def test_nnx_module_trains_like_nnx_and_the_module_follows():
     np.testing.assert_allclose(
         model.predict(x, verbose=0), reference(x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_lazy_and_input_sized_modules_build_and_train_as_nnx_does():
+    x, y = data(8, 5), data(8, 2, seed=1)
+    bridged = FlaxLayer(nnx.bridge.ToNNX(nn.Dense(3), rngs=nnx.Rngs(0)))
+    head = FlaxLayer.from_nnx(
+        nnx.Linear, FlaxLayer.input_dim(), 2, rngs=nnx.Rngs(1)
+    )
+    model = keras.Sequential([keras.Input((5,)), bridged, head])
+    reference_bridge = nnx.bridge.lazy_init(
+        nnx.bridge.ToNNX(nn.Dense(3), rngs=nnx.Rngs(0)), x[:1]
+    )
+    reference_head = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.train_on_batch(x, y)
+
+    def loss(bridge, linear):
+        return jnp.mean((linear(bridge(x)) - y) ** 2)
+
+    grads = nnx.grad(loss, argnums=(0, 1))(reference_bridge, reference_head)
+    for reference, grad in zip(
+        (reference_bridge, reference_head), grads, strict=True
+    ):
+        params = nnx.state(reference, nnx.Param)
+        nnx.update(
+            reference, jax.tree.map(lambda p, g: p - 0.1 * g, params, grad)
+        )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0),
+        reference_head(reference_bridge(x)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # The nested summary's rows add up on every backend.
+    assert sum(r.count_params() for r in head.layers) == head.count_params()
 
 
 def test_lora_trains_the_adapters_only_as_nnx_does_and_takes_assignment():

@@ -1,0 +1,109 @@
+"""Sizes left to the input: `FlaxLayer.input_dim()` in `from_nnx`.
+
+`FlaxLayer.from_nnx(nnx.Linear, FlaxLayer.input_dim(), 10, rngs=...)`
+records the constructor call with a placeholder where the input's size
+goes; the module is constructed when the layer is built, with the
+placeholder replaced by that dimension of the input, as
+`keras.layers.Dense(10)` learns its input size. The recorded call (the
+placeholder included) is the layer's config, so `load_model` rebuilds it
+for the saved input shape.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from keras_flax import _errors
+from keras_flax import _inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class InputDim:
+    """A constructor argument taking the size of the input's `axis`.
+
+    Attributes:
+        axis: the input's axis (negative counts from the last); not the
+            batch axis, whose size is not known at build.
+    """
+
+    axis: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SizedCall:
+    """An NNX module class and constructor arguments holding `InputDim`s:
+    the module `FlaxLayer.from_nnx` constructs at build."""
+
+    module_class: type
+    args: tuple
+    kwargs: dict
+
+
+def is_input_dim(value: Any) -> bool:
+    return isinstance(value, InputDim)
+
+
+def find(args: Any, kwargs: Any) -> list[InputDim]:
+    """The placeholders among constructor arguments (also inside lists,
+    tuples and dicts); each refused unless its axis can be filled.
+
+    Raises:
+        ValueError: an axis that is not an int, or the batch axis (0).
+    """
+    found: list[InputDim] = []
+    _walk((args, kwargs), lambda leaf: found.append(leaf) or leaf)
+    for placeholder in found:
+        axis = placeholder.axis
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis == 0:
+            raise ValueError(_errors.input_dim_axis(axis))
+    return found
+
+
+def refuse_in_fields(module: Any) -> None:
+    """Refuses a linen module holding a placeholder in a field."""
+    for field in dataclasses.fields(module):
+        if find(getattr(module, field.name, None), {}):
+            raise ValueError(
+                _errors.input_dim_in_module(type(module).__name__, field.name)
+            )
+
+
+def fill(
+    args: Any, kwargs: Any, spec: _inputs.Specs, layer_name: str
+) -> tuple[Any, Any]:
+    """`(args, kwargs)` with each placeholder replaced by its dimension of
+    the input of `spec` (one array, that dimension known).
+
+    Raises:
+        ValueError: naming the input spec, where it cannot fill one.
+    """
+    leaves = spec.leaves()
+    if len(leaves) != 1:
+        raise ValueError(_errors.input_dim_not_one_input(layer_name, spec))
+    shape = leaves[0].shape
+
+    def size(placeholder: InputDim) -> int:
+        axis = placeholder.axis
+        if not -len(shape) <= axis < len(shape) or axis % len(shape) == 0:
+            raise ValueError(
+                _errors.input_dim_out_of_range(layer_name, axis, spec)
+            )
+        found = shape[axis]
+        if found is None:
+            raise ValueError(_errors.input_dim_unknown(layer_name, axis, spec))
+        return int(found)
+
+    return _walk((args, kwargs), size)
+
+
+def _walk(value: Any, fn: Callable[[InputDim], Any]) -> Any:
+    """`value` with each placeholder in it replaced by `fn(placeholder)`;
+    lists, tuples and dicts are looked into, any other object (an
+    `nnx.Rngs`, a dtype) kept as it is."""
+    if is_input_dim(value):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_walk(item, fn) for item in value)
+    if isinstance(value, dict):
+        return {key: _walk(item, fn) for key, item in value.items()}
+    return value
