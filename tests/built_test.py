@@ -277,3 +277,16 @@ def test_readme_example_builds_for_either_input_size(features):
         expand_nested=True, print_fn=lambda line, **_: lines.append(line)
     )
     assert "kernel (Param)" in "\n".join(lines)
+
+
+def test_input_dim_layer_unbuilt_has_empty_flax_variables():
+    layer = FlaxLayer.from_nnx(
+        nnx.Linear, FlaxLayer.input_dim(), 4, rngs=nnx.Rngs(0)
+    )
+    assert nnx.to_pure_dict(layer.flax_variables) == {}
+    with pytest.raises(ValueError, match=r"before its weights exist"):
+        layer.flax_variables = {}
+    layer.build((None, 3))
+    state = layer.flax_variables
+    reference = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(state["kernel"].get_value(), reference.kernel)

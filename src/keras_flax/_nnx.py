@@ -298,9 +298,17 @@ def _user_format(write_back: Any) -> UserFormat:
     """The `nnx.State` format of the variables (`flax_variables`)."""
     return UserFormat(
         view=lambda tree: None if tree is None else nnx.to_pure_dict(tree),
-        to_user=nnx.merge_state,
+        to_user=_merged,
         from_user=from_user,
         write_back=write_back,
+    )
+
+
+def _merged(params: PyTree, state: PyTree) -> Any:
+    """`params` and `state` as one `nnx.State` (empty before a module
+    sized from its input is built)."""
+    return nnx.merge_state(
+        *(nnx.State({}) if tree is None else tree for tree in (params, state))
     )
 
 
