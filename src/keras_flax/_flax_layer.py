@@ -225,9 +225,7 @@ class FlaxLayer(JaxLayer):
         >>> layer.module.kernel.shape
         (3, 4)
         """
-        placeholder = _sizes.InputDim(axis)
-        _sizes.find(placeholder, {})
-        return placeholder
+        return _sizes.InputDim(axis)
 
     @property
     def module(self) -> nn.Module | nnx.Module | None:

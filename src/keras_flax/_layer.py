@@ -145,7 +145,7 @@ class ModelLayer(keras.layers.Layer):
                 size=size,
                 trainable=trains and self.trainable,
             )
-            for in_params, parts, size, trains in self._weights.leaves()
+            for in_params, parts, size, trains in self._weights.leaf_sizes()
         ]
         return _summary.rows(self._submodules.value, weights)
 

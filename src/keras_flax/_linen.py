@@ -148,6 +148,7 @@ def adapt(
         `inputs` in inference (`nn.intercept_methods`, traced abstractly;
         none where the call fails)."""
         found: dict[tuple[Any, ...], tuple[str, Any]] = {}
+        variables = variables_in_init_format(params, state)
 
         def record(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
             outputs = next_fun(*args, **kwargs)
@@ -159,10 +160,10 @@ def adapt(
                 )
             return outputs
 
-        def call(params: PyTree, state: PyTree, inputs: PyTree) -> None:
+        def call(variables: PyTree, inputs: PyTree) -> None:
             with nn.intercept_methods(record):
                 module_apply(
-                    variables_in_init_format(params, state),
+                    variables,
                     inputs,
                     method=method,
                     mutable=True,
@@ -170,11 +171,11 @@ def adapt(
                 )
 
         try:
-            jax.eval_shape(call, params, state, inputs)
+            jax.eval_shape(call, variables, inputs)
         except _errors.UserCodeError:
             pass  # the rows have no output shapes
         # Submodules in the order they are called; weights by collection.
-        for collection, tree in variables_in_init_format(params, state).items():
+        for collection, tree in variables.items():
             for keypath, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
                 path = _variables.path_parts(keypath)
                 found.setdefault(path, (collection, None))

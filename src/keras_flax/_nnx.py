@@ -329,13 +329,7 @@ def _first_call(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> None:
     """Calls `method` of `module` as its first call, with Flax's
     `nnx.bridge.lazy_init` (which lets linen modules inside create their
     variables)."""
-    if method is None:
-        fn = module
-    elif isinstance(method, str):
-        fn = getattr(module, method)
-    else:
-        fn = types.MethodType(method, module)
-    nnx.bridge.lazy_init(fn, inputs, **kwargs)
+    nnx.bridge.lazy_init(_bound(module, method), inputs, **kwargs)
 
 
 def _created(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> list:
@@ -403,11 +397,17 @@ def config_fn(
 
 def invoke(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> Any:
     """Calls `method` (None, a name, or a function) of `module`."""
+    return _bound(module, method)(inputs, **kwargs)
+
+
+def _bound(module: Any, method: Any) -> Callable[..., Any]:
+    """`method` (None for `__call__`, a name, or a function taking the
+    module first) of `module`, bound to it."""
     if method is None:
-        return module(inputs, **kwargs)
+        return module
     if isinstance(method, str):
-        return getattr(module, method)(inputs, **kwargs)
-    return method(module, inputs, **kwargs)
+        return getattr(module, method)
+    return types.MethodType(method, module)
 
 
 def _graphdef_in_mode(module: Any, training: bool) -> Any:

@@ -28,6 +28,11 @@ class InputDim:
 
     axis: int = -1
 
+    def __post_init__(self) -> None:
+        axis = self.axis
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis == 0:
+            raise ValueError(_errors.input_dim_axis(axis))
+
 
 @dataclasses.dataclass(frozen=True)
 class SizedCall:
@@ -45,17 +50,9 @@ def is_input_dim(value: Any) -> bool:
 
 def find(args: Any, kwargs: Any) -> list[InputDim]:
     """The placeholders among constructor arguments (also inside lists,
-    tuples and dicts); each refused unless its axis can be filled.
-
-    Raises:
-        ValueError: an axis that is not an int, or the batch axis (0).
-    """
+    tuples and dicts)."""
     found: list[InputDim] = []
     _walk((args, kwargs), lambda leaf: found.append(leaf) or leaf)
-    for placeholder in found:
-        axis = placeholder.axis
-        if isinstance(axis, bool) or not isinstance(axis, int) or axis == 0:
-            raise ValueError(_errors.input_dim_axis(axis))
     return found
 
 

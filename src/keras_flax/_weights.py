@@ -295,7 +295,7 @@ class Weights:
         as they are, another backend's as their shapes."""
         return jax.tree_util.tree_map(_spec_of, self.current_values(copy=False))
 
-    def leaves(self) -> list[tuple[bool, tuple[str, ...], int, bool]]:
+    def leaf_sizes(self) -> list[tuple[bool, tuple[str, ...], int, bool]]:
         """`(in params, path parts, size, trains)` of every array leaf,
         parameters then state."""
         return [
