@@ -187,9 +187,20 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "OptaxOptimizer":
-        factory = _serialization.deserialize_value(config["factory"], "factory")
-        kwargs = _serialization.deserialize_value(config["kwargs"], "kwargs")
-        return cls(factory, name=config["name"], **kwargs)
+        factory = _serialization.deserialize_factory(
+            config.get("factory"), "optimizer.factory"
+        )
+        kwargs = _serialization.deserialize_value(
+            config.get("kwargs", {}), "optimizer.kwargs"
+        )
+        if not callable(factory) or not isinstance(kwargs, dict):
+            raise ValueError(
+                "The saved config of an OptaxOptimizer must name a factory "
+                "function and a dict of its arguments. Received: "
+                f"{config!r}. The file was altered or is corrupted; it was "
+                "not loaded."
+            )
+        return cls(factory, name=config.get("name", "optax"), **kwargs)
 
 
 class _Trained:

@@ -7,16 +7,13 @@ functions or classes that can be imported by their path. A module class
 with its own `get_config` is saved with it (and `from_config` when it has
 one).
 
-Loading resolves a class or function only from a Python module that is
-already imported in the loading process (the standard library excepted)
-or registered with `keras.saving.register_keras_serializable`; with Keras'
-safe mode off (`safe_mode=False`), it may import the module. Nothing is
-unpickled.
+Loading resolves every name through `_names.resolve` (exact names, no
+import in safe mode, an allow-list for what is called with the file's
+arguments). Nothing is unpickled.
 """
 
 import dataclasses
 import functools
-import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -30,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from keras_flax import _errors
-from keras_flax import _private
+from keras_flax import _names
 from keras_flax import _sizes
 
 _TAG = "__keras_flax__"
@@ -108,6 +105,12 @@ def deserialize_value(config: dict[str, Any], path: str) -> Any:
     return _decode(config, path)
 
 
+def deserialize_factory(config: dict[str, Any], path: str) -> Any:
+    """A function saved by `serialize_value` that loading calls with
+    arguments from the file (allow-listed in safe mode)."""
+    return _decode_called(config, path)
+
+
 def serialize_nnx(module: Any, recorded_call: Any) -> dict[str, Any]:
     """The config of an NNX module.
 
@@ -140,24 +143,15 @@ def recorded_call(config: dict[str, Any], tag: str, base: Any, api: str) -> Any:
     message); None for another config."""
     if config.get(_TAG) != tag:
         return None
-    cls = resolve(config["class"])
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(_errors.not_a_module_class(config["class"], api))
-    args = _decode(config["args"], "module")
-    return cls, args, _decode(config["kwargs"], "module")
-
-
-def _nnx_class(config: dict[str, Any]) -> Any:
-    cls = resolve(config["class"])
-    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
-        raise ValueError(
-            _errors.not_a_module_class(config["class"], "flax.nnx")
-        )
-    return cls
+    cls = _module_class(config, base, api, "module")
+    args = _entry(_decode(config.get("args"), "module"), "", list, "module")
+    kwargs = _decode(config.get("kwargs"), "module")
+    return cls, args, _entry(kwargs, "", dict, "module.kwargs")
 
 
 def deserialize_nnx(config: dict[str, Any]) -> Any:
-    return _nnx_class(config).from_config(config["config"])
+    cls = _module_class(config, nnx.Module, "flax.nnx", "module")
+    return cls.from_config(_entry(config, "config", dict, "module"))
 
 
 def nnx_call(config: dict[str, Any]) -> Any:
@@ -356,28 +350,34 @@ def _decode(config: Any, path: str) -> Any:
         return config
     kind = config[_TAG]
     if kind in ("tuple", "list"):
-        items = [_decode(v, path) for v in config["items"]]
+        items = [_decode(v, path) for v in _entry(config, "items", list, path)]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict":
-        return {k: _decode(v, path) for k, v in config["items"].items()}
+        items = _entry(config, "items", dict, path)
+        return {k: _decode(v, f"{path}.{k}") for k, v in items.items()}
     if kind == "dtype":
-        return jnp.dtype(config["name"])
+        return _dtype(_entry(config, "name", str, path), path)
     if kind == "partial":
+        # Its function is called with arguments from the file.
         return functools.partial(
-            _decode(config["func"], path),
-            *_decode(config["args"], path),
-            **_decode(config["keywords"], path),
+            _decode_called(config["func"], f"{path}.func"),
+            *_entry(_decode(config.get("args"), path), "", list, path),
+            **_entry(_decode(config.get("keywords"), path), "", dict, path),
         )
     if kind == "object":
-        return resolve(config["path"])
+        return _names.resolve(config.get("path"), path)
     if kind == "closure":
-        factory = resolve(config["factory"], call=True)
-        return factory(**_decode(config["kwargs"], path))
+        factory = _names.resolve(config.get("factory"), path, called=True)
+        kwargs = _decode(config.get("kwargs"), path)
+        return factory(**_entry(kwargs, "", dict, f"{path}.kwargs"))
     if kind == "input_dim":
-        return _sizes.InputDim(config["axis"])
+        return _sizes.InputDim.from_config(config, path)
     if kind == "nnx_rngs":
         # The values come from the weights file; any key builds the module.
-        return nnx.Rngs(**{stream: 0 for stream in config["streams"]})
+        streams = _entry(config, "streams", list, path)
+        if not all(isinstance(s, str) for s in streams):
+            raise ValueError(_errors.unknown_config_kind(path, kind, config))
+        return nnx.Rngs(**{stream: 0 for stream in streams})
     if kind == "prng_key":
         return jax.random.PRNGKey(0)
     if kind == "module":
@@ -385,61 +385,53 @@ def _decode(config: Any, path: str) -> Any:
     raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 
-def _decode_module(config: dict[str, Any], path: str) -> Any:
-    cls = resolve(config["class"])
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+def _decode_called(config: Any, path: str) -> Any:
+    """A function the file's arguments are given to (a partial's)."""
+    if isinstance(config, dict) and config.get(_TAG) == "object":
+        return _names.resolve(config.get("path"), path, called=True)
+    return _decode(config, path)
+
+
+def _entry(config: Any, key: str, kind: type, path: str) -> Any:
+    """`config[key]` (or `config` itself for key ""), of type `kind`."""
+    value = config.get(key) if key and isinstance(config, dict) else config
+    if not isinstance(value, kind):
+        where = f"{path}.{key}" if key else path
         raise ValueError(
-            _errors.not_a_module_class(config["class"], "flax.linen")
+            f"The saved config entry `{where}` must be a {kind.__name__}. "
+            f"Received: {value!r}. The file was altered or is corrupted; it "
+            "was not loaded."
         )
+    return value
+
+
+def _dtype(name: str, path: str) -> Any:
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise ValueError(
+            f"The saved config entry `{path}` names the dtype {name!r}, "
+            "which JAX does not know. The file was altered or is corrupted; "
+            "it was not loaded."
+        ) from None
+
+
+def _decode_module(config: dict[str, Any], path: str) -> Any:
+    cls = _module_class(config, nn.Module, "flax.linen", path)
+    fields = _entry(config, "config", dict, path)
     if config.get("custom"):
         from_config = getattr(cls, "from_config", None)
         if from_config is not None:
-            return from_config(config["config"])
-        return cls(**config["config"])
-    fields = {k: _decode(v, f"{path}.{k}") for k, v in config["config"].items()}
+            return from_config(fields)
+        return cls(**fields)
+    fields = {k: _decode(v, f"{path}.{k}") for k, v in fields.items()}
     return cls(**fields)
 
 
-# Modules whose factories a file may call in safe mode: initializers.
-_CALLABLE_FACTORIES = (
-    *_private.SAVED_FACTORY_MODULES,
-    "jax.nn.initializers",
-    "flax.linen.initializers",
-    "flax.nnx.initializers",
-)
-
-
-def resolve(import_path: str, call: Any = False) -> Any:
-    """The object at `module:qualname`, resolved safely.
-
-    In safe mode, the module must already be imported (the standard library
-    excepted), or the object registered with Keras; a factory that loading
-    calls (`call=True`) must be one of JAX's or Flax's initializers, or
-    registered.
-    """
-    registered = keras.saving.get_registered_object(import_path)
-    if registered is not None:
-        return registered
-    module_name, _, qualname = import_path.partition(":")
-    top = module_name.split(".")[0]
-    safe = _private.in_safe_mode()
-    if safe and (top in sys.stdlib_module_names or top == "builtins"):
-        raise ValueError(
-            _errors.load_refused(import_path, "is in the standard library")
-        )
-    if safe and call and module_name not in _CALLABLE_FACTORIES:
-        raise ValueError(
-            _errors.load_refused(
-                import_path, "is not a JAX or Flax initializer module"
-            )
-        )
-    if module_name not in sys.modules:
-        if safe:
-            raise ValueError(
-                _errors.load_refused(import_path, "is not imported")
-            )
-        importlib.import_module(module_name)
-    obj = _lookup(module_name, qualname)
-    if obj is None:
-        raise ValueError(_errors.not_found(qualname, module_name, import_path))
-    return obj
+def _module_class(config: dict[str, Any], base: Any, api: str, path: str) -> Any:
+    """The module class a config names, a subclass of `base`."""
+    name = config.get("class")
+    cls = _names.resolve(name, f"{path}.class")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(_errors.not_a_module_class(name, api))
+    return cls

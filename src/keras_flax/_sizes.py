@@ -33,6 +33,19 @@ class InputDim:
         if isinstance(axis, bool) or not isinstance(axis, int) or axis == 0:
             raise ValueError(_errors.input_dim_axis(axis))
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], path: str) -> "InputDim":
+        """The placeholder a saved config records (`{"axis": -1}`)."""
+        if "axis" not in config:
+            raise ValueError(
+                f"The saved config entry `{path}` is an input-size "
+                "placeholder without its axis (expected "
+                '`{"__keras_flax__": "input_dim", "axis": -1}`). Received: '
+                f"{config!r}. The file was altered or is corrupted; it was "
+                "not loaded."
+            )
+        return cls(config["axis"])
+
 
 @dataclasses.dataclass(frozen=True)
 class SizedCall:

@@ -21,6 +21,7 @@ from typing import Any
 from flax import nnx
 
 from keras_flax import _errors
+from keras_flax import _names
 from keras_flax import _serialization
 from keras_flax import _variables
 
@@ -185,7 +186,12 @@ def _decode(config: dict[str, Any]) -> Any:
         if "not" in config:
             return nnx.Not(_decode(config["not"]))
         if "type" in config:
-            return nnx.OfType(_serialization.resolve(config["type"]))
+            variable_type = _names.resolve(config["type"], "wrt.type")
+            if not isinstance(variable_type, type):
+                raise ValueError(
+                    _errors.unknown_config_kind("wrt", "filter", config)
+                )
+            return nnx.OfType(variable_type)
         if "function" in config:
             fn = _serialization.deserialize_function(config["function"], "wrt")
             return nnx.filterlib.to_predicate(fn)

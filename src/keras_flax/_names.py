@@ -1,0 +1,218 @@
+"""Names a saved file gives, resolved to objects: the one resolver.
+
+Every class or function a config names (linen fields, recorded constructor
+calls, methods, activations, initializers, Optax factories, `wrt` filters,
+Equinox fields, `JaxLayer` functions) is written `module:qualname` and
+comes back through `resolve`, under one rule:
+
+- **Exact.** The object is read from the named module's own namespace and,
+  for a dotted qualname, through classes only: never through a module
+  attribute into another module, never through a module's `__getattr__`
+  (which may import). It must carry that same `__qualname__`, and its own
+  `__module__` must belong to the named module's package (a public module
+  re-exporting its package's object, `jax.nn:gelu`, resolves; a module's
+  import of another package's object, `keras_flax._safetensors:os`, does
+  not).
+- **Imported.** In safe mode (Keras' default) the module must already be
+  imported and not be the standard library's; loading imports nothing.
+  With `safe_mode=False` the module is imported.
+- **Called only if allowed.** What loading *calls* with arguments from the
+  file (an initializer factory, a `functools.partial`'s function, an Optax
+  factory, a module class's constructor) must, in safe mode, be on the
+  allow-list: JAX's and Flax's initializers and JAX's activations, Optax's
+  transformations and schedules, linen/NNX/Equinox module classes, and
+  objects registered with Keras or passed in `custom_objects`.
+
+A name that breaks a rule is refused before anything is called, naming the
+config entry, the name and the fix.
+"""
+
+import importlib
+import re
+import sys
+import types
+from typing import Any
+
+import keras
+
+from keras_flax import _private
+
+# Modules whose functions a file may call in safe mode, and the modules
+# (package families) those functions are defined in.
+_CALL_MODULES = frozenset(
+    {
+        "jax.nn",
+        "jax.nn.initializers",
+        "flax.linen.initializers",
+        "flax.nnx.initializers",
+        # Files saved before configs named public paths.
+        *_private.SAVED_FACTORY_MODULES,
+    }
+)
+_CALL_SOURCES = frozenset(
+    {
+        "jax.nn.initializers",
+        "jax._src.nn.functions",
+        "flax.linen.initializers",
+        "flax.nnx.nn.initializers",
+    }
+)
+
+_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+ALLOW_LIST = (
+    "JAX's and Flax's initializers (jax.nn.initializers, "
+    "flax.linen.initializers, flax.nnx.initializers), JAX's activations "
+    "(jax.nn), Optax's transformations and schedules (optax), linen, NNX "
+    "and Equinox module classes, and objects registered with Keras "
+    "(`keras.saving.register_keras_serializable`) or passed in "
+    "`custom_objects`"
+)
+
+
+class RefusedName(ValueError):
+    """A name in a saved file that loading does not resolve or call."""
+
+
+def resolve(name: Any, entry: str, *, called: bool = False) -> Any:
+    """The object `name` (`module:qualname`) names, under the rule above.
+
+    Args:
+        name: the name as the file gives it.
+        entry: where in the config it stands (for the message).
+        called: whether loading calls it with arguments from the file.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise RefusedName(
+            f"The saved config entry `{entry}` must name a class or function "
+            f"as 'module:qualname'. Received: {name!r}. The file was altered "
+            "or is corrupted; it was not loaded."
+        )
+    registered = _registered(name)
+    if registered is not None:
+        return registered
+    module_name, _, qualname = name.partition(":")
+    safe = _private.in_safe_mode()
+    if safe and _in_stdlib(module_name):
+        raise RefusedName(_refused(entry, name, "is in the standard library"))
+    module = sys.modules.get(module_name)
+    if module is None:
+        if safe:
+            raise RefusedName(
+                _refused(entry, name, "is not imported", module_name)
+            )
+        module = importlib.import_module(module_name)
+    obj = _exact(module, qualname)
+    if obj is None:
+        raise RefusedName(
+            f"The saved config entry `{entry}` names {name}, which module "
+            f"{module_name} does not define as its own class or function "
+            "(loading reads names exactly and never follows an attribute "
+            "into another module). Check that the code that defines it is "
+            "the same as when the model was saved; a crafted file is "
+            "refused this way."
+        )
+    if safe and called and not _callable(obj, module_name):
+        raise RefusedName(
+            f"The saved config entry `{entry}` asks to call {name} with "
+            "arguments from the file, and safe mode calls only " + ALLOW_LIST
+            + ". If you trust this file, pass `safe_mode=False` to "
+            "`keras.saving.load_model`, or register the object with "
+            "`keras.saving.register_keras_serializable` (or pass it in "
+            f"`custom_objects={{{name!r}: ...}}`)."
+        )
+    return obj
+
+
+def _registered(name: str) -> Any:
+    """The object registered with Keras (or in `custom_objects`) as
+    `name`, or None."""
+    return keras.saving.get_registered_object(name)
+
+
+def _in_stdlib(module_name: str) -> bool:
+    top = module_name.split(".")[0]
+    return top in sys.stdlib_module_names or top == "builtins"
+
+
+def _exact(module: types.ModuleType, qualname: str) -> Any:
+    """The object at `qualname` in `module`'s own namespace, through
+    classes only, carrying that qualname and a module of the package;
+    None otherwise."""
+    first, *rest = qualname.split(".")
+    obj = vars(module).get(first)
+    for part in rest:
+        if not isinstance(obj, type):
+            return None
+        owner, obj = obj, vars(obj).get(part)
+        if isinstance(obj, staticmethod):
+            obj = obj.__func__
+        elif isinstance(obj, classmethod):
+            obj = getattr(owner, part)
+    if obj is None or isinstance(obj, types.ModuleType):
+        return None
+    own_module = getattr(obj, "__module__", None)
+    if getattr(obj, "__qualname__", None) != qualname or not isinstance(
+        own_module, str
+    ):
+        return None
+    package = module.__name__.split(".")[0]
+    if own_module.split(".")[0] != package or _in_stdlib(own_module):
+        return None
+    return obj
+
+
+def _callable(obj: Any, module_name: str) -> bool:
+    """Whether safe mode lets loading call `obj` with the file's
+    arguments."""
+    if isinstance(obj, type) and _is_module_class(obj):
+        return True
+    if _is_registered(obj):
+        return True
+    own = obj.__module__
+    if module_name in _CALL_MODULES and own in _CALL_SOURCES:
+        return True
+    return _is_optax(module_name) and _is_optax(own, private=True)
+
+
+def _is_optax(module_name: str, private: bool = False) -> bool:
+    parts = module_name.split(".")
+    return parts[0] == "optax" and (
+        private or not any(p.startswith("_") for p in parts)
+    )
+
+
+def _is_module_class(cls: type) -> bool:
+    """A linen, NNX or Equinox module class (Equinox only when imported)."""
+    import flax.linen as nn
+    from flax import nnx
+
+    bases: list[type] = [nn.Module, nnx.Module]
+    equinox = sys.modules.get("equinox")
+    if equinox is not None:
+        bases.append(equinox.Module)
+    return issubclass(cls, tuple(bases))
+
+
+def _is_registered(obj: Any) -> bool:
+    """Whether `obj` is registered with Keras, or in `custom_objects`
+    under its own name."""
+    for name in (keras.saving.get_registered_name(obj), obj.__qualname__):
+        if _registered(name) is obj:
+            return True
+    return False
+
+
+def _refused(entry: str, name: str, why: str, module_name: str = "") -> str:
+    module_name = module_name or name.partition(":")[0]
+    fix = (
+        f"import {module_name} before loading, or pass `safe_mode=False`"
+        if why == "is not imported"
+        else "pass `safe_mode=False`"
+    )
+    return (
+        f"Loading refused to resolve {name}: the module {module_name} {why}, "
+        "and safe mode resolves classes and functions only from packages "
+        f"already imported or registered with Keras (config entry `{entry}`)."
+        f" If you trust this file, {fix} to `keras.saving.load_model`."
+    )
