@@ -58,7 +58,8 @@ _CALL_SOURCES = frozenset(
     }
 )
 
-_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+_NAME = re.compile(f"{_DOTTED}:{_DOTTED}")
 
 ALLOW_LIST = (
     "JAX's and Flax's initializers (jax.nn.initializers, "
@@ -115,7 +116,8 @@ def resolve(name: Any, entry: str, *, called: bool = False) -> Any:
     if safe and called and not _callable(obj, module_name):
         raise RefusedName(
             f"The saved config entry `{entry}` asks to call {name} with "
-            "arguments from the file, and safe mode calls only " + ALLOW_LIST
+            "arguments from the file, and safe mode calls only "
+            + ALLOW_LIST
             + ". If you trust this file, pass `safe_mode=False` to "
             "`keras.saving.load_model`, or register the object with "
             "`keras.saving.register_keras_serializable` (or pass it in "

@@ -105,7 +105,7 @@ def deserialize_value(config: dict[str, Any], path: str) -> Any:
     return _decode(config, path)
 
 
-def deserialize_factory(config: dict[str, Any], path: str) -> Any:
+def deserialize_factory(config: Any, path: str) -> Any:
     """A function saved by `serialize_value` that loading calls with
     arguments from the file (allow-listed in safe mode)."""
     return _decode_called(config, path)
@@ -428,10 +428,12 @@ def _decode_module(config: dict[str, Any], path: str) -> Any:
     return cls(**fields)
 
 
-def _module_class(config: dict[str, Any], base: Any, api: str, path: str) -> Any:
+def _module_class(
+    config: dict[str, Any], base: Any, api: str, path: str
+) -> Any:
     """The module class a config names, a subclass of `base`."""
     name = config.get("class")
     cls = _names.resolve(name, f"{path}.class")
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(_errors.not_a_module_class(name, api))
+        raise ValueError(_errors.not_a_module_class(str(name), api))
     return cls
