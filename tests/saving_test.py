@@ -248,6 +248,26 @@ def test_nnx_module_without_a_recorded_call_or_config_names_both_fixes():
         layer.get_config()
 
 
+def test_a_refused_save_empties_the_target_and_get_config_checks_first(
+    tmp_path,
+):
+    """What the README says of a refused `.keras` save: Keras opens the
+    target before asking for configs, so an existing file is left empty;
+    `model.get_config()` raises the same error and touches no file."""
+    inputs = keras.Input((4,))
+    layer = FlaxLayer(nnx_modules.MLP(nnx.Rngs(0)))
+    model = keras.Model(inputs, layer(inputs))
+    path = tmp_path / "m.keras"
+    _functional(FlaxLayer(modules.MLP(), seed=0), (7,)).save(str(path))
+    with pytest.raises(TypeError, match="from_nnx") as refused:
+        model.get_config()
+    assert path.stat().st_size > 0
+    with pytest.raises(TypeError) as saving:
+        model.save(str(path))
+    assert str(saving.value) == str(refused.value)
+    assert path.stat().st_size == 0
+
+
 def test_from_nnx_refuses_a_non_class():
     with pytest.raises(
         TypeError, match=r"`module_class` of FlaxLayer.from_nnx"

@@ -54,10 +54,12 @@ def adapt(
     stateful = "state" in signature
     if stateful and state is None:
         raise ValueError(_errors.equinox_state_missing(type(module).__name__))
+    indices = _state_indices(module)
+    if state is not None:
+        _check_state(module, state, stateful, indices)
     takes_key = "key" in signature
     params, rest = eqx.partition(module, eqx.is_inexact_array)
     arrays, static = eqx.partition(rest, eqx.is_array)
-    indices = _state_indices(module)
     held = {"arrays": arrays, "state": _by_index(state, indices)}
     if not jax.tree_util.tree_leaves(held):
         held = None
@@ -221,6 +223,46 @@ def _state_indices(module: eqx.Module) -> dict[str, eqx.nn.StateIndex]:
         for path, index in found
         if isinstance(index, eqx.nn.StateIndex)
     }
+
+
+def _check_state(
+    module: eqx.Module,
+    state: Any,
+    stateful: bool,
+    indices: dict[str, eqx.nn.StateIndex],
+) -> None:
+    """Refuses a `state` that is not the module's `eqx.nn.State`, or that
+    its method does not take."""
+    name = type(module).__name__
+    fix = (
+        "Fix: `module, state = eqx.nn.make_with_state(Class)(...)`, then "
+        "`EquinoxLayer(module, state=state)`."
+    )
+    if not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            "`state` must be the `eqx.nn.State` that `eqx.nn.make_with_state`"
+            f" returned beside the {name}, or None. Received: state of type "
+            f"{type(state).__name__}. {fix}"
+        )
+    if not stateful:
+        raise ValueError(
+            f"`state` was given, but the method of {name} takes no `state` "
+            "argument, so it would never be used. Received: an eqx.nn.State."
+            " Drop `state=`, or give a method `(module, x, state, *, "
+            "key=None) -> (y, state)`."
+        )
+    absent = []
+    for path, index in indices.items():
+        try:
+            state.get(index)
+        except KeyError:
+            absent.append(path or "<module>")
+    if absent or not indices:
+        raise ValueError(
+            f"`state` must hold the state of this {name}'s `StateIndex`es; "
+            f"it lacks {absent or 'them (the module has none)'}. Received: "
+            f"an eqx.nn.State made beside another module. {fix}"
+        )
 
 
 def _by_index(

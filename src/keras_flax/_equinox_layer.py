@@ -15,6 +15,7 @@ from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _kinds
 from keras_flax import _serialization
+from keras_flax import _sizes
 from keras_flax import _wrt
 from keras_flax._layer import ModelLayer
 
@@ -123,6 +124,15 @@ class EquinoxLayer(ModelLayer):
             The `EquinoxLayer`.
         """
         equinox = _equinox()
+        if _sizes.find(args, kwargs):
+            raise TypeError(
+                "`FlaxLayer.input_dim()` sizes an NNX module from its input "
+                "(`FlaxLayer.from_nnx`); `EquinoxLayer.from_constructor` "
+                f"constructs {getattr(module_class, '__name__', module_class)}"
+                " at once and cannot take it. Received: an input_dim "
+                "placeholder among the constructor's arguments. Pass the "
+                "size itself."
+            )
         if not equinox.is_module_class(module_class):
             raise TypeError(_errors.not_an_equinox_class(module_class))
         module, state = equinox.make_with_state(module_class, *args, **kwargs)

@@ -686,39 +686,12 @@ def unserializable(path: str, value: Any) -> str:
     )
 
 
-def not_a_module_class(import_path: str, api: str) -> str:
-    return (
-        f"The saved layer config names {import_path} as its module class, "
-        f"which is not a {api}.Module class. The file may be corrupted or "
-        "crafted; it was not loaded."
-    )
-
-
-def load_refused(import_path: str, why: Any) -> str:
-    module_name = import_path.partition(":")[0]
-    return (
-        f"Loading refused to resolve {import_path}: the module "
-        f"{module_name} {why}, and safe mode resolves classes and functions "
-        "only from packages already imported or registered with Keras. If "
-        f"you trust this file, import {module_name} before loading, or pass "
-        "`safe_mode=False` to `keras.saving.load_model`."
-    )
-
-
 def unknown_config_kind(path: str, kind: Any, config: dict[str, Any]) -> str:
     return (
         f"The saved config of `{path}` has an entry of unknown kind "
         f"{kind!r}. Received: {config!r}. The file was saved by another "
         "version of keras-flax, or altered; load it with the version that "
         "saved it."
-    )
-
-
-def not_found(qualname: str, module_name: str, import_path: str) -> str:
-    return (
-        f"Cannot find {qualname} in module {module_name} while loading "
-        f"a saved layer. Received: {import_path}. Check that the code "
-        "that defines it is the same as when the model was saved."
     )
 
 

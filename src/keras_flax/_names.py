@@ -16,6 +16,11 @@ comes back through `resolve`, under one rule:
 - **Imported.** In safe mode (Keras' default) the module must already be
   imported and not be the standard library's; loading imports nothing.
   With `safe_mode=False` the module is imported.
+- **Named only if usable.** In safe mode, a function or class the model
+  calls (an activation, a method, `JaxLayer`'s functions) must be a public
+  one of the libraries models are written with (`USABLE`), or the user's
+  own code: a module imported from outside the environment's
+  site-packages.
 - **Called only if allowed.** What loading *calls* with arguments from the
   file (an initializer factory, a `functools.partial`'s function, an Optax
   factory, a module class's constructor) must, in safe mode, be on the
@@ -27,9 +32,13 @@ A name that breaks a rule is refused before anything is called, naming the
 config entry, the name and the fix.
 """
 
+import functools
 import importlib
+import os
 import re
+import site
 import sys
+import sysconfig
 import types
 from typing import Any
 
@@ -37,22 +46,12 @@ import keras
 
 from keras_flax import _private
 
-# Modules whose functions a file may call in safe mode, and the modules
-# (package families) those functions are defined in.
+# Modules whose functions a file may call in safe mode (and Optax's public
+# modules).
 _CALL_MODULES = frozenset(
     {
         "jax.nn",
         "jax.nn.initializers",
-        "flax.linen.initializers",
-        "flax.nnx.initializers",
-        # Files saved before configs named public paths.
-        *_private.SAVED_FACTORY_MODULES,
-    }
-)
-_CALL_SOURCES = frozenset(
-    {
-        "jax.nn.initializers",
-        "jax._src.nn.functions",
         "flax.linen.initializers",
         "flax.nnx.nn.initializers",
     }
@@ -71,8 +70,46 @@ ALLOW_LIST = (
 )
 
 
+# Modules whose public functions and classes a file may name (a module's
+# activation, an Equinox field): what models are written with.
+_VALUE_MODULES = frozenset(
+    {
+        *_CALL_MODULES,
+        "jax.numpy",
+        "jax.lax",
+        "jax.random",
+        "jax.scipy.special",
+        "flax.linen",
+        "flax.nnx",
+        "equinox.nn",
+        "keras.activations",
+        "keras.ops",
+    }
+)
+
+USABLE = (
+    "what it may call, the public functions and classes of jax.nn, "
+    "jax.numpy, jax.lax, jax.random, jax.scipy.special, flax.linen, "
+    "flax.nnx, equinox.nn, keras.activations and keras.ops, and your own "
+    "code (a module imported from outside the environment's site-packages)"
+)
+
+
 class RefusedName(ValueError):
     """A name in a saved file that loading does not resolve or call."""
+
+
+def resolve_class(name: Any, entry: str, base: type, api: str) -> type:
+    """The module class `name` names: a subclass of `base` (whose
+    constructor loading calls), else refused naming `api`."""
+    cls = _resolve(name, entry, check=False)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise RefusedName(
+            f"The saved layer config names {name} as its module class, which "
+            f"is not a {api}.Module class. The file may be corrupted or "
+            "crafted; it was not loaded."
+        )
+    return cls
 
 
 def resolve(name: Any, entry: str, *, called: bool = False) -> Any:
@@ -83,6 +120,10 @@ def resolve(name: Any, entry: str, *, called: bool = False) -> Any:
         entry: where in the config it stands (for the message).
         called: whether loading calls it with arguments from the file.
     """
+    return _resolve(name, entry, check=True, called=called)
+
+
+def _resolve(name: Any, entry: str, check: bool, called: bool = False) -> Any:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RefusedName(
             f"The saved config entry `{entry}` must name a class or function "
@@ -113,17 +154,28 @@ def resolve(name: Any, entry: str, *, called: bool = False) -> Any:
             "the same as when the model was saved; a crafted file is "
             "refused this way."
         )
-    if safe and called and not _callable(obj, module_name):
+    if safe and check and called and not _callable(obj):
         raise RefusedName(
             f"The saved config entry `{entry}` asks to call {name} with "
             "arguments from the file, and safe mode calls only "
-            + ALLOW_LIST
-            + ". If you trust this file, pass `safe_mode=False` to "
-            "`keras.saving.load_model`, or register the object with "
-            "`keras.saving.register_keras_serializable` (or pass it in "
-            f"`custom_objects={{{name!r}: ...}}`)."
+            f"{ALLOW_LIST}. {_fixes(name)}"
+        )
+    if safe and check and not called and not _usable(obj):
+        raise RefusedName(
+            f"The saved config entry `{entry}` names {name}, a function or "
+            f"class of the installed library {obj.__module__.split('.')[0]},"
+            f" and safe mode loads only {USABLE}. {_fixes(name)}"
         )
     return obj
+
+
+def _fixes(name: str) -> str:
+    return (
+        "If you trust this file, pass `safe_mode=False` to "
+        "`keras.saving.load_model`, or register the object with "
+        "`keras.saving.register_keras_serializable` (or pass it in "
+        f"`custom_objects={{{name!r}: ...}}`)."
+    )
 
 
 def _registered(name: str) -> Any:
@@ -164,24 +216,61 @@ def _exact(module: types.ModuleType, qualname: str) -> Any:
     return obj
 
 
-def _callable(obj: Any, module_name: str) -> bool:
+def _callable(obj: Any) -> bool:
     """Whether safe mode lets loading call `obj` with the file's
     arguments."""
     if isinstance(obj, type) and _is_module_class(obj):
         return True
-    if _is_registered(obj):
-        return True
-    own = obj.__module__
-    if module_name in _CALL_MODULES and own in _CALL_SOURCES:
-        return True
-    return _is_optax(module_name) and _is_optax(own, private=True)
+    return _is_registered(obj) or _public_in(obj, _CALL_MODULES, "optax")
 
 
-def _is_optax(module_name: str, private: bool = False) -> bool:
-    parts = module_name.split(".")
-    return parts[0] == "optax" and (
-        private or not any(p.startswith("_") for p in parts)
-    )
+def _usable(obj: Any) -> bool:
+    """Whether safe mode lets a file name `obj` (called by the model with
+    its own arguments: an activation, a method, `JaxLayer`'s functions)."""
+    if _callable(obj) or _public_in(obj, _VALUE_MODULES, "optax"):
+        return True
+    return _is_user_code(obj.__module__)
+
+
+def _public_in(obj: Any, modules: frozenset[str], package: str) -> bool:
+    """Whether `obj` is what one of `modules`, or a public module of
+    `package`, holds under its name (whichever name the file used)."""
+    name = getattr(obj, "__name__", "_")
+    own = obj.__module__.split(".")[0]
+    if name.startswith("_"):
+        return False
+    for module_name, module in list(sys.modules.items()):
+        parts = module_name.split(".")
+        listed = module_name in modules or (
+            parts[0] == package and not any(p.startswith("_") for p in parts)
+        )
+        # Defined by that library (`jax.numpy:save` is NumPy's).
+        if listed and own == parts[0] and vars(module).get(name) is obj:
+            return True
+    return False
+
+
+def _is_user_code(module_name: str) -> bool:
+    """A module of the user's own: imported from outside the directories
+    where installed packages live (an interactive `__main__` too)."""
+    if module_name.split(".")[0] == "keras_flax":
+        return False
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return module_name == "__main__"
+    path = os.path.realpath(file)
+    return not any(path.startswith(folder) for folder in _library_folders())
+
+
+@functools.cache
+def _library_folders() -> tuple[str, ...]:
+    """Where the environment's installed packages (and the standard
+    library) live."""
+    folders = {*site.getsitepackages(), site.getusersitepackages()}
+    for key in ("purelib", "platlib", "stdlib", "platstdlib"):
+        folders.add(sysconfig.get_paths()[key])
+    return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
 
 
 def _is_module_class(cls: type) -> bool:

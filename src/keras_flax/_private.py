@@ -79,10 +79,6 @@ try:
 except ImportError:  # pragma: no cover (a Keras without the module)
     _summary_utils = None
 
-# Files saved before configs named public import paths name JAX's
-# initializer factories by their private module; loading still calls them.
-SAVED_FACTORY_MODULES = ("jax._src.nn.initializers",)
-
 TRACK_VARIABLE = hasattr(keras.layers.Layer, "_track_variable") and hasattr(
     keras.layers.Layer, "_untrack_variable"
 )

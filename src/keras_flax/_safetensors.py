@@ -23,7 +23,11 @@ import json
 import math
 import os
 import re
+import reprlib
+import stat
+import tempfile
 import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 from typing import Self
@@ -38,6 +42,10 @@ from keras_flax import _errors
 from keras_flax._model import PyTree
 
 TRANSFORMS = ("transpose", "reshape", "dtype")
+
+_repr = reprlib.Repr()
+_repr.maxlist = _repr.maxdict = 8
+_repr.maxstring = 200
 
 # PyTorch's `weight` is, by what the layer holds there, a kernel (Linear,
 # Conv: axes moved), a norm's scale or an embedding.
@@ -59,9 +67,24 @@ _TORCH_DROPPED = ("num_batches_tracked",)
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
+    index: int  # its place in `rules`
     pattern: re.Pattern
     replacement: str
     transforms: tuple  # ((kind, argument), ...)
+
+    def expand(self, match: re.Match) -> str:
+        """The replacement for `match`; a group it names that the regex
+        lacks is refused naming the rule."""
+        try:
+            return match.expand(self.replacement)
+        except (re.error, IndexError) as error:
+            raise ValueError(
+                f"`rules[{self.index}]` has the replacement "
+                f"{self.replacement!r}, which refers to a group its regex "
+                f"{self.pattern.pattern!r} does not have ({error}). "
+                f"Received: {self.pattern.groups} group(s). Use \\1 to "
+                f"\\{self.pattern.groups} or a named group of the regex."
+            ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +102,8 @@ def load_safetensors(
     filepath: str | os.PathLike,
     rules: str | list | None = None,
     strict: bool = True,
+    *,
+    nonfinite: str = "warn",
 ) -> dict:
     """Reads a safetensors checkpoint into a built layer's weights.
 
@@ -92,11 +117,26 @@ def load_safetensors(
             the first entry that places a key applies.
         strict: if True, every weight of the layer must be read and every
             key placed; else those left over are reported.
+        nonfinite: what a tensor holding NaN or infinity after its
+            transforms and cast to the weight's dtype (a float64 `1e300`
+            overflows float32) gets: `"warn"` (one warning naming the
+            keys; the values are loaded), `"raise"` (refused before any
+            weight is written; the tensors are read twice) or `"ignore"`.
 
     Returns:
         A dict: `missing` (weight names not in the checkpoint),
-        `unexpected` (keys placed nowhere) and `converted`
-        (`(key, name)` pairs read).
+        `unexpected` (keys placed nowhere), `converted` (`(key, name)`
+        pairs read), `unindexed` (keys a sharded checkpoint's files hold
+        that its index does not name; not read) and `nonfinite` (keys
+        read as NaN or infinity).
+
+    Raises:
+        FileNotFoundError: `filepath`, or a file its index names, is
+            missing.
+        ValueError: a bad path, index, rule or tensor (shape, dtype,
+            keys); nothing is written then: every check is made before
+            the first weight is assigned.
+        TypeError: `rules` of the wrong form.
 
     Example:
 
@@ -116,6 +156,11 @@ def load_safetensors(
     >>> load_safetensors(layer, path, rules="torch")["converted"]
     [('fc.bias', 'fc/bias'), ('fc.weight', 'fc/kernel')]
     """
+    if nonfinite not in ("warn", "raise", "ignore"):
+        raise ValueError(
+            '`nonfinite` must be "warn", "raise" or "ignore". Received: '
+            f"nonfinite={nonfinite!r}."
+        )
     held, shorts = _held(layer, "load_safetensors")
     rule_list = _rules(rules)
     with _Checkpoint(filepath) as checkpoint:
@@ -126,16 +171,50 @@ def load_safetensors(
             raise ValueError(
                 _errors.checkpoint_keys(layer.name, missing, unexpected)
             )
+        if nonfinite == "raise":
+            bad = [i.key for i in items if not _finite(checkpoint, i, held)]
+            if bad:
+                raise ValueError(_nonfinite_message(bad, "refused"))
+        # Checked: from here on, only writes.
+        bad = []
         for item in items:
             holder = held[item.name]
-            holder.assign(_read(checkpoint, item, holder))
+            value = _read(checkpoint, item, holder)
+            if nonfinite == "warn" and not _all_finite(value):
+                bad.append(item.key)
+            holder.assign(value)
     if hasattr(layer, "sync_module"):
         layer.sync_module()
+    if bad:
+        warnings.warn(_nonfinite_message(bad, "loaded"), stacklevel=2)
     return {
         "missing": missing,
         "unexpected": unexpected,
         "converted": [(item.key, item.name) for item in items],
+        "unindexed": checkpoint.unindexed,
+        "nonfinite": bad,
     }
+
+
+def _finite(checkpoint: Any, item: Any, held: Any) -> bool:
+    """Whether `item` reads as finite values (a read that is discarded)."""
+    return _all_finite(_read(checkpoint, item, held[item.name]))
+
+
+def _all_finite(value: Any) -> bool:
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return True
+    return bool(jnp.all(jnp.isfinite(value)))
+
+
+def _nonfinite_message(keys: list[str], what: str) -> str:
+    return (
+        f"load_safetensors {what} {len(keys)} tensor(s) holding NaN or "
+        "infinity after their transforms and the cast to the weight's "
+        f"dtype (in the file, or overflowing that dtype): {_repr.repr(keys)}."
+        ' Pass `nonfinite="raise"` to refuse such a checkpoint, '
+        '`nonfinite="ignore"` to load it silently.'
+    )
 
 
 def save_safetensors(
@@ -157,6 +236,11 @@ def save_safetensors(
         rules: None, `"torch"`, or an ordered list of
             `(regex, replacement[, transforms])` entries and `"torch"`,
             matched against the layer's weight names.
+
+    The file is written beside `filepath` under a temporary name and then
+    moved onto it: an existing file is replaced whole, keeping its
+    permissions, or left as it was when the save fails or is interrupted
+    (no temporary file is left behind).
     """
     save_file = _safetensors().flax.save_file
     held, shorts = _held(layer, "save_safetensors")
@@ -172,7 +256,40 @@ def save_safetensors(
     if _uses_torch(rule_list):
         tensors.update(_torch_counters(tensors))
     fmt = "pt" if _uses_torch(rule_list) else "flax"
-    save_file(tensors, os.fspath(filepath), metadata={"format": fmt})
+    _write_replacing(
+        os.fspath(filepath),
+        lambda path: save_file(tensors, path, metadata={"format": fmt}),
+    )
+
+
+def _write_replacing(filepath: str, write: Any) -> None:
+    """`write(path)` into a temporary file beside `filepath`, then moved
+    onto it: an existing file is replaced whole (keeping its permissions)
+    or not at all; a failed or interrupted write removes the temporary
+    file. A symlink at `filepath` is replaced, not followed."""
+    folder = os.path.dirname(os.path.abspath(filepath))
+    try:
+        existing = os.lstat(filepath).st_mode
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and stat.S_ISREG(existing):
+        mode = stat.S_IMODE(existing)
+    else:  # a new file (or a symlink, replaced): the umask's mode
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    descriptor, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(filepath)}.", suffix=".tmp"
+    )
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.chmod(temporary, mode)
+        os.replace(temporary, filepath)
+    except BaseException:  # KeyboardInterrupt too: no debris either way
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def _safetensors() -> types.ModuleType:
@@ -241,10 +358,56 @@ def _rule(index: Any, rule: Any) -> "_Rule | str":
         raise ValueError(
             _errors.bad_rule(index, rule, f"its regex ({error})")
         ) from error
+    if not isinstance(replacement, str):
+        raise TypeError(_errors.bad_rule(index, rule, "its replacement"))
     transforms = rest[0] if rest else {}
     if not isinstance(transforms, dict) or set(transforms) - set(TRANSFORMS):
         raise ValueError(_errors.bad_rule(index, rule, "its transforms"))
-    return _Rule(pattern, replacement, tuple(transforms.items()))
+    checked = tuple(
+        (kind, _transform_argument(index, kind, argument))
+        for kind, argument in transforms.items()
+    )
+    return _Rule(index, pattern, replacement, checked)
+
+
+def _transform_argument(index: int, kind: str, argument: Any) -> Any:
+    """A transform's argument, checked for type and value: axes (a
+    permutation), a shape (ints, at most one -1), a dtype name."""
+    where = f"`rules[{index}]`'s transform {{{kind!r}: ...}}"
+    if kind == "dtype":
+        try:
+            dtype = jnp.dtype(argument) if isinstance(argument, str) else None
+        except TypeError:
+            dtype = None
+        if dtype is None or _kind(dtype) == "other":
+            raise ValueError(
+                f"{where} must name a numeric dtype ('float32', 'bfloat16', "
+                f"'int8', ...). Received: {argument!r}. Fix the rule."
+            )
+        return dtype.name
+    ints = isinstance(argument, (list, tuple)) and all(
+        isinstance(a, int) and not isinstance(a, bool) for a in argument
+    )
+    if not ints:
+        raise TypeError(
+            f"{where} must be a list of ints. Received: {argument!r} (of "
+            f"{type(argument).__name__}). Fix the rule, e.g. "
+            f"{{{kind!r}: {[1, 0] if kind == 'transpose' else [4, -1]}}}."
+        )
+    argument = tuple(argument)
+    if kind == "transpose" and sorted(argument) != list(range(len(argument))):
+        raise ValueError(
+            f"{where} must be a permutation of the axes 0..n-1. Received: "
+            f"{list(argument)}. Fix the rule."
+        )
+    if kind == "reshape" and (
+        any(a < -1 for a in argument) or argument.count(-1) > 1
+    ):
+        raise ValueError(
+            f"{where} must be a shape of sizes >= 0, at most one of them -1 "
+            f"(inferred). Received: {list(argument)}. Fix the rule."
+        )
+    return argument
 
 
 def _uses_torch(rule_list: Any) -> bool:
@@ -270,7 +433,7 @@ def _place_load(
             continue
         match = rule.pattern.fullmatch(key)
         if match:
-            return match.expand(rule.replacement), rule.transforms
+            return rule.expand(match), rule.transforms
     return None
 
 
@@ -305,7 +468,7 @@ def _place_save(
             return _torch_save(shorts.get(name, name), holder)
         match = rule.pattern.fullmatch(name)
         if match:
-            return match.expand(rule.replacement), rule.transforms
+            return rule.expand(match), rule.transforms
     return name, ()
 
 
@@ -408,7 +571,9 @@ def _kind(dtype: Any) -> str:
         return "float"
     if dtype == jnp.bool_:
         return "bool"
-    return "integer"
+    if jnp.issubdtype(dtype, jnp.integer):
+        return "integer"
+    return "other"
 
 
 def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
@@ -462,7 +627,13 @@ def _transform(value: Any, transforms: Any) -> Any:
 
 def _read(checkpoint: Any, item: Any, holder: Any) -> Any:
     """The tensor of `item`, transformed, in the holder's dtype and, for a
-    variable laid out over several devices, read shard by shard."""
+    variable laid out over several devices, read shard by shard. A value
+    overflowing the dtype becomes infinity (found by `_all_finite`)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _read_cast(checkpoint, item, holder)
+
+
+def _read_cast(checkpoint: Any, item: Any, holder: Any) -> Any:
     dtype = _dtype_of(holder)
     sharding = _sharding(holder)
     if sharding is None:
@@ -507,34 +678,65 @@ def _sharding(holder: Any) -> Any:
 
 class _Checkpoint:
     """A safetensors file, or the files of a sharded checkpoint's index,
-    opened lazily; the keys in file order."""
+    opened lazily; the keys in file order.
+
+    Everything is checked when it is opened, before a tensor is read: the
+    path is a regular file, the index is JSON whose `weight_map` maps keys
+    to plain file names inside the index's folder (no `..`, no absolute
+    path, no symlink leaving the folder; one message whether or not such a
+    target exists), and each key the index names is in its file.
+    """
 
     def __init__(self, filepath: str | os.PathLike) -> None:
         filepath = os.fspath(filepath)
-        if not os.path.isfile(filepath):
-            raise FileNotFoundError(_errors.checkpoint_not_found(filepath))
+        _regular_file(filepath, filepath)
         self._files = {}  # key -> file
         self._open = {}
         self._stack = contextlib.ExitStack()
+        self.unindexed = []  # keys of the shards the index does not name
         if filepath.endswith(".json"):
             self._read_index(filepath)
         else:
             self._files = dict.fromkeys(self._file(filepath).keys(), filepath)
 
     def _read_index(self, filepath: str) -> None:
-        try:
-            with open(filepath) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
-                _errors.checkpoint_bad_index(filepath, error)
-            ) from error
-        folder = os.path.dirname(filepath)
+        weight_map = _weight_map(filepath)
+        folder = os.path.realpath(os.path.dirname(filepath))
+        shards = {}
         for shard in dict.fromkeys(weight_map.values()):
-            if not os.path.isfile(os.path.join(folder, shard)):
+            path = os.path.join(folder, shard)
+            plain = shard not in ("", ".", "..") and not any(
+                sep in shard for sep in ("/", "\\", os.sep)
+            )
+            inside = os.path.dirname(os.path.realpath(path)) == folder
+            if not (plain and inside):
+                raise ValueError(
+                    f"`filepath` is a sharded checkpoint's index whose "
+                    f"weight_map names {shard!r}, which is not a file name "
+                    "inside the index's folder: an index names its shards "
+                    "by plain file name (no folder, no '..', no absolute "
+                    "path, no symlink out of the folder). Received: "
+                    f"filepath={filepath!r}. Use the index written with the "
+                    "shards, or fix its weight_map."
+                )
+            if not os.path.lexists(path):
                 raise FileNotFoundError(
                     _errors.checkpoint_missing_shard(filepath, shard)
                 )
+            _regular_file(path, filepath)
+            shards[shard] = set(self._file(path).keys())
+        absent = [k for k, f in weight_map.items() if k not in shards[f]]
+        if absent:
+            raise ValueError(
+                f"`filepath` is a sharded checkpoint's index naming "
+                f"{len(absent)} key(s) that their files do not hold: "
+                f"{_repr.repr(absent)}. Received: filepath={filepath!r}. "
+                "Use the index written with these shards."
+            )
+        named = set(weight_map)
+        self.unindexed = sorted(
+            key for keys in shards.values() for key in keys - named
+        )
         self._files = {
             key: os.path.join(folder, shard)
             for key, shard in weight_map.items()
@@ -561,6 +763,14 @@ class _Checkpoint:
 
     def dtype(self, key: Any) -> str:
         name = self._file(self._files[key]).get_slice(key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"`filepath` holds the tensor {key!r} of dtype {name}, which "
+                "a Flax or JAX weight cannot take. Received: dtype="
+                f"{name}; supported: {', '.join(_SAFETENSORS_DTYPES)}. "
+                "Convert the tensor before saving, or leave its key out "
+                "(`strict=False` reports it)."
+            )
         return _SAFETENSORS_DTYPES[name]
 
     def tensor(self, key: Any) -> Any:
@@ -574,6 +784,47 @@ class _Checkpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
+
+
+def _regular_file(path: str, filepath: str) -> None:
+    """Refuses a path that is missing, or not a regular file (a folder, a
+    FIFO, a device such as /dev/zero)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            _errors.checkpoint_not_found(filepath)
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            "`filepath` must be a safetensors file or a sharded "
+            f"checkpoint's `*.safetensors.index.json`. Received: {path!r}, "
+            "which is not a regular file (a folder, a FIFO or a device). "
+            "Pass the file itself."
+        )
+
+
+def _weight_map(filepath: str) -> dict[str, str]:
+    """The index's `weight_map`: key -> file name, both strings."""
+    try:
+        with open(filepath, "rb") as f:
+            index = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(
+            _errors.checkpoint_bad_index(filepath, error)
+        ) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(
+            "`filepath` names a sharded checkpoint's index, which must be "
+            'JSON with a "weight_map" object of key -> file name (strings).'
+            f" Received: filepath={filepath!r} with weight_map="
+            f"{_repr.repr(weight_map)}. Pass the `*.safetensors.index.json` "
+            "written with the shards."
+        )
+    return weight_map
 
 
 _SAFETENSORS_DTYPES = {

@@ -432,8 +432,4 @@ def _module_class(
     config: dict[str, Any], base: Any, api: str, path: str
 ) -> Any:
     """The module class a config names, a subclass of `base`."""
-    name = config.get("class")
-    cls = _names.resolve(name, f"{path}.class")
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(_errors.not_a_module_class(str(name), api))
-    return cls
+    return _names.resolve_class(config.get("class"), f"{path}.class", base, api)
