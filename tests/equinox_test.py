@@ -259,6 +259,46 @@ def test_bad_input_is_refused_with_the_fix():
         EquinoxLayer.from_constructor(eqx.nn.Linear(2, 2, key=KEY))
 
 
+def test_a_module_of_the_other_layer_names_that_layer():
+    import flax.linen as nn
+
+    from keras_flax import FlaxLayer
+
+    for flax_module in (nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nn.Dense(3)):
+        with pytest.raises(TypeError, match=r"which FlaxLayer wraps.*Fix: `Fl"):
+            EquinoxLayer(flax_module)
+    with pytest.raises(TypeError, match=r"which EquinoxLayer wraps.*Fix: `Eq"):
+        FlaxLayer(eqx.nn.Linear(2, 3, key=KEY))
+
+
+def test_a_method_with_an_argument_nothing_fills_is_refused_at_once():
+    linear = eqx.nn.Linear(3, 2, key=KEY)
+
+    def with_mask(module, x, mask):
+        return module(x) * mask
+
+    with pytest.raises(ValueError, match=r"required argument `mask`.*Fix"):
+        EquinoxLayer(linear, method=with_mask)
+
+    class Masked(eqx.nn.Linear):
+        def masked(self, x, mask):
+            return self(x) * mask
+
+    masked = Masked(3, 2, key=KEY)
+    with pytest.raises(ValueError, match=r"required argument `mask`"):
+        EquinoxLayer(masked, method="masked")
+
+    # Defaults, `key` and `state` are filled: accepted, and equal Equinox.
+    def with_default(module, x, mask=2.0, *, key=None):
+        return module(x) * mask
+
+    layer = EquinoxLayer(linear, method=with_default)
+    x = data(4, 3)
+    np.testing.assert_allclose(
+        layer(x), jax.vmap(lambda v: linear(v) * 2.0)(x), rtol=1e-6
+    )
+
+
 def test_without_equinox_the_layer_names_the_extra(monkeypatch):
     import keras_flax
 

@@ -356,3 +356,32 @@ def test_stacked_streams_without_flax_reseed_policies_are_refused(
         FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)), seed=7)
     x = data(2, 4)
     assert FlaxLayer(m.ScannedBlocks(3, 4, rngs=nnx.Rngs(0)))(x).shape == (2, 4)
+
+
+class CountsItsBatch(nnx.Module):
+    """Calls `len()` on its batch: it cannot run with an unknown one."""
+
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(x) * jnp.arange(len(x))[:, None]
+
+
+def test_a_module_needing_its_batch_size_is_told_to_give_it():
+    with pytest.raises(
+        ValueError,
+        match=r"unknown batch size.*\(None, 4\).*batch_size=n",
+    ):
+        keras.Sequential(
+            [keras.Input((4,)), FlaxLayer(CountsItsBatch(nnx.Rngs(0)))]
+        )
+    module = CountsItsBatch(nnx.Rngs(0))
+    reference = nnx.clone(module)
+    model = keras.Sequential(
+        [keras.Input((4,), batch_size=3), FlaxLayer(module)]
+    )
+    x = np.ones((3, 4), "float32")
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), reference(x), rtol=1e-6
+    )

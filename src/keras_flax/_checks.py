@@ -501,3 +501,40 @@ def unused_leaves(
             if held[which][path] is not None:  # not a static leaf
                 unused[which][path] = held[which][path]
     return unused
+
+
+# Keras' own layer arguments, which every layer takes.
+_KERAS_LAYER_ARGUMENTS = ("name", "dtype", "trainable")
+
+
+def no_layer_arguments(
+    layer_class: type, module_class: Any, kwargs: dict[str, Any], api: str
+) -> None:
+    """Refuses, naming `layer_kwargs`, layer arguments given among a
+    module's constructor arguments (`from_nnx(Net, wrt=...)`), unless the
+    constructor takes that name itself."""
+    layer_parameters = inspect.signature(layer_class.__init__).parameters
+    layer_names = {
+        name
+        for name, p in layer_parameters.items()
+        if name not in ("self", "module")
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    } | set(_KERAS_LAYER_ARGUMENTS)
+    try:
+        taken = inspect.signature(module_class.__init__).parameters
+    except (TypeError, ValueError):
+        return  # no signature to tell: the constructor decides
+    if any(p.kind is p.VAR_KEYWORD for p in taken.values()):
+        return
+    misplaced = sorted(k for k in kwargs if k in layer_names and k not in taken)
+    if misplaced:
+        given = ", ".join(f"{k}=..." for k in misplaced)
+        entries = ", ".join(f"{k!r}: ..." for k in misplaced)
+        raise TypeError(
+            f"{api} got {given} among the constructor arguments of "
+            f"{module_class.__name__}, which does not take such an "
+            f"argument: {', '.join(misplaced)} belong to "
+            f"{layer_class.__name__}. Received: {sorted(kwargs)}. Fix: pass "
+            f"them in `layer_kwargs`: `{api}({module_class.__name__}, ..., "
+            f"layer_kwargs={{{entries}}})`."
+        )

@@ -203,10 +203,33 @@ def _method(
         fn = getattr(method, "__func__", method)  # a bound method: its own
     else:
         raise TypeError(_errors.bad_method_type(method))
-    names = list(inspect.signature(fn).parameters)[1:]
-    if not names:
+    parameters = list(inspect.signature(fn).parameters.values())[1:]
+    if not parameters:
         raise ValueError(_errors.equinox_method_without_inputs(fn))
-    return fn, names
+    _check_fillable(fn, parameters)
+    return fn, [p.name for p in parameters]
+
+
+def _check_fillable(fn: Callable, parameters: list[inspect.Parameter]) -> None:
+    """Refuses a method with a required argument the layer cannot fill:
+    it gives the input (the first), `state` and `key`."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for parameter in parameters[1:]:
+        filled = (
+            parameter.name in ("state", "key") or parameter.kind in variadic
+        )
+        if filled or parameter.default is not inspect.Parameter.empty:
+            continue
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ValueError(
+            f"`method` {name} has the required argument `{parameter.name}`, "
+            "which EquinoxLayer cannot fill: it passes the input (the first "
+            f"argument, `{parameters[0].name}`), `state` for a stateful "
+            "module and `key`. Received: method="
+            f"{name}{inspect.signature(fn)}. Fix: give `{parameter.name}` a "
+            "default, or pass a function that fills it: "
+            f"`def forward(module, x): return module(x, {parameter.name}=...)`."
+        )
 
 
 def _key(takes_key: bool, key: Any) -> dict[str, Any]:

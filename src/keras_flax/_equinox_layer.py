@@ -135,6 +135,9 @@ class EquinoxLayer(ModelLayer):
             )
         if not equinox.is_module_class(module_class):
             raise TypeError(_errors.not_an_equinox_class(module_class))
+        _checks.no_layer_arguments(
+            cls, module_class, kwargs, "EquinoxLayer.from_constructor"
+        )
         module, state = equinox.make_with_state(module_class, *args, **kwargs)
         layer = cls(module, state=state, **(layer_kwargs or {}))
         recorded = _serialization.RecordedCall(args, kwargs)

@@ -178,6 +178,9 @@ class FlaxLayer(JaxLayer):
         'flax.nnx.nn.linear:Linear'
         """
         _checks.nnx_class(module_class)
+        _checks.no_layer_arguments(
+            cls, module_class, kwargs, "FlaxLayer.from_nnx"
+        )
         if _sizes.find(layer_kwargs, {}):
             raise ValueError(
                 _errors.input_dim_in_layer_kwargs(sorted(layer_kwargs or {}))

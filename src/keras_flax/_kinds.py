@@ -108,6 +108,14 @@ KINDS = (
 )
 
 
+_LABELS = {
+    "linen": "a Flax linen",
+    "nnx": "a Flax NNX",
+    "nnx-sized": "a Flax NNX",
+    "equinox": "an Equinox",
+}
+
+
 def of(obj: Any, layer: str) -> Kind:
     """The kind of `obj` among those `layer` wraps; refuses anything else.
 
@@ -117,6 +125,21 @@ def of(obj: Any, layer: str) -> Kind:
     for kind in KINDS:
         if kind.layer == layer and kind.accepts(obj):
             return kind
+    other = next(
+        (
+            kind
+            for kind in KINDS
+            if kind.layer not in (layer, "JaxLayer") and kind.accepts(obj)
+        ),
+        None,
+    )
+    if other is not None:
+        raise TypeError(
+            f"`module` of {layer} must be a module {layer} wraps. Received: "
+            f"module={type(obj).__name__}(...), {_LABELS[other.name]} "
+            f"module, which {other.layer} wraps. Fix: "
+            f"`{other.layer}(module)`."
+        )
     if layer == "EquinoxLayer":
         raise TypeError(_errors.not_an_equinox_module(obj))
     raise TypeError(_errors.not_a_module(obj))

@@ -344,6 +344,10 @@ class ModelLayer(keras.layers.Layer):
     def _run(
         self, inputs: PyTree, training: bool = False, *, remat: bool
     ) -> Any:
+        # A frozen layer runs in inference mode, as Keras' own frozen
+        # `BatchNormalization` does: its state (batch statistics, RNG
+        # counts) stays as it is, and dropout is off.
+        training = bool(training) and self.trainable
         try:
             return self._call(inputs, training, remat)
         except _errors.UserCodeError as refused:
@@ -420,8 +424,39 @@ class ModelLayer(keras.layers.Layer):
         if _backends.name() != "jax":
             return super().compute_output_spec(inputs, training=training)
         if not _inputs.unknown_dimensions(inputs):
+            self._refuse_unknown_batch(inputs, training, refused)
             raise refused  # no size to try: the error is the model's
         return self._output_spec_by_sizes(inputs, training, refused.error)
+
+    def _refuse_unknown_batch(
+        self, inputs: PyTree, training: bool, refused: Any
+    ) -> None:
+        """Where the module refused an unknown batch size and runs with a
+        known one (it calls `len()` on its batch), says to give it."""
+        shapes = [
+            _inputs.shape_of(x) for x in jax.tree_util.tree_leaves(inputs)
+        ]
+        if not any(shape and shape[0] is None for shape in shapes):
+            return
+        batched = jax.tree_util.tree_map(
+            lambda x: keras.KerasTensor(
+                (2, *_inputs.shape_of(x)[1:]), dtype=x.dtype
+            ),
+            inputs,
+        )
+        try:
+            self._output_spec(batched, training)
+        except _errors.UserCodeError:
+            return  # not the batch: the module's own error
+        shown = ", ".join(str(shape) for shape in shapes)
+        raise ValueError(
+            f"Layer '{self.name}' cannot run its module with an unknown "
+            f"batch size: on inputs of shape {shown} it raised "
+            f"{type(refused.error).__name__}: {refused.error}; with a known "
+            "batch size it runs. Received: an input whose batch size is "
+            "None. Fix: give the batch size, `keras.Input(shape, "
+            "batch_size=n)` (the module then runs on batches of n)."
+        ) from refused.error
 
     def _output_spec(
         self, inputs: PyTree, training: bool, size: int | None = None

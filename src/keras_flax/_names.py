@@ -219,7 +219,7 @@ def _exact(module: types.ModuleType, qualname: str) -> Any:
 def _callable(obj: Any) -> bool:
     """Whether safe mode lets loading call `obj` with the file's
     arguments."""
-    if isinstance(obj, type) and _is_module_class(obj):
+    if isinstance(obj, type) and is_module_class(obj):
         return True
     return _is_registered(obj) or _public_in(obj, _CALL_MODULES, "optax")
 
@@ -273,7 +273,7 @@ def _library_folders() -> tuple[str, ...]:
     return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
 
 
-def _is_module_class(cls: type) -> bool:
+def is_module_class(cls: type) -> bool:
     """A linen, NNX or Equinox module class (Equinox only when imported)."""
     import flax.linen as nn
     from flax import nnx

@@ -64,6 +64,7 @@ def adapt(
     """
     _checks.nnx_arguments(variables, rng_collections)
     label = type(module).__name__
+    _own(module)
     targets = {
         _variables.path_text(path): (path, leaf)
         for path, leaf in nnx.to_flat_state(nnx.state(module))
@@ -475,6 +476,33 @@ def _new_paths(held: Any, returned: Any) -> list[str]:
     ]
 
 
+def _own(module: Any) -> None:
+    """Moves the module's arrays into buffers of the layer's own, one leaf
+    at a time, re-pointing the module at each as it goes.
+
+    Keras donates its variables' buffers to every compiled step, so the
+    layer holds only buffers it owns: an array nothing else holds is freed
+    as soon as its copy is made (the peak is the parameters and the largest
+    leaf), and one the user still holds apart from the module (an
+    `nnx.clone` made before wrapping, a state snapshot, another layer's
+    module) stays valid. Two attributes holding one array get one buffer
+    each.
+    """
+    state = nnx.state(module)
+    flat = list(nnx.to_flat_state(state))
+    del state
+    while flat:
+        path, leaf = flat.pop()
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            if isinstance(value, jax.Array):
+                leaf.set_value(value.copy())
+        elif isinstance(leaf, jax.Array):
+            copied = nnx.State.from_flat_path({path: leaf.copy()})
+            del leaf
+            nnx.update(module, copied)
+
+
 def _write(target: Any, value: Any) -> None:
     """Points the NNX Variable `target` at `value`.
 
@@ -487,8 +515,10 @@ def _write(target: Any, value: Any) -> None:
     """
     current = target.get_value()
     if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
+        # Key data as JAX's uint32 (PyTorch's tensors of it are int32).
+        data = _variables.uint32_key_data(_backends.own_array(value))
         value = jax.random.wrap_key_data(
-            _backends.own_array(value), impl=jax.random.key_impl(current)
+            data, impl=jax.random.key_impl(current)
         )
     else:
         value = _backends.own_array(value, current.dtype)

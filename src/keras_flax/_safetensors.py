@@ -397,7 +397,8 @@ def _transform_argument(index: int, kind: str, argument: Any) -> Any:
     argument = tuple(argument)
     if kind == "transpose" and sorted(argument) != list(range(len(argument))):
         raise ValueError(
-            f"{where} must be a permutation of the axes 0..n-1. Received: "
+            f"{where} must be a permutation of its axes (each of 0..n-1 "
+            "once). Received: "
             f"{list(argument)}. Fix the rule."
         )
     if kind == "reshape" and (

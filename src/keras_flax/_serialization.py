@@ -199,9 +199,14 @@ def _encode(value: Any, path: str) -> Any:
         return value
     if isinstance(value, nn.Module):
         return _module_config(value, path)
+    if _is_namedtuple(value):
+        return _record_config(value, path)
     if isinstance(value, (tuple, list)):
         items = [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return {_TAG: type(value).__name__, "items": items}
+        return {
+            _TAG: "tuple" if isinstance(value, tuple) else "list",
+            "items": items,
+        }
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         items = {k: _encode(v, f"{path}.{k}") for k, v in value.items()}
         return {_TAG: "dict", "items": items}
@@ -224,9 +229,69 @@ def _encode(value: Any, path: str) -> Any:
         return {_TAG: "prng_key"}
     if _is_factory_closure(value):
         return _closure_config(value, path)
+    if _is_dataclass(value):
+        return _record_config(value, path)
     if callable(value):
         return {_TAG: "object", "path": _import_path(value, path)}
     raise UnserializableError(_errors.unserializable(path, value))
+
+
+def _is_namedtuple(value: Any) -> bool:
+    """A NamedTuple instance: saved as its class and fields."""
+    return isinstance(value, tuple) and _fields(type(value)) is not None
+
+
+def _fields(cls: type) -> tuple[str, ...] | None:
+    """A NamedTuple class's field names (its documented `_fields`)."""
+    return getattr(cls, "_fields", None)
+
+
+def _is_dataclass(value: Any) -> bool:
+    """A dataclass instance, not a module: saved as its class and fields."""
+    return (
+        dataclasses.is_dataclass(value)
+        and not isinstance(value, type)
+        and not _names.is_module_class(type(value))
+    )
+
+
+def _record_config(value: Any, path: str) -> dict[str, Any]:
+    cls = type(value)
+    if isinstance(value, tuple):
+        names = _fields(cls) or ()
+        kind, fields = "namedtuple", dict(zip(names, value, strict=True))
+    else:
+        kind = "dataclass"
+        fields = {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+    return {
+        _TAG: kind,
+        "class": _import_path(cls, path),
+        "fields": {k: _encode(v, f"{path}.{k}") for k, v in fields.items()},
+    }
+
+
+def _decode_record(config: dict[str, Any], path: str) -> Any:
+    """A NamedTuple or dataclass from its class and fields; the class is
+    resolved as what a model may name, and must be of that kind."""
+    cls = _names.resolve(config.get("class"), f"{path}.class")
+    kind = config[_TAG]
+    fits = isinstance(cls, type) and (
+        (issubclass(cls, tuple) and _fields(cls) is not None)
+        if kind == "namedtuple"
+        else dataclasses.is_dataclass(cls) and not _names.is_module_class(cls)
+    )
+    if not fits:
+        raise ValueError(
+            f"The saved config entry `{path}` names {config.get('class')} as "
+            f"a {kind} class, which it is not. The file was altered or is "
+            "corrupted; it was not loaded."
+        )
+    fields = _entry(config, "fields", dict, path)
+    return cls(**{k: _decode(v, f"{path}.{k}") for k, v in fields.items()})
 
 
 def _is_key(value: Any) -> Any:
@@ -382,6 +447,8 @@ def _decode(config: Any, path: str) -> Any:
         return jax.random.PRNGKey(0)
     if kind == "module":
         return _decode_module(config, path)
+    if kind in ("namedtuple", "dataclass"):
+        return _decode_record(config, path)
     raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 

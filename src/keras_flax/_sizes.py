@@ -107,13 +107,29 @@ def fill(
 
 
 def _walk(value: Any, fn: Callable[[InputDim], Any]) -> Any:
-    """`value` with each placeholder in it replaced by `fn(placeholder)`;
-    lists, tuples and dicts are looked into, any other object (an
-    `nnx.Rngs`, a dtype) kept as it is."""
+    """`value` with each placeholder in it replaced by `fn(placeholder)`.
+
+    Lists, tuples, NamedTuples and dicts are looked into; a container is
+    rebuilt, as its own type, only where a placeholder was replaced inside
+    it, and is otherwise returned as it is (the same object). Any other
+    object (an `nnx.Rngs`, a dtype, a dataclass) is kept as it is.
+    """
     if is_input_dim(value):
         return fn(value)
     if isinstance(value, (list, tuple)):
-        return type(value)(_walk(item, fn) for item in value)
+        items = [_walk(item, fn) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        # A NamedTuple (its documented `_fields`) takes its fields apart.
+        if (
+            isinstance(value, tuple)
+            and getattr(type(value), "_fields", None) is not None
+        ):
+            return type(value)(*items)  # a NamedTuple
+        return type(value)(items)
     if isinstance(value, dict):
-        return {key: _walk(item, fn) for key, item in value.items()}
+        items = {key: _walk(item, fn) for key, item in value.items()}
+        if all(items[key] is item for key, item in value.items()):
+            return value
+        return type(value)(items)
     return value

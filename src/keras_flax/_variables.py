@@ -278,7 +278,9 @@ class VariableTree:
     def unflatten_leaves(self, leaves: Iterable[Any]) -> Any:
         """The PyTree of array `leaves` (leaf order)."""
         return self.unflatten(
-            jax.random.wrap_key_data(_uint32_data(v), impl=impl) if impl else v
+            jax.random.wrap_key_data(uint32_key_data(v), impl=impl)
+            if impl
+            else v
             for v, impl in zip(leaves, self._key_impls, strict=True)
         )
 
@@ -356,7 +358,7 @@ def changed_leaves(
     ]
 
 
-def _uint32_data(value: Any) -> Any:
+def uint32_key_data(value: Any) -> Any:
     """Key data held by a variable as JAX's `uint32` array: another
     backend's, read eagerly, is converted (TensorFlow's variable; PyTorch's
     integer tensor, PyTorch having no `uint32`)."""

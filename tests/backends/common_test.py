@@ -253,6 +253,33 @@ def test_nnx_module_trains_like_nnx_and_the_module_follows():
     )
 
 
+class WithDropout(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 2, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.linear(x))
+
+
+def test_the_module_of_a_layer_with_rng_streams_reads_after_predict():
+    """RNG key data comes back from every backend's variables as JAX's
+    uint32 key data (PyTorch holds it as int32)."""
+    module = WithDropout(nnx.Rngs(0))
+    expected = np.array(jax.random.key_data(module.drop.rngs.key[...]))
+    layer = FlaxLayer(module)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.predict(data(8, 4), verbose=0)
+    module = layer.module
+    np.testing.assert_array_equal(
+        jax.random.key_data(module.drop.rngs.key[...]), expected
+    )
+    module.eval()
+    np.testing.assert_allclose(
+        model.predict(data(8, 4), verbose=0), module(data(8, 4)), rtol=1e-6
+    )
+
+
 def test_lazy_and_input_sized_modules_build_and_train_as_nnx_does():
     x, y = data(8, 5), data(8, 2, seed=1)
     bridged = FlaxLayer(nnx.bridge.ToNNX(nn.Dense(3), rngs=nnx.Rngs(0)))
