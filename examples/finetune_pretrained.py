@@ -12,10 +12,10 @@
 3. Fine-tunes the adapters with `fit` under `keras.distribution.
    DataParallel` on a shifted task (every image moved two pixels right and
    one down).
-4. Merges the adapters into the kernels, saves the merged weights with
-   `save_safetensors(..., rules="torch")`, and loads them into a fresh
-   PyTorch model (`load_state_dict(strict=True)`), which then predicts as
-   the fine-tuned Keras model does.
+4. Saves the weights with the adapters merged into the kernels
+   (`save_safetensors(..., rules="torch", merge_lora=True)`), and loads
+   them into a fresh PyTorch model (`load_state_dict(strict=True)`),
+   which then predicts as the fine-tuned Keras model does.
 """
 
 import keras_flax  # noqa: F401, I001  (first: selects the JAX backend)
@@ -100,21 +100,6 @@ def pretrain_in_torch(hidden, epochs, train, seed):
     return model.eval()
 
 
-def merged(lora_module, hidden, seed):
-    """A plain `Classifier` holding each kernel plus its adapters'
-    product (`nnx.LoRALinear` adds `x @ lora_a @ lora_b`)."""
-    plain = Classifier(hidden, nnx.Rngs(seed))
-    for name in ("hidden", "out"):
-        source, target = getattr(lora_module, name), getattr(plain, name)
-        lora = source.lora
-        kernel = source.kernel.get_value()
-        kernel = kernel + lora.lora_a.get_value() @ lora.lora_b.get_value()
-        target.kernel.set_value(kernel)
-        target.bias.set_value(source.bias.get_value())
-    nnx.update(plain.norm, nnx.state(lora_module.norm))
-    return plain
-
-
 def run(hidden=64, rank=4, pretrain_epochs=20, finetune_epochs=10, seed=0):
     """Steps 1-4; returns the numbers it prints."""
     keras.utils.set_random_seed(seed)
@@ -165,10 +150,10 @@ def run(hidden=64, rank=4, pretrain_epochs=20, finetune_epochs=10, seed=0):
         numbers["fine-tuned accuracy, shifted task"] = accuracy(logits, y_test)
         keras.distribution.set_distribution(None)
 
-        # 4. Adapters merged, saved for PyTorch, loaded strictly there.
-        export = FlaxLayer(merged(layer.module, hidden, seed), name="merged")
+        # 4. Adapters merged into the kernels (`kernel + lora_a @ lora_b`),
+        # saved for PyTorch, loaded strictly there.
         out = os.path.join(folder, "finetuned.safetensors")
-        save_safetensors(export, out, rules="torch")
+        save_safetensors(layer, out, rules="torch", merge_lora=True)
         finetuned = TorchClassifier(hidden).eval()
         finetuned.load_state_dict(safetensors.torch.load_file(out), strict=True)
         torch_shifted = torch_logits(finetuned, shifted(x_test))

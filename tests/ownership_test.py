@@ -229,3 +229,28 @@ def test_a_frozen_layer_changes_none_of_its_state_in_fit():
         np.asarray(reference(X)),
         rtol=1e-6,
     )
+
+
+class Doubling(nnx.Module):
+    """Arrays in an immutable container (`nnx.data((a, b))`, as NNX's own
+    error message recommends), one of them updated by each call."""
+
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 2, rngs=rngs)
+        self.masks = nnx.data((jax.numpy.ones(2), jax.numpy.zeros(2)))
+
+    def __call__(self, x):
+        self.masks = (self.masks[0] * 2, self.masks[1])
+        return self.linear(x) * self.masks[0] + self.masks[1]
+
+
+def test_arrays_in_an_immutable_container_are_written_back():
+    module = Doubling(nnx.Rngs(0))
+    reference = nnx.clone(module)
+    model = _model(FlaxLayer(module))
+    model.compile("sgd", "mse")
+    model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for _ in range(2):  # two steps, as plain NNX
+        reference(X[:8])
+    assert type(module.masks) is tuple
+    _assert_same(module.masks, _copies(reference.masks))

@@ -630,3 +630,85 @@ def test_finetune_pretrained_example_round_trips_through_torch():
     )
     # Two LoRA layers of rank 2 (64 -> 16 -> 10) train; the rest does not.
     assert numbers["trainable parameters"] == (64 + 16) * 2 + (16 + 10) * 2
+
+
+class LoRANet(nnx.Module):
+    """LoRA both ways NNX holds it: `LoRALinear`, and `LoRA` around a base
+    module."""
+
+    def __init__(self, rngs, lora=True):
+        if lora:
+            self.q = nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs)
+            self.w = nnx.LoRA(
+                4, 2, 3, base_module=nnx.Linear(4, 3, rngs=rngs), rngs=rngs
+            )
+        else:
+            self.q = nnx.Linear(4, 3, rngs=rngs)
+            self.w = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.q(x) + self.w(x)
+
+
+class PlainNet(nnx.Module):
+    """The base architecture of `LoRANet`, named as its file is."""
+
+    def __init__(self, rngs):
+        self.q = nnx.Linear(4, 3, rngs=rngs)
+        self.w = nnx.Module()
+        self.w.base_module = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.q(x) + self.w.base_module(x)
+
+
+def _trained_lora():
+    module = LoRANet(nnx.Rngs(0))
+    for lora in (module.q.lora, module.w):  # adapters as after training
+        lora.lora_b.set_value(jnp.full(lora.lora_b.get_value().shape, 0.3))
+    return FlaxLayer(module, wrt=nnx.LoRAParam)
+
+
+def test_merge_lora_writes_the_base_architectures_weights(tmp_path):
+    layer = _trained_lora()
+    path = str(tmp_path / "merged.safetensors")
+    report = save_safetensors(layer, path, merge_lora=True)
+    assert report["left_out"] == []
+    assert report["written"] == [
+        "q/bias",
+        "q/kernel",
+        "w/base_module/bias",
+        "w/base_module/kernel",
+    ]
+    plain = FlaxLayer(PlainNet(nnx.Rngs(1)))
+    load_safetensors(plain, path)  # strict: every key placed
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(
+        keras_out(plain, x), keras_out(layer, x), rtol=1e-5, atol=1e-6
+    )
+    # Ground truth: the adapters' product added to the kernels.
+    q = layer.module.q
+    expected = q.kernel[...] + q.lora.lora_a[...] @ q.lora.lora_b[...]
+    with safetensors.safe_open(path, "numpy") as f:
+        np.testing.assert_allclose(
+            f.get_tensor("q/kernel"), expected, rtol=1e-6
+        )
+
+
+def test_lora_adapters_are_never_silently_written_for_torch(tmp_path):
+    layer = _trained_lora()
+    path = str(tmp_path / "t.safetensors")
+    with pytest.warns(
+        UserWarning, match=r"left out the LoRA adapters.*merge_lora"
+    ):
+        report = save_safetensors(layer, path, rules="torch")
+    assert report["left_out"] == [
+        "q/lora/lora_a",
+        "q/lora/lora_b",
+        "w/lora_a",
+        "w/lora_b",
+    ]
+    assert not any("lora" in key for key in report["written"])
+    # Under the layer's own names they are written (and read back).
+    own = save_safetensors(layer, str(tmp_path / "own.safetensors"))
+    assert "q/lora/lora_a" in own["written"] and own["left_out"] == []

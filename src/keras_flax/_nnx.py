@@ -498,9 +498,36 @@ def _own(module: Any) -> None:
             if isinstance(value, jax.Array):
                 leaf.set_value(value.copy())
         elif isinstance(leaf, jax.Array):
-            copied = nnx.State.from_flat_path({path: leaf.copy()})
+            copied = leaf.copy()
             del leaf
-            nnx.update(module, copied)
+            _set_leaf(module, path, copied)
+
+
+def _set_leaf(module: Any, path: tuple[Any, ...], value: Any) -> None:
+    """Sets the plain array at `path` of `module`'s graph to `value`; an
+    immutable container on the way (a tuple in `nnx.data((a, b))`) is
+    rebuilt, as its own type, holding it."""
+    nodes = [module]
+    for key in path[:-1]:
+        node = nodes[-1]
+        nodes.append(node[key] if _indexed(node) else getattr(node, key))
+    for node, key in zip(reversed(nodes), reversed(path), strict=True):
+        if not isinstance(node, tuple):
+            if _indexed(node):
+                node[key] = value
+            else:
+                setattr(node, key, value)
+            return
+        items = list(node)
+        items[key] = value
+        # A NamedTuple (its documented `_fields`) takes its fields apart.
+        named = getattr(type(node), "_fields", None) is not None
+        value = type(node)(*items) if named else type(node)(items)
+
+
+def _indexed(node: Any) -> bool:
+    """Whether a graph node holds its children by index or key."""
+    return isinstance(node, (list, tuple, dict, nnx.List, nnx.Dict))
 
 
 def _write(target: Any, value: Any) -> None:
@@ -530,5 +557,4 @@ def _write_attribute(
 ) -> None:
     """Sets the plain array attribute at `path` of `module` to `value`
     (see `_write`)."""
-    value = _backends.own_array(value, dtype)
-    nnx.update(module, nnx.State.from_flat_path({path: value}))
+    _set_leaf(module, path, _backends.own_array(value, dtype))

@@ -221,7 +221,9 @@ def save_safetensors(
     layer: keras.layers.Layer,
     filepath: str | os.PathLike,
     rules: str | list | None = None,
-) -> None:
+    *,
+    merge_lora: bool = False,
+) -> dict:
     """Writes a built layer's weights to a safetensors file.
 
     The inverse of `load_safetensors`: `rules` rename the layer's weight
@@ -236,6 +238,22 @@ def save_safetensors(
         rules: None, `"torch"`, or an ordered list of
             `(regex, replacement[, transforms])` entries and `"torch"`,
             matched against the layer's weight names.
+        merge_lora: if True, each LoRA adapter pair (`.../lora_a`,
+            `.../lora_b`, as `nnx.LoRALinear` and `nnx.LoRA` hold them) is
+            merged into the kernel it adapts (`kernel + lora_a @ lora_b`)
+            and not written, so the file holds the base architecture's
+            weights. If False, adapters are written under their own names,
+            except under PyTorch's conventions (`"torch"`), which have no
+            place for them: there they are left out, with a warning, and
+            listed in the result.
+
+    Returns:
+        A dict: `written` (the file's keys) and `left_out` (weight names
+        not written: LoRA adapters under `"torch"` without `merge_lora`).
+
+    Raises:
+        ValueError: two weights renamed to one key, or an adapter pair
+            that `merge_lora` finds no kernel for.
 
     The file is written beside `filepath` under a temporary name and then
     moved onto it: an existing file is replaced whole, keeping its
@@ -245,13 +263,35 @@ def save_safetensors(
     save_file = _safetensors().flax.save_file
     held, shorts = _held(layer, "save_safetensors")
     rule_list = _rules(rules)
+    adapters = _lora_pairs(held)
+    if merge_lora:
+        for kernel, (a, b) in adapters.items():
+            if kernel == a:  # no kernel of the adapters' product's shape
+                _merged(held[a], held[a], held[b])  # raises, naming them
+    left_out = []
+    if not merge_lora and _uses_torch(rule_list):
+        left_out = sorted(name for pair in adapters.values() for name in pair)
+        if left_out:
+            warnings.warn(
+                f"save_safetensors left out the LoRA adapters {left_out}: "
+                "PyTorch's conventions have no place for them. Pass "
+                "`merge_lora=True` to merge them into their kernels (the "
+                "base architecture then loads the file strictly).",
+                stacklevel=2,
+            )
     tensors = {}
     shorts = {full: short for short, full in shorts.items()}
     for name, holder in held.items():
+        if name in left_out or (
+            merge_lora and any(name in pair for pair in adapters.values())
+        ):
+            continue
         key, transforms = _place_save(name, holder, shorts, rule_list)
         if key in tensors:
             raise ValueError(_errors.checkpoint_duplicate("rules", key, name))
         value = jnp.asarray(_backends.to_jax(holder.value))
+        if merge_lora and name in adapters:
+            value = _merged(value, *(held[n] for n in adapters[name]))
         tensors[key] = _transform(value, transforms)
     if _uses_torch(rule_list):
         tensors.update(_torch_counters(tensors))
@@ -260,6 +300,56 @@ def save_safetensors(
         os.fspath(filepath),
         lambda path: save_file(tensors, path, metadata={"format": fmt}),
     )
+    return {"written": sorted(tensors), "left_out": left_out}
+
+
+def _lora_pairs(held: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Kernel name -> `(lora_a name, lora_b name)` of each LoRA adapter
+    pair: `nnx.LoRALinear`'s (`q/lora/lora_a` adapts `q/kernel`) and
+    `nnx.LoRA`'s around a base module (`w/lora_a` adapts
+    `w/base_module/kernel`). A pair with no kernel of the product's shape
+    maps from its own `lora_a` name (merging refuses it)."""
+    pairs = {}
+    for name in held:
+        if not name.endswith("lora_a"):
+            continue
+        prefix = name[: -len("lora_a")]
+        other = prefix + "lora_b"
+        if other not in held:
+            continue
+        a, b = held[name], held[other]
+        shape = (tuple(a.shape)[0], tuple(b.shape)[-1])
+        parent = prefix.rstrip("/").rpartition("/")[0]
+        candidates = [
+            f"{parent}/kernel" if parent else "kernel",
+            f"{prefix}base_module/kernel",
+        ]
+        kernel = next(
+            (
+                c
+                for c in candidates
+                if c in held and tuple(held[c].shape) == shape
+            ),
+            name,
+        )
+        pairs[kernel] = (name, other)
+    return pairs
+
+
+def _merged(kernel: Any, lora_a: Any, lora_b: Any) -> Any:
+    """`kernel + lora_a @ lora_b`, in float32, in the kernel's dtype."""
+    a = jnp.asarray(_backends.to_jax(lora_a.value), jnp.float32)
+    b = jnp.asarray(_backends.to_jax(lora_b.value), jnp.float32)
+    if kernel.shape != (a.shape[0], b.shape[-1]):
+        raise ValueError(
+            f"save_safetensors(merge_lora=True) found the LoRA adapters "
+            f"{lora_a.path!r} and {lora_b.path!r} but no kernel of shape "
+            f"{(a.shape[0], b.shape[-1])} they adapt (beside them as "
+            "`kernel`, or in `base_module`). Received: a kernel of shape "
+            f"{tuple(kernel.shape)}. Save without `merge_lora` (their own "
+            "names), or merge them by hand."
+        )
+    return (kernel.astype(jnp.float32) + a @ b).astype(kernel.dtype)
 
 
 def _write_replacing(filepath: str, write: Any) -> None:
