@@ -181,3 +181,21 @@ def test_sharded_initialisation_memory_shards_and_checkpoint():
     ]
     assert result["slice_shapes"] == [[256, 32]] * 32
     assert result["loaded_diff"] == 0.0
+
+
+def test_an_nnx_module_held_whole_keeps_each_device_to_its_shards():
+    """The user made the module whole (on device 0) and still holds it:
+    after build it is re-pointed at the sharded arrays, and per device the
+    live bytes stay within params / 8 + the replicated leaves + the
+    largest leaf, after build, after `fit` (plus Adam's two moments of
+    that share) and after `load_safetensors`."""
+    result = _scenario("nnx_sharded_memory")
+    replicated = result["params_bytes"] - result["sharded_bytes"]
+    share = result["sharded_bytes"] / 8 + replicated
+    bound = share + result["largest_bytes"]
+    assert result["module_kernel_shard"] == [512, 64]
+    assert result["built"] <= bound, result
+    assert result["fitted"] <= bound + 2 * share, result
+    assert result["loaded"] <= bound + 2 * share, result
+    # A whole copy on one device would not fit.
+    assert result["params_bytes"] > bound

@@ -1,7 +1,8 @@
 """Tripwires: what a crafted file would reach for, replaced by functions
 that record the call and run nothing.
 
-`armed()` replaces `os.system` and its kin, `subprocess`'s runners,
+`armed()` replaces, under every name a loaded module has for them,
+`os.system` and its kin, `subprocess`'s runners,
 `builtins.exec`/`eval`, NumPy's file-writing functions, and
 `importlib.import_module` and `__import__` of a module not yet imported
 (importing one already imported runs no code); it yields the list of the
@@ -71,13 +72,25 @@ def armed():
 
         return wire
 
+    wires = {}
     for owner, names in WIRED.items():
         for name in names:
             if hasattr(owner, name):
                 original = getattr(owner, name)
-                saved.append((owner, name, original))
-                wire = tripwire(f"{owner.__name__}.{name}", original)
-                setattr(owner, name, wire)
+                label = f"{owner.__name__}.{name}"
+                wires[id(original)] = tripwire(label, original)
+    # Every module's name for an original is rewired (`np.lib.npyio.save`
+    # is `np.save`; `posix.system` is `os.system`).
+    for module in list(sys.modules.values()):
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for key, value in list(namespace.items()):
+            wire = wires.get(id(value))
+            if wire is not None and value is not wire:
+                saved.append((namespace, key, value))
+                namespace[key] = wire
     real_import = builtins.__import__
     real_import_module = importlib.import_module
 
@@ -100,5 +113,5 @@ def armed():
     finally:
         builtins.__import__ = real_import
         importlib.import_module = real_import_module
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        for namespace, key, value in saved:
+            namespace[key] = value

@@ -253,6 +253,9 @@ class ModelLayer(keras.layers.Layer):
         self._saved_unused = plan.unused
         self._built_spec = plan.spec
         self._input_record = None
+        # The user's module re-pointed at the values as laid out (under a
+        # distribution, its shards: no whole copy stays on a device).
+        self._weights.write_back()
         mode = self.quantization_mode
         if mode is not None and not getattr(self, "_is_quantized", False):
             # A quantized layer loaded: built float, quantized, then filled

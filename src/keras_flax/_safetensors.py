@@ -733,10 +733,13 @@ def _read_cast(checkpoint: Any, item: Any, holder: Any) -> Any:
     by_slice = all(kind != "reshape" for kind, _ in item.transforms)
 
     def shard(index: Any) -> np.ndarray:
+        # Host copies: a NumPy view would keep the slice read onto the
+        # default device alive beside the shard made from it.
         if not by_slice:  # a reshape moves elements across slices
             whole = _transform(checkpoint.tensor(item.key), item.transforms)
-            return np.asarray(whole[index].astype(dtype))
-        return np.asarray(_read_slice(checkpoint, item, index).astype(dtype))
+            return np.array(whole[index].astype(dtype), copy=True)
+        value = _read_slice(checkpoint, item, index).astype(dtype)
+        return np.array(value, copy=True)
 
     return jax.make_array_from_callback(item.shape, sharding, shard)
 
