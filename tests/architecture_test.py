@@ -62,20 +62,40 @@ def test_no_private_name_of_keras_jax_or_flax_outside_private_py():
     assert reached == []
 
 
+def _imported_names(tree):
+    """The names a file binds by importing (modules and their members)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
 def test_stack_walks_and_process_wide_swaps_are_in_private_py_alone():
     # Reading the call stack, setting attributes of other packages'
     # modules (Flax's `avg_pool`) and jax2onnx's internals are hacks: they
     # live in `_private.py`, behind a guard with a fallback.
+    # (`setattr` on an object of the user's, an NNX module's node, is not
+    # such a swap: only a target rooted at an imported name is.)
     frames = {"currentframe", "_getframe", "f_back", "f_globals"}
     reached = []
     for name, tree in SOURCES.items():
         if name == "_private.py":
             continue
+        imported = _imported_names(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in frames:
                 reached.append(f"{name}: .{node.attr}")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                if node.func.id == "setattr":
+                target = node.args[0] if node.args else None
+                while isinstance(target, ast.Attribute):
+                    target = target.value
+                on_import = (
+                    isinstance(target, ast.Name) and target.id in imported
+                )
+                if node.func.id == "setattr" and on_import:
                     reached.append(f"{name}: {ast.unparse(node)}")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [a.name for a in node.names]
