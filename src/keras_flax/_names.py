@@ -32,6 +32,8 @@ A name that breaks a rule is refused before anything is called, naming the
 config entry, the name and the fix.
 """
 
+import dataclasses
+import enum
 import functools
 import importlib
 import os
@@ -108,6 +110,31 @@ def resolve_class(name: Any, entry: str, base: type, api: str) -> type:
             f"The saved layer config names {name} as its module class, which "
             f"is not a {api}.Module class. The file may be corrupted or "
             "crafted; it was not loaded."
+        )
+    return cls
+
+
+def resolve_data_class(name: Any, entry: str, kind: str) -> type:
+    """The class of a saved value of `kind`, resolved as a module class
+    is (exact, imported), and of that kind: `"namedtuple"` (a NamedTuple
+    class: its generated constructor), `"dataclass"` (a frozen dataclass)
+    or `"enum"` (an `enum.Enum`: a member is looked up, nothing called)."""
+    cls = _resolve(name, entry, check=False)
+    fits = isinstance(cls, type) and (
+        (issubclass(cls, tuple) and getattr(cls, "_fields", None) is not None)
+        if kind == "namedtuple"
+        else issubclass(cls, enum.Enum)
+        if kind == "enum"
+        else dataclasses.is_dataclass(cls)
+        and cls.__dataclass_params__.frozen  # pyright: ignore
+        and not is_module_class(cls)
+    )
+    if not fits:
+        what = {"dataclass": "frozen dataclass"}.get(kind, kind)
+        raise RefusedName(
+            f"The saved config entry `{entry}` names {name} as a {what} "
+            "class, which it is not. The file was altered or is corrupted; "
+            "it was not loaded."
         )
     return cls
 

@@ -13,6 +13,7 @@ arguments). Nothing is unpickled.
 """
 
 import dataclasses
+import enum
 import functools
 import inspect
 import sys
@@ -210,6 +211,12 @@ def _encode(value: Any, path: str) -> Any:
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         items = {k: _encode(v, f"{path}.{k}") for k, v in value.items()}
         return {_TAG: "dict", "items": items}
+    if isinstance(value, enum.Enum):
+        return {
+            _TAG: "enum",
+            "class": _import_path(type(value), path),
+            "name": value.name,
+        }
     if _is_dtype(value):
         dtype: Any = value
         return {_TAG: "dtype", "name": np.dtype(dtype).name}
@@ -247,10 +254,12 @@ def _fields(cls: type) -> tuple[str, ...] | None:
 
 
 def _is_dataclass(value: Any) -> bool:
-    """A dataclass instance, not a module: saved as its class and fields."""
+    """A frozen dataclass instance, not a module: saved as its class and
+    fields (a mutable one is not a configuration)."""
     return (
         dataclasses.is_dataclass(value)
         and not isinstance(value, type)
+        and type(value).__dataclass_params__.frozen  # pyright: ignore
         and not _names.is_module_class(type(value))
     )
 
@@ -275,21 +284,10 @@ def _record_config(value: Any, path: str) -> dict[str, Any]:
 
 
 def _decode_record(config: dict[str, Any], path: str) -> Any:
-    """A NamedTuple or dataclass from its class and fields; the class is
-    resolved as what a model may name, and must be of that kind."""
-    cls = _names.resolve(config.get("class"), f"{path}.class")
+    """A NamedTuple or frozen dataclass from its class and fields; the
+    class is resolved as a module class is, and must be of that kind."""
     kind = config[_TAG]
-    fits = isinstance(cls, type) and (
-        (issubclass(cls, tuple) and _fields(cls) is not None)
-        if kind == "namedtuple"
-        else dataclasses.is_dataclass(cls) and not _names.is_module_class(cls)
-    )
-    if not fits:
-        raise ValueError(
-            f"The saved config entry `{path}` names {config.get('class')} as "
-            f"a {kind} class, which it is not. The file was altered or is "
-            "corrupted; it was not loaded."
-        )
+    cls = _names.resolve_data_class(config.get("class"), f"{path}.class", kind)
     fields = _entry(config, "fields", dict, path)
     return cls(**{k: _decode(v, f"{path}.{k}") for k, v in fields.items()})
 
@@ -449,6 +447,16 @@ def _decode(config: Any, path: str) -> Any:
         return _decode_module(config, path)
     if kind in ("namedtuple", "dataclass"):
         return _decode_record(config, path)
+    if kind == "enum":
+        cls = _names.resolve_data_class(config.get("class"), path, "enum")
+        member = _entry(config, "name", str, path)
+        if member not in cls.__members__:
+            raise ValueError(
+                f"The saved config entry `{path}` names the member {member!r}"
+                f" of {cls.__name__}, which has none of that name. The file "
+                "was altered, or saved with another version of that code."
+            )
+        return cls.__members__[member]
     raise ValueError(_errors.unknown_config_kind(path, kind, config))
 
 
