@@ -176,13 +176,14 @@ def load_safetensors(
             if bad:
                 raise ValueError(_nonfinite_message(bad, "refused"))
         # Checked: from here on, only writes.
-        bad = []
+        flags = []
         for item in items:
             holder = held[item.name]
             value = _read(checkpoint, item, holder)
-            if nonfinite == "warn" and not _all_finite(value):
-                bad.append(item.key)
+            if nonfinite == "warn":
+                flags.append((item.key, _finite_flag(value)))
             holder.assign(value)
+        bad = [key for key, finite in flags if not bool(finite)]
     if hasattr(layer, "sync_module"):
         layer.sync_module()
     if bad:
@@ -202,9 +203,16 @@ def _finite(checkpoint: Any, item: Any, held: Any) -> bool:
 
 
 def _all_finite(value: Any) -> bool:
+    return bool(_finite_flag(value))
+
+
+def _finite_flag(value: Any) -> Any:
+    """Whether every element is finite, as a device scalar: computed
+    asynchronously, read when needed (reading it at once would wait for
+    each tensor in turn)."""
     if not jnp.issubdtype(value.dtype, jnp.inexact):
         return True
-    return bool(jnp.all(jnp.isfinite(value)))
+    return jnp.isfinite(value).all()
 
 
 def _nonfinite_message(keys: list[str], what: str) -> str:
