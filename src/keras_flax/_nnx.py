@@ -496,11 +496,17 @@ def _own(module: Any) -> None:
         if isinstance(leaf, nnx.Variable):
             value = leaf.get_value()
             if isinstance(value, jax.Array):
-                leaf.set_value(value.copy())
+                leaf.set_value(_copy(value))
         elif isinstance(leaf, jax.Array):
-            copied = leaf.copy()
+            copied = _copy(leaf)
             del leaf
             _set_leaf(module, path, copied)
+
+
+def _copy(array: jax.Array) -> jax.Array:
+    """A copy in a buffer of its own, where `array` is laid out (a buffer
+    copy: no program run)."""
+    return jax.device_put(array, may_alias=False)
 
 
 def _set_leaf(module: Any, path: tuple[Any, ...], value: Any) -> None:
