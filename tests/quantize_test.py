@@ -419,6 +419,64 @@ def test_stablehlo_export_carries_the_integer_weights(tmp_path):
     )
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and MLP, with residuals."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.SelfAttention(num_heads=2, qkv_features=16)(nn.LayerNorm()(x))
+        x = x + h
+        h = nn.gelu(nn.Dense(32)(nn.LayerNorm()(x)))
+        return x + nn.Dense(16)(h)
+
+
+@pytest.mark.slow
+def test_the_stablehlo_artifact_serves_what_predict_gives(tmp_path):
+    """Of a quantized Transformer block, in every mode, compiled as users
+    compile (XLA's default options, in a process of its own: the tests'
+    lowest optimisation level folds nothing): the artifact's weights are
+    constants behind an optimization barrier, so XLA computes as `predict`
+    does, activation quantization included."""
+    code = """
+        import os
+        os.environ.pop("XLA_FLAGS", None)
+        import jax
+        jax.devices()  # XLA starts with its defaults, before conftest's
+        import sys
+        import jax.numpy as jnp
+        import keras_flax, keras
+        import numpy as np
+        from tests import quantize_test as q
+        from tests.conftest import data
+        for case in sorted(q.MODES):
+            mode, config, _ = q.MODES[case]
+            inputs = keras.Input((8, 16))
+            layer = keras_flax.FlaxLayer(q.TransformerBlock(), seed=0)
+            model = keras.Model(inputs, layer(inputs))
+            x = data(4, 8, 16)
+            model.quantize(mode, config=config)
+            exported = keras_flax.export_stablehlo(
+                model, f"{sys.argv[1]}/{case}.hlo", verbose=False
+            )
+            served = np.asarray(exported.call(jnp.asarray(x)))
+            gap = np.abs(served - model.predict(x, verbose=0)).max()
+            print(case, float(gap))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(MODES), result.stderr[-3000:]
+    gaps = dict(line.split() for line in lines)
+    assert gaps == {case: "0.0" for case in MODES}, gaps
+
+
 def test_int4_stablehlo_export_predicts_what_the_layer_does(tmp_path):
     model, _ = linen_model()
     x = data(4, 16)

@@ -56,10 +56,17 @@ def export_stablehlo(
         raise ValueError(_errors.bad_input_signature(input_signature))
     specs = _backends.symbolic_structs(input_signature)
 
+    variables = list(model.variables)
+
     def serve(inputs: PyTree) -> Any:
-        # The weights' current values become the artifact's constants; a
+        # The weights' current values become the artifact's constants,
+        # behind an optimization barrier: XLA computes with them as
+        # `predict` does with its parameters, not folding them into the
+        # program (an int8 activation rounded once otherwise differs). A
         # `StatelessScope` keeps any state update from being written.
-        with keras.StatelessScope():
+        values = jax.lax.optimization_barrier([v.value for v in variables])
+        mapping = list(zip(variables, values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
             return model(inputs, training=False)
 
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(specs)
