@@ -526,9 +526,7 @@ def _set_leaf(module: Any, path: tuple[Any, ...], value: Any) -> None:
             return
         items = list(node)
         items[key] = value
-        # A NamedTuple (its documented `_fields`) takes its fields apart.
-        named = getattr(type(node), "_fields", None) is not None
-        value = type(node)(*items) if named else type(node)(items)
+        value = _sizes.rebuilt(node, items)
 
 
 def _indexed(node: Any) -> bool:

@@ -120,16 +120,19 @@ def _walk(value: Any, fn: Callable[[InputDim], Any]) -> Any:
         items = [_walk(item, fn) for item in value]
         if all(new is old for new, old in zip(items, value, strict=True)):
             return value
-        # A NamedTuple (its documented `_fields`) takes its fields apart.
-        if (
-            isinstance(value, tuple)
-            and getattr(type(value), "_fields", None) is not None
-        ):
-            return type(value)(*items)  # a NamedTuple
-        return type(value)(items)
+        return rebuilt(value, items)
     if isinstance(value, dict):
         items = {key: _walk(item, fn) for key, item in value.items()}
         if all(items[key] is item for key, item in value.items()):
             return value
         return type(value)(items)
     return value
+
+
+def rebuilt(container: list | tuple, items: list[Any]) -> Any:
+    """A list or tuple of `container`'s own type holding `items` (a
+    NamedTuple, by its documented `_fields`, takes them apart)."""
+    named = getattr(type(container), "_fields", None) is not None
+    if isinstance(container, tuple) and named:
+        return type(container)(*items)
+    return type(container)(items)
