@@ -199,3 +199,12 @@ def test_an_nnx_module_held_whole_keeps_each_device_to_its_shards():
     assert result["loaded"] <= bound + 2 * share, result
     # A whole copy on one device would not fit.
     assert result["params_bytes"] > bound
+
+
+def test_user_copies_survive_a_relayout():
+    """Arrays the user holds apart from the layer survive the relayout
+    onto the mesh and every Keras call (SPEC 13.1)."""
+    cases = ["linen variables", "nnx clone", "flax_variables", "set_weights"]
+    result = _scenario("user_copies")
+    for distribution in ("model_parallel", "data_parallel"):
+        assert result[distribution] == dict.fromkeys(cases, True), result

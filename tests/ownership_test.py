@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import keras
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -187,6 +188,47 @@ def test_flax_variables_assigned_survive():
     layer.flax_variables = values
     _every_keras_call(model)
     _assert_same(values, before)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_arrays_given_to_set_weights_survive(kind):
+    if kind == "nnx":
+        layer = FlaxLayer(Net(nnx.Rngs(0)))
+    else:
+        layer = FlaxLayer(modules.MLP(features=(8, 2)), seed=0)
+    model = _model(layer)
+    given = [
+        jax.numpy.asarray(np.array(w, copy=True) + 1.0)
+        for w in layer.get_weights()
+    ]
+    before = _copies(given)
+    layer.set_weights(given)
+    for w, expected in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, expected)
+    _every_keras_call(model)
+    _assert_same(given, before)
+
+
+# Orbax's notices when it restores without a target's shardings.
+@pytest.mark.filterwarnings(
+    "ignore:Sharding info not provided:UserWarning",
+    "ignore::DeprecationWarning:orbax.*",
+)
+def test_an_orbax_restore_assigned_survives(tmp_path):
+    """A plain NNX checkpoint restored by Orbax and assigned to the layer:
+    the restored tree stays the user's (a second model, a comparison)."""
+    trained = Net(nnx.Rngs(3))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "nnx", nnx.state(trained))
+    checkpointer.wait_until_finished()
+    layer = FlaxLayer(Net(nnx.Rngs(0)))
+    model = _model(layer)
+    restored = checkpointer.restore(tmp_path / "nnx", layer.flax_variables)
+    before = _copies(restored)
+    layer.flax_variables = restored
+    _assert_same(layer.flax_variables, _copies(nnx.state(trained)))
+    _every_keras_call(model)
+    _assert_same(restored, before)
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])

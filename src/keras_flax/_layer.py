@@ -606,6 +606,17 @@ class ModelLayer(keras.layers.Layer):
 
     # Serialization.
 
+    def set_weights(self, weights: list[Any]) -> None:
+        # Keras' `set_weights`, given copies of JAX arrays: every compiled
+        # step donates the variables' buffers, and the given arrays stay
+        # the user's.
+        super().set_weights(
+            [
+                jax.numpy.array(w, copy=True) if isinstance(w, jax.Array) else w
+                for w in weights
+            ]
+        )
+
     def save_own_variables(self, store: Any) -> None:
         # Leaf by leaf, parameters then state, whichever train and however
         # they are packed: the files are the same.

@@ -402,6 +402,82 @@ def run_nnx_sharded_memory():
     }
 
 
+class SmallNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+
+def run_user_copies():
+    """Under ModelParallel (2 x 4, kernels split) and DataParallel, arrays
+    the user holds apart from the layer survive every Keras call, each on
+    the device it was made on: linen variables given, an NNX clone made
+    before wrapping, values assigned to `flax_variables`, arrays given to
+    `set_weights`. Returns, per case, whether every array is unchanged."""
+    x, y = data()
+
+    def copies(tree):
+        return [np.array(leaf, copy=True) for leaf in jax.tree.leaves(tree)]
+
+    def unchanged(tree, before):
+        return all(
+            np.array_equal(np.array(a), b)
+            for a, b in zip(jax.tree.leaves(tree), before, strict=True)
+        )
+
+    def every_call(layer):
+        model = keras.Sequential([keras.Input((8,)), layer])
+        model.compile("adam", "mse")
+        model.predict(x, verbose=0)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        model.evaluate(x, y, verbose=0)
+        model.train_on_batch(x[:16], y[:16])
+        return model
+
+    def cases():
+        variables = jax.jit(Net().init)(jax.random.key(0), x[:1])
+        before = copies(variables)
+        every_call(FlaxLayer(Net(), variables=variables))
+        yield "linen variables", unchanged(variables, before)
+
+        module = SmallNNX(nnx.Rngs(0))
+        clone = nnx.clone(module)
+        before = copies(nnx.state(clone))
+        every_call(FlaxLayer(module))
+        yield "nnx clone", unchanged(nnx.state(clone), before)
+
+        layer = FlaxLayer(SmallNNX(nnx.Rngs(1)))
+        keras.Sequential([keras.Input((8,)), layer])
+        values = nnx.state(SmallNNX(nnx.Rngs(2))).to_pure_dict()
+        before = copies(values)
+        layer.flax_variables = values
+        every_call(layer)
+        yield "flax_variables", unchanged(values, before)
+
+        layer = FlaxLayer(SmallNNX(nnx.Rngs(1)))
+        keras.Sequential([keras.Input((8,)), layer])
+        given = [jax.numpy.asarray(w + 1.0) for w in layer.get_weights()]
+        before = copies(given)
+        layer.set_weights(given)
+        every_call(layer)
+        yield "set_weights", unchanged(given, before)
+
+    layout_map = keras.distribution.LayoutMap(mesh_2x4())
+    layout_map[".*kernel"] = (None, "model")
+    result = {}
+    for name, distribution in [
+        ("model_parallel", model_parallel(layout_map)),
+        ("data_parallel", keras.distribution.DataParallel()),
+    ]:
+        keras.distribution.set_distribution(distribution)
+        result[name] = dict(cases())
+    return result
+
+
 if __name__ == "__main__":
     assert keras_flax.__version__
     print(json.dumps(globals()[f"run_{sys.argv[1]}"]()))
