@@ -4,6 +4,10 @@ PyTorch-trained weights are saved with `safetensors.torch`, read into the
 same architecture written in NNX and in linen, and the outputs compared
 with PyTorch's in eval mode; the other way, `save_safetensors` writes what
 `torch.nn.Module.load_state_dict(strict=True)` accepts.
+
+Every test here is marked `torch`: where PyTorch is not installed (the
+README's test command installs none) each is collected and reported as
+needing it (conftest.py); CI runs them where it installs the CPU build.
 """
 
 import json
@@ -15,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-import safetensors.torch
-import torch
 from flax import nnx
 
 import keras_flax
@@ -24,13 +26,22 @@ from keras_flax import FlaxLayer
 from keras_flax import load_safetensors
 from keras_flax import save_safetensors
 
-torch.manual_seed(0)
+try:
+    import safetensors.torch
+    import torch
+except ModuleNotFoundError:  # each test is reported as needing torch
+    torch = None
+
+pytestmark = pytest.mark.torch
+_Module = object if torch is None else torch.nn.Module
+if torch is not None:
+    torch.manual_seed(0)
 
 
 # The architectures, in PyTorch, NNX and linen, named alike.
 
 
-class TorchConvNet(torch.nn.Module):
+class TorchConvNet(_Module):
     """Conv2d + BatchNorm2d, global pooling, Linear + LayerNorm."""
 
     def __init__(self):
@@ -70,7 +81,7 @@ class LinenConvNet(nn.Module):
         )
 
 
-class TorchBlock(torch.nn.Module):
+class TorchBlock(_Module):
     """A pre-norm transformer block (attention written out) with a token
     embedding in front."""
 
