@@ -17,6 +17,7 @@ from flax import nnx
 
 from keras_flax import EquinoxLayer
 from keras_flax import OptaxOptimizer
+from keras_flax import _private
 from tests.conftest import data
 from tests.conftest import onnx_outputs
 
@@ -198,7 +199,8 @@ def test_batched_hands_the_method_the_whole_batch():
         return jax.vmap(module)(batch) * 2
 
     layer = EquinoxLayer(module, method=on_batch, batched=True)
-    np.testing.assert_allclose(layer(x), jax.vmap(module)(x) * 2, rtol=1e-6)
+    # Compiled, as the layer runs it: the same program, the same bits.
+    np.testing.assert_array_equal(layer(x), eqx.filter_jit(on_batch)(module, x))
 
 
 def test_wrt_trains_only_the_chosen_parameters():
@@ -237,12 +239,51 @@ def test_from_constructor_saves_and_loads_a_stateful_model(tmp_path):
 
 @pytest.mark.slow  # a jax2onnx conversion
 def test_onnx_export_serves_what_predict_returns(tmp_path):
+    """The MLP's activation (`jax.nn.relu`, kept as a field) has a custom
+    derivative calling a jitted function, which jax2onnx 0.17.1 cannot
+    lower on JAX 0.12: refused there, nothing written; served elsewhere."""
     inputs = keras.Input((5,))
-    model = keras.Model(inputs, EquinoxLayer(_mlp())(inputs))
+    model = keras.Model(inputs, EquinoxLayer(_mlp(), name="mlp")(inputs))
     x = data(3, 5)
     model(x)
-    out = onnx_outputs(model, x, tmp_path / "m.onnx")
-    np.testing.assert_allclose(out, model.predict(x, verbose=0), 1e-5, 1e-5)
+    path = tmp_path / "m.onnx"
+    if _private.jax2onnx_lowers_nested_jit():
+        out = onnx_outputs(model, x, path)
+        np.testing.assert_allclose(out, model.predict(x, verbose=0), 1e-5, 1e-5)
+    else:
+        _assert_refused_nothing_written(model, path)
+
+
+def _assert_refused_nothing_written(model, path):
+    with pytest.raises(NotImplementedError) as refused:
+        model.export(str(path), format="onnx", verbose=False)
+    message = str(refused.value)
+    assert "Layer 'mlp' cannot be exported to ONNX with jax2onnx" in message
+    assert f"on JAX {jax.__version__}" in message
+    assert "export_stablehlo" in message
+    assert not path.exists()
+
+
+@pytest.mark.slow  # a jax2onnx conversion
+def test_onnx_export_refuses_what_jax2onnx_cannot_lower(tmp_path, monkeypatch):
+    """The refusal itself, on every JAX: where jax2onnx cannot lower a
+    jitted function inside a custom derivative, a program holding one is
+    refused before anything is written."""
+    monkeypatch.setattr(_private, "jax2onnx_lowers_nested_jit", lambda: False)
+
+    @jax.custom_jvp
+    @jax.jit
+    def activation(x):
+        return jnp.maximum(x, 0.0)
+
+    activation.defjvp(
+        lambda primals, tangents: (activation(*primals), *tangents)
+    )
+    module = eqx.nn.MLP(5, 2, 8, 1, activation=activation, key=KEY)
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, EquinoxLayer(module, name="mlp")(inputs))
+    model(data(3, 5))
+    _assert_refused_nothing_written(model, tmp_path / "m.onnx")
 
 
 def test_bad_input_is_refused_with_the_fix():

@@ -6,6 +6,7 @@ float variables: `qwix.quantize_model` + `qwix.quantize_params` for linen,
 `qwix.quantize_model(module, provider, x)` for NNX.
 """
 
+import inspect
 import os
 import pathlib
 import subprocess
@@ -27,6 +28,7 @@ import keras_flax
 from keras_flax import FlaxLayer
 from keras_flax import JaxLayer
 from keras_flax import _private
+from keras_flax import _quantize
 from keras_flax import demo
 from tests.conftest import data
 
@@ -346,8 +348,10 @@ def test_qlora_trains_adapters_on_a_quantized_base_as_qwix_and_optax_do():
         qwix.QuantizationRule(module_path="hidden/lora"),
         *rules("int8", None),
     ]
+    # Qwix's provider, taking JAX 0.12's `reduction_order=None` (which
+    # `x @ w` passes) where Qwix does not (see the tests below).
     quantized = qwix.quantize_model(
-        reference, qwix.PtqProvider(qrules), jnp.asarray(x)
+        reference, _quantize.provider(qrules), jnp.asarray(x)
     )
     quantized.train()
     optimizer = nnx.Optimizer(quantized, optax.sgd(0.1), wrt=nnx.LoRAParam)
@@ -372,6 +376,69 @@ def test_qlora_trains_adapters_on_a_quantized_base_as_qwix_and_optax_do():
     np.testing.assert_allclose(
         model.predict(x, verbose=0), quantized(jnp.asarray(x)), 1e-5, 1e-5
     )
+
+
+def _dot_general_taking(*names):
+    """A stand-in for `jax.lax.dot_general` whose signature has `names`
+    besides the first five arguments."""
+    params = [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for n in ("lhs", "rhs", "dimension_numbers", "precision")
+    ]
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for n in ("preferred_element_type", "out_sharding", *names)
+    ]
+
+    def dot_general(*args, **kwargs):
+        raise AssertionError("only its signature is read")
+
+    dot_general.__signature__ = inspect.Signature(params)
+    return dot_general
+
+
+class CallsDotGeneral(nnx.Module):
+    """A Linear's kernel through `jax.lax.dot_general`, with `extra`
+    keyword arguments."""
+
+    def __init__(self, rngs, **extra):
+        self.linear = nnx.Linear(4, 2, rngs=rngs)
+        self.extra = extra
+
+    def __call__(self, x):
+        kernel = self.linear.kernel[...]
+        dims = (((1,), (0,)), ((), ()))
+        return jax.lax.dot_general(x, kernel, dims, **self.extra)
+
+
+def test_qwix_dot_general_takes_newer_jax_arguments_left_unset(monkeypatch):
+    """Where JAX's `dot_general` has arguments Qwix's lacks (JAX 0.12's
+    `reduction_order` against Qwix 0.1.8), the provider takes them: None
+    quantizes as Qwix's own provider does without them, a value is refused
+    naming it."""
+    monkeypatch.setattr(
+        jax.lax, "dot_general", _dot_general_taking("reduction_order", "new")
+    )
+    made = _quantize.provider(rules("int8", None))
+    monkeypatch.undo()
+    x = jnp.asarray(data(3, 4))
+    plain = qwix.quantize_model(
+        CallsDotGeneral(nnx.Rngs(0)), qwix.PtqProvider(rules("int8", None)), x
+    )
+    taking = qwix.quantize_model(
+        CallsDotGeneral(nnx.Rngs(0), new=None), made, x
+    )
+    np.testing.assert_array_equal(taking(x), plain(x))
+    with pytest.raises(NotImplementedError, match="`new` set, which Qwix"):
+        qwix.quantize_model(CallsDotGeneral(nnx.Rngs(0), new=2), made, x)
+
+
+def test_qwix_dot_general_is_qwixs_own_where_it_takes_every_argument(
+    monkeypatch,
+):
+    monkeypatch.setattr(jax.lax, "dot_general", _dot_general_taking())
+    made = _quantize.provider(rules("int8", None))
+    assert made.dot_general.__func__ is qwix.PtqProvider.dot_general
 
 
 def test_one_call_quantizes_keras_and_flax_layers():
@@ -505,27 +572,88 @@ def test_onnx_export_of_a_quantized_layer_is_refused_naming_it(tmp_path):
 # Bad input.
 
 
-def test_a_module_with_nothing_to_quantize_is_skipped_with_a_warning():
+# Keras 3.16 returns a `QuantizationReport` from `model.quantize`, with one
+# summary warning; 3.14 and 3.15 warn once per layer and return None.
+REPORT = getattr(keras.quantizers, "QuantizationReport", None)
+
+
+def test_a_module_with_nothing_to_quantize_is_skipped_as_keras_skips():
     layer = FlaxLayer(ConvOnly(), seed=0, name="conv")
     model = keras.Sequential([keras.Input((6, 6, 1)), layer])
     before = [(w.path, w.dtype) for w in layer.weights]
-    with pytest.warns(UserWarning, match="'conv' .*nothing to quantize"):
-        model.quantize("int8")
+    warned = "conv'" + (" .*nothing to quantize" if REPORT is None else "")
+    with pytest.warns(UserWarning, match=warned):
+        report = model.quantize("int8")
+    if REPORT is not None:
+        assert report.quantized == []
+        assert report.skipped == [(layer.path, REPORT.SKIP_NO_SUPPORT)]
     assert [(w.path, w.dtype) for w in layer.weights] == before
     assert layer.quantization_mode is None
     with pytest.raises(NotImplementedError, match="`dot_general`"):
         layer.quantize("int8")
 
 
-def test_quantizing_twice_is_refused_as_keras_dense_refuses_it():
+def _quantize_again(model):
+    """What a second `model.quantize("int8")` does: Keras' refusal, or
+    the report's skipped layers."""
+    try:
+        report = model.quantize("int8")
+    except ValueError as refused:
+        return str(refused)
+    return report.skipped
+
+
+def test_quantizing_twice_is_treated_as_keras_treats_dense():
     model, layer = linen_model()
     model.quantize("int8")
-    with pytest.raises(ValueError, match="'mlp' is already quantized"):
-        model.quantize("int8")
-    dense = keras.layers.Dense(4)
-    keras.Sequential([keras.Input((3,)), dense]).quantize("int8")
+    dense = keras.layers.Dense(4, name="dense")
+    keras_model = keras.Sequential([keras.Input((3,)), dense])
+    keras_model.quantize("int8")
+    if REPORT is None:  # refused
+        assert "is already quantized" in _quantize_again(keras_model)
+        assert "'mlp' is already quantized" in _quantize_again(model)
+    else:  # skipped
+        assert _quantize_again(keras_model) == [
+            (dense.path, REPORT.SKIP_ALREADY_QUANTIZED)
+        ]
+        assert _quantize_again(model) == [
+            (layer.path, REPORT.SKIP_ALREADY_QUANTIZED)
+        ]
+    # A layer's own `quantize` refuses on every Keras, as Dense's does.
     with pytest.raises(ValueError, match="is already quantized"):
         dense.quantize("int8")
+    with pytest.raises(ValueError, match="'mlp' is already quantized"):
+        layer.quantize("int8")
+
+
+def test_the_quantization_report_lists_the_layers_as_keras_layers():
+    layer = FlaxLayer(MLP(), seed=0, name="mlp")
+    conv = FlaxLayer(ConvOnly(), seed=0, name="conv")
+    dense = keras.layers.Dense(16, name="dense")
+    inputs = keras.Input((16,))
+    images = keras.Input((6, 6, 1))
+    model = keras.Model([inputs, images], [layer(dense(inputs)), conv(images)])
+    quiet = {} if REPORT is None else {"verbose": False}
+    # (Qwix's own deprecation notices are recorded too, and left aside.)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = model.quantize("int8", filters="mlp|conv", **quiet)
+    notices = [str(w.message) for w in caught if w.category is UserWarning]
+    assert [n for n in notices if "conv'" in n], notices
+    assert layer.quantization_mode == "int8"
+    assert conv.quantization_mode is None
+    assert dense.quantization_mode is None
+    if REPORT is not None:
+        assert report.mode == "int8"
+        assert [(p, m) for p, m, _ in report.quantized] == [
+            (layer.path, "int8")
+        ]
+        assert sorted(report.skipped) == sorted(
+            [
+                (dense.path, REPORT.SKIP_FILTERED),
+                (conv.path, REPORT.SKIP_NO_SUPPORT),
+            ]
+        )
 
 
 def test_an_unknown_mode_is_refused_before_anything_changes():

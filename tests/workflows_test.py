@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import jax
 import jax.numpy as jnp
 import keras
@@ -216,16 +217,39 @@ def test_nnx_capture_returns_intermediates_through_the_layer():
     assert layer.non_trainable_weights == []
 
 
+# Flax 0.12.9+ can make `sow` outside `nnx.capture` a no-op
+# (`flax.config.nnx_sow_capture_noop`); both settings, where it exists.
+SOW_NOOP = [False] + (
+    [True] if hasattr(flax.config, "nnx_sow_capture_noop") else []
+)
+
+
+@pytest.fixture(params=SOW_NOOP, ids=lambda noop: f"sow_noop={noop}")
+def sow_setting(request):
+    if not hasattr(flax.config, "nnx_sow_capture_noop"):
+        yield request.param
+        return
+    before = flax.config.nnx_sow_capture_noop
+    flax.config.update("nnx_sow_capture_noop", request.param)
+    yield request.param
+    flax.config.update("nnx_sow_capture_noop", before)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_module_sowing_outside_capture_trains_as_without_sowing():
+def test_module_sowing_outside_capture_trains_as_without_sowing(sow_setting):
     x, y = data(8, 4), data(8, 2, seed=1)
     sowing = keras.Sequential(
-        [keras.Input((4,)), FlaxLayer(Sowing(nnx.Rngs(0)))]
+        [keras.Input((4,)), FlaxLayer(Sowing(nnx.Rngs(0)), name="sowing")]
     )
     sowing.compile(keras.optimizers.SGD(0.1), "mse")
     sowing.fit(x, y, epochs=2, batch_size=4, verbose=0, shuffle=False)
     layer = sowing.layers[0]
     assert len(layer.non_trainable_weights) == 0  # nothing sown is held
+    lines = []
+    sowing.summary(expand_nested=True, print_fn=lines.append)
+    summary = "\n".join(lines)
+    for row in ("sowing (FlaxLayer)", "hidden (Linear)", "head (Linear)"):
+        assert row in summary, summary
 
     reference = Sowing(nnx.Rngs(0))
     params = nnx.state(reference, nnx.Param)

@@ -538,3 +538,16 @@ def no_layer_arguments(
             f"them in `layer_kwargs`: `{api}({module_class.__name__}, ..., "
             f"layer_kwargs={{{entries}}})`."
         )
+
+
+def quantizable(
+    layer_name: str, mode: Any, built: bool, quantized: bool, policy: str
+) -> None:
+    """`layer.quantize(mode)`: a mode given, the layer built and not yet
+    quantized."""
+    if mode is None:
+        raise ValueError(_errors.quantize_mode_missing(layer_name))
+    if not built:
+        raise ValueError(_errors.quantize_unbuilt(layer_name, mode))
+    if quantized:
+        raise ValueError(_errors.quantize_again(layer_name, mode, policy))

@@ -708,6 +708,20 @@ def onnx_unconvertible(layer_name: str, primitives: Any) -> str:
     )
 
 
+def onnx_nested_jit(layer_name: str, jax2onnx: str, jax: str) -> str:
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX with jax2onnx "
+        f"{jax2onnx} on JAX {jax}: its module calls a function with a custom "
+        "derivative that calls a jitted one (on JAX 0.12, `jax.nn.relu` and "
+        "other activations a module keeps as a field, as Equinox's `MLP` "
+        "does), which this jax2onnx cannot lower on this JAX. Received: "
+        f"jax2onnx=={jax2onnx}, jax=={jax}. Nothing was written. Export "
+        "StableHLO instead (`keras_flax.export_stablehlo(model, path)`), "
+        "or export to ONNX on Python 3.11 (JAX 0.10), or with a jax2onnx "
+        "release that supports this JAX."
+    )
+
+
 def onnx_quantized(layer_name: str, mode: str) -> str:
     return (
         f"Layer '{layer_name}' cannot be exported to ONNX once quantized "
@@ -1125,6 +1139,42 @@ def qwix_missing() -> str:
         "Quantizing a Flax layer (`model.quantize`, `layer.quantize`) needs "
         "the `qwix` package, which is not installed. Install it: "
         '`pip install "keras-flax[quantize]"` (or `pip install qwix`).'
+    )
+
+
+def qwix_argument(names: list[str], qwix: str, jax: str) -> str:
+    return (
+        "The quantized module calls `jax.lax.dot_general` with "
+        f"{', '.join(f'`{n}`' for n in names)} set, which Qwix {qwix} cannot "
+        f"take (JAX {jax} has it). Received: {', '.join(names)} not None. "
+        "Leave it unset in the module's call, or quantize with a Qwix "
+        "release that takes it."
+    )
+
+
+def quantize_mode_missing(layer_name: str) -> str:
+    return (
+        f"`quantize` of layer '{layer_name}' needs a mode: a string "
+        '(`"int8"`, `"int4"`, `"float8"`) or a `config` '
+        "(`keras.quantizers.QuantizationConfig`). Received: mode=None, "
+        'config=None. Call `model.quantize("int8")`.'
+    )
+
+
+def quantize_unbuilt(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' is not built yet, so it has no weights to "
+        f"quantize. Received: mode={mode!r} on an unbuilt layer. Build it "
+        "first (call it on a batch, or put it in a model with "
+        "`keras.Input`), then quantize."
+    )
+
+
+def quantize_again(layer_name: str, mode: str, policy: str) -> str:
+    return (
+        f"Layer '{layer_name}' is already quantized (dtype policy "
+        f"{policy!r}). Received: mode={mode!r}. Quantize the float model "
+        "once: rebuild it from its float weights to choose another mode."
     )
 
 

@@ -570,7 +570,17 @@ class ModelLayer(keras.layers.Layer):
             ImportError: Qwix is not installed.
         """
         del type_check  # subclasses quantize their module as this does
-        assert mode is not None  # resolved by Keras' `quantize` wrapper
+        # Keras 3.14 and 3.15 resolve and check these before calling this
+        # method; Keras 3.16's `model.quantize` does, its `layer.quantize`
+        # is this method alone.
+        mode = mode or getattr(config, "mode", None)
+        _checks.quantizable(
+            self.name,
+            mode,
+            self.built,
+            getattr(self, "_is_quantized", False),
+            self.dtype_policy.name,
+        )
         self._quantize_weights(mode, config)
 
     def _quantize_weights(self, mode: str, config: Any) -> None:
@@ -591,7 +601,8 @@ class ModelLayer(keras.layers.Layer):
         )
         # The wrapped module (`FlaxLayer.module`) is Qwix's quantized copy
         # from now on: it holds the values.
-        self._adopt(quantized.model, quantized.module, quantized.frozen)
+        with _private.tracker_unlocked(self):
+            self._adopt(quantized.model, quantized.module, quantized.frozen)
         self._is_quantized = True
         self.quantization_config = config
         if self.dtype_policy.quantization_mode is None:

@@ -9,12 +9,17 @@ Keras calls the model under jax2onnx's trace. A layer called there
 - runs with Flax's `avg_pool` callable as Flax documents it
   (`_private.flax_pools_as_documented`): jax2onnx swaps it for a function
   taking `window_shape`, `strides` and `padding` by keyword only, which
-  fails for `nn.avg_pool(x, (2, 2), (2, 2))`.
+  fails for `nn.avg_pool(x, (2, 2), (2, 2))`;
+- refuses, before anything is written, a program calling a jitted function
+  inside a function with a custom derivative where jax2onnx cannot lower
+  it (`_private.jax2onnx_lowers_nested_jit`: JAX 0.12 with jax2onnx
+  0.17.1, for an activation such as `jax.nn.relu` that a module keeps).
 """
 
 import functools
 from collections.abc import Callable
 from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -82,14 +87,45 @@ def check(
         raise NotImplementedError(
             _errors.onnx_unconvertible(layer_name, missing)
         )
+    if not _private.jax2onnx_lowers_nested_jit() and _jit_in_custom_rule(
+        closed.jaxpr
+    ):
+        raise NotImplementedError(
+            _errors.onnx_nested_jit(
+                layer_name, metadata.version("jax2onnx"), jax.__version__
+            )
+        )
+
+
+_CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+_JITS = ("jit", "pjit")
+
+
+def _jit_in_custom_rule(jaxpr: Any, inside: bool = False) -> bool:
+    """Whether `jaxpr` calls a jitted function inside a function with a
+    custom derivative (`jax.nn.relu` on JAX 0.12)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if inside and name in _JITS:
+            return True
+        for inner in _nested(eqn):
+            if _jit_in_custom_rule(inner, inside or name in _CUSTOM_RULES):
+                return True
+    return False
 
 
 def primitives(jaxpr: Any) -> Iterator[str]:
     """The names of the primitives in `jaxpr` and the programs it nests."""
     for eqn in jaxpr.eqns:
         yield eqn.primitive.name
-        for value in eqn.params.values():
-            for item in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr's Jaxpr
-                if hasattr(inner, "eqns"):
-                    yield from primitives(inner)
+        for inner in _nested(eqn):
+            yield from primitives(inner)
+
+
+def _nested(eqn: Any) -> Iterator[Any]:
+    """The programs (`Jaxpr`s) an equation's parameters hold."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr's Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner

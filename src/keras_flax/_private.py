@@ -12,6 +12,10 @@ version guard) and run by a test:
   track them, and a quantized layer's float weights untracked as `Dense`
   untracks its kernel. Fallback: tracked as a layer attribute, which Keras
   tracks publicly, and untracked by deleting it.
+- `Layer._tracker`: Keras locks a built layer's tracker, and Keras 3.16
+  no longer unlocks it around a layer's own `quantize` (3.14 and 3.15
+  wrap every `quantize` in an unlock); the quantized weights are made
+  with it unlocked. Fallback (no tracker): made as they are.
 - The private attributes Keras' `model.summary` reads of each nested layer
   it prints (`_inbound_nodes`, `_build_shapes_dict`): a wrapped module's
   rows (`_summary.Row`) carry them, so that `expand_nested=True` shows
@@ -41,7 +45,11 @@ version guard) and run by a test:
   which jax2onnx swaps process-wide for a keyword-only function, takes
   positional arguments again while the layer is traced. Fallback (no
   frames to read, or no registry): the conversion runs as jax2onnx runs
-  it, and jax2onnx names what it cannot convert.
+  it, and jax2onnx names what it cannot convert. Whether jax2onnx's `jit`
+  plugin can lower a jitted function inside a custom derivative (it reads
+  `jax._src.core.ClosedJaxpr`, gone in JAX 0.12): a program that needs it
+  is refused before anything is written. Fallback (the plugin not found):
+  the conversion runs as jax2onnx runs it.
 """
 
 import contextlib
@@ -117,6 +125,21 @@ def untrack_variable(layer: Any, variable: Any) -> None:
         layer._untrack_variable(variable)
     else:
         delattr(layer, _attribute(variable))
+
+
+@contextlib.contextmanager
+def tracker_unlocked(layer: Any) -> Iterator[None]:
+    """Lets `layer`, built, create variables; its tracker's lock state is
+    restored after."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = getattr(tracker, "locked", False)
+    if locked:
+        tracker.unlock()  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()  # type: ignore[union-attr]
 
 
 def _attribute(variable: Any) -> str:
@@ -356,6 +379,20 @@ def jax2onnx_primitives() -> frozenset[Any] | None:
     except ImportError:  # pragma: no cover (a jax2onnx without it)
         return None
     return frozenset(PLUGIN_REGISTRY)
+
+
+def jax2onnx_lowers_nested_jit() -> bool:
+    """Whether jax2onnx can lower a jitted function called inside a
+    function with a custom derivative (`jax.nn.relu` on JAX 0.12, kept by
+    a module as its activation): its `jit` plugin reads
+    `jax._src.core.ClosedJaxpr`, which JAX 0.12 no longer has (jax2onnx
+    0.17.1). True where that plugin cannot be read."""
+    try:
+        from jax2onnx.plugins.jax.core import jit as jit_plugin
+    except ImportError:  # pragma: no cover (a jax2onnx without it)
+        return True
+    core = getattr(jit_plugin, "jcore", None)
+    return core is None or hasattr(core, "ClosedJaxpr")
 
 
 @contextlib.contextmanager

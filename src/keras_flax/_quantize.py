@@ -12,11 +12,14 @@ quantized.
 """
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Mapping
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -191,12 +194,55 @@ def _exact(path: str) -> str:
     return "".join(f"[{c}]" if not c.isalnum() else c for c in path)
 
 
+def provider(rules: list[Any]) -> Any:
+    """Qwix's post-training `PtqProvider` for `rules`, its `dot_general`
+    taking JAX's newer arguments where it does not.
+
+    JAX 0.12's `jnp.matmul` and `jnp.dot` call `lax.dot_general` with
+    `reduction_order=None`; Qwix 0.1.8 replaces `lax.dot_general` inside
+    the quantized method by a function without that argument, so every
+    `x @ w` in a quantized module (`nnx.LoRALinear`'s adapters) fails.
+    Where JAX's `dot_general` has arguments Qwix's lacks, the provider's
+    takes them: left at their default (None), which means what calling
+    without them means, they are dropped; any other value is refused.
+    Where Qwix takes them itself, its provider is used as it is.
+    """
+    made = qwix().PtqProvider(rules)
+    missing = _arguments(jax.lax.dot_general) - _arguments(made.dot_general)
+    if missing:
+        made.dot_general = _dropping_defaults(made.dot_general, missing)
+    return made
+
+
+def _arguments(function: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def _dropping_defaults(
+    dot_general: Callable[..., Any], names: Collection[str]
+) -> Callable[..., Any]:
+    """`dot_general` taking the keyword arguments `names` it lacks, as
+    None only."""
+
+    @functools.wraps(dot_general)
+    def taking(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in names if name in kwargs}
+        chosen = sorted(name for name, v in given.items() if v is not None)
+        if chosen:
+            raise NotImplementedError(
+                _errors.qwix_argument(
+                    chosen, metadata.version("qwix"), jax.__version__
+                )
+            )
+        return dot_general(*args, **kwargs)
+
+    return taking
+
+
 def linen_module(module: Any, method_name: str, rules: list[Any]) -> Any:
     """Qwix's quantized copy of a linen module (its `method_name`)."""
-    q = qwix()
-    provider = q.PtqProvider(rules)
-    return _errors.user_code(q.quantize_model)(
-        module, provider, methods=(method_name,)
+    return _errors.user_code(qwix().quantize_model)(
+        module, provider(rules), methods=(method_name,)
     )
 
 
@@ -215,10 +261,8 @@ def nnx_module(
 ) -> Any:
     """Qwix's quantized copy of an NNX module, made by one call of its
     `method_name` on `inputs` (with keyword arguments `kwargs`)."""
-    q = qwix()
-    provider = q.PtqProvider(rules)
-    return _errors.user_code(q.quantize_model)(
-        module, provider, inputs, methods=(method_name,), **kwargs
+    return _errors.user_code(qwix().quantize_model)(
+        module, provider(rules), inputs, methods=(method_name,), **kwargs
     )
 
 
