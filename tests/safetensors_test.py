@@ -10,6 +10,7 @@ README's test command installs none) each is collected and reported as
 needing it (conftest.py); CI runs them where it installs the CPU build.
 """
 
+import gc
 import json
 import os
 
@@ -584,6 +585,7 @@ def test_tensors_are_read_one_at_a_time(tmp_path, monkeypatch):
         return value
 
     monkeypatch.setattr(_safetensors._Checkpoint, "tensor", tensor)
+    gc.collect()
     base = sum(a.nbytes for a in jax.live_arrays())
     load_safetensors(layer, path, rules="torch")
     assert len(seen) == len(model.state_dict())
