@@ -541,13 +541,14 @@ def no_layer_arguments(
 
 
 def quantizable(
-    layer_name: str, mode: Any, built: bool, quantized: bool, policy: str
-) -> None:
-    """`layer.quantize(mode)`: a mode given, the layer built and not yet
-    quantized."""
+    layer_name: str, mode: str | None, built: bool, quantized: bool, policy: str
+) -> str:
+    """`layer.quantize(mode)`: a mode given (returned), the layer built and
+    not yet quantized."""
     if mode is None:
         raise ValueError(_errors.quantize_mode_missing(layer_name))
     if not built:
         raise ValueError(_errors.quantize_unbuilt(layer_name, mode))
     if quantized:
         raise ValueError(_errors.quantize_again(layer_name, mode, policy))
+    return mode

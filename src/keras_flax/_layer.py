@@ -573,10 +573,9 @@ class ModelLayer(keras.layers.Layer):
         # Keras 3.14 and 3.15 resolve and check these before calling this
         # method; Keras 3.16's `model.quantize` does, its `layer.quantize`
         # is this method alone.
-        mode = mode or getattr(config, "mode", None)
-        _checks.quantizable(
+        mode = _checks.quantizable(
             self.name,
-            mode,
+            mode or getattr(config, "mode", None),
             self.built,
             getattr(self, "_is_quantized", False),
             self.dtype_policy.name,
