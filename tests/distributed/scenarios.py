@@ -435,7 +435,8 @@ def run_user_copies():
         model.predict(x, verbose=0)
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
         model.evaluate(x, y, verbose=0)
-        model.train_on_batch(x[:16], y[:16])
+        # (Keras 3.14's distributed `train_on_batch` needs a sample weight.)
+        model.train_on_batch(x[:16], y[:16], sample_weight=np.ones(16))
         return model
 
     def cases():
