@@ -173,3 +173,53 @@ def test_the_public_api_is_typed():
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
         assert set(named) <= set(hints), fn
+
+
+# The registry and the adapters: the files that may name a kind.
+ADAPTERS = {"_functions.py", "_linen.py", "_nnx.py", "_equinox.py"}
+# Files whose strings equal a kind's name without naming the kind: the
+# demo's `--api linen|nnx` choice, and `sys.modules.get("equinox")` (the
+# package) in the allow-list of classes a file may name.
+NOT_A_KIND = {
+    ("demo.py", "linen"),
+    ("demo.py", "nnx"),
+    ("_names.py", "equinox"),
+}
+
+
+def test_no_file_outside_the_registry_and_the_adapters_names_a_kind():
+    # A kind is named by importing its adapter or by its registered name;
+    # the layer classes reach theirs through `_kinds` alone. So a new kind
+    # touches its adapter and one `register` call.
+    from keras_flax import _kinds
+
+    kind_names = {kind.name for kind in _kinds.KINDS}
+    adapters = {name.removesuffix(".py") for name in ADAPTERS}
+    naming = []
+    for name, tree in SOURCES.items():
+        if name in ADAPTERS or name == "_kinds.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported = {a.name.split(".")[-1] for a in node.names}
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    imported.add(node.module.split(".")[-1])
+                naming += [f"{name}: import {m}" for m in imported & adapters]
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in kind_names
+                and (name, node.value) not in NOT_A_KIND
+            ):
+                naming.append(f"{name}: {node.value!r}")
+    assert naming == []
+
+
+def test_a_kind_of_the_tests_alone_is_in_the_registry():
+    # `tests/toy_kind.py` registers its kind as the built-in ones are; the
+    # conformance suite (`model_test.py`) runs on it.
+    from keras_flax import _kinds
+    from tests import toy_kind
+
+    kind = _kinds.of(toy_kind.Chain(()), "ToyLayer", repr)
+    assert kind.adapt is toy_kind.adapt
+    assert "toy" in {k.name for k in _kinds.KINDS}

@@ -30,6 +30,7 @@ from keras_flax import _kinds
 from keras_flax._layer import ModelLayer
 from keras_flax._model import Model
 from keras_flax._model import Rng
+from tests import toy_kind
 from tests.conftest import data
 from tests.conftest import variable_values
 
@@ -125,6 +126,24 @@ def _equinox_reference(layer, x, training):
 
 def _equinox_state(layer):
     return jax.tree.leaves(layer.eqx_state)
+
+
+TOY = toy_kind.Chain(
+    (
+        ("dense", toy_kind.Dense(3)),
+        ("centered", toy_kind.Centered(momentum=0.9)),
+        ("head", toy_kind.Dense(2)),
+    )
+)
+
+
+def _toy_reference(layer, x, training):
+    params, stats = variable_values(layer.params), variable_values(layer.state)
+    return TOY.apply(params, stats, x, training)
+
+
+def _toy_state(layer):
+    return variable_values(layer.state)
 
 
 def _functions_state(layer):
@@ -246,6 +265,19 @@ CASES = {
         ],
         wrt=nnx.PathContains("head"),
         trains_with_wrt=("model/head/bias", "model/head/weight"),
+    ),
+    # Registered from the tests alone (`tests/toy_kind.py`).
+    "toy": Case(
+        make=lambda **kw: toy_kind.ToyLayer(TOY, seed=0, name="model", **kw),
+        reference=_toy_reference,
+        state_of=_toy_state,
+        trainable=[
+            "model/dense/b",
+            "model/dense/w",
+            "model/head/b",
+            "model/head/w",
+        ],
+        non_trainable=["model/stats/centered/mean"],
     ),
 }
 KIND_NAMES = sorted(CASES)
@@ -397,9 +429,11 @@ def _hand_written_model():
     def apply(params, state, rng, inputs, training):
         return affine_call(params, state, inputs, training)
 
+    def init(rng, inputs):
+        return (*affine_init(rng, inputs), {})
+
     return Model(
-        init=affine_init,
-        split=lambda raw: (*raw, {}),
+        init=init,
         apply=apply,
         params=None,
         state=None,

@@ -432,6 +432,18 @@ def packing_allowed() -> None:
         raise ValueError(_errors.packing_under_model_parallel())
 
 
+def jax_layer_arguments(
+    call_fn: Any, init_fn: Any
+) -> tuple[list[str], list[str] | None]:
+    """The argument names of `call_fn` and of `init_fn` (None without
+    one), checked."""
+    call_arguments = function_arguments(call_fn, "call_fn", CALL_FN_ARGUMENTS)
+    if init_fn is None:
+        return call_arguments, None
+    init_arguments = function_arguments(init_fn, "init_fn", INIT_FN_ARGUMENTS)
+    return call_arguments, init_arguments
+
+
 def stateful_result(result: Any) -> tuple[Any, Any]:
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise ValueError(_errors.stateful_result(result))
@@ -451,6 +463,17 @@ def nnx_arguments(variables: PyTree, rng_collections: Any) -> None:
         raise ValueError(_errors.nnx_with_variables(variables))
     if rng_collections is not None:
         raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
+
+
+def _as_given(
+    model: Model, params: PyTree, state: PyTree
+) -> list[tuple[str, PyTree]]:
+    """The weights as the user gives them, by argument: in the model's own
+    format where it takes them so (`UserFormat.argument`)."""
+    user_format = model.user_format
+    if user_format is None or user_format.argument is None:
+        return [("params", params), ("state", state)]
+    return [(user_format.argument, user_format.to_user(params, state))]
 
 
 def unused_leaves(
@@ -476,10 +499,10 @@ def unused_leaves(
     if diagnostics.without_params is not None and not params and expected[0]:
         # Given weights without parameters, where `init` creates some.
         raise ValueError(diagnostics.without_params(state))
-    trees = diagnostics.user_trees(params, state)
+    trees = _as_given(model, params, state)
     unused = {"params": {}, "state": {}}
     for (arg, tree), (_, want) in zip(
-        trees, diagnostics.user_trees(*expected), strict=True
+        trees, _as_given(model, *expected), strict=True
     ):
         if tree is None or want is None:
             continue

@@ -11,9 +11,12 @@ Equinox's BatchNorm expects), or on the whole batch (`batched=True`).
 Importing this file needs `equinox` (the `equinox` extra).
 """
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -22,6 +25,7 @@ from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _serialization
 from keras_flax import _variables
+from keras_flax._model import Call
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
 from keras_flax._model import Model
@@ -31,25 +35,77 @@ from keras_flax._model import Rng
 CALL_TAG = "eqx_call"
 
 
+class Made(NamedTuple):
+    """An Equinox module and the `eqx.nn.State` made beside it (None for a
+    module without state): what `Model.wrapped` holds."""
+
+    module: eqx.Module
+    state: eqx.nn.State | None
+
+    def combined(self, params: Any, held: Any) -> eqx.Module:
+        """The module holding `params` and `held` (the layer's values)."""
+        _, rest = eqx.partition(self.module, eqx.is_inexact_array)
+        arrays, static = eqx.partition(rest, eqx.is_array)
+        if held is not None:
+            arrays = held["arrays"]
+        return eqx.combine(params, arrays, static)
+
+    def state_with(self, held: Any) -> eqx.nn.State | None:
+        """The `eqx.nn.State` holding the layer's state values, or None."""
+        if self.state is None or held is None:
+            return self.state
+        indices = _state_indices(self.module)
+        return _with_values(self.state, indices, held["state"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wrapped:
+    """What `apply` of an adapted Equinox module works on.
+
+    Attributes:
+        fn: the method, `fn(module, x, ...)`.
+        stateful: whether it takes and returns `state`.
+        takes_key: whether it takes `key`.
+        batched: whether it takes the whole batch (else it is vmapped).
+        arrays: the module's arrays that are not inexact (held as state).
+        static: everything else of the module.
+        state: the `eqx.nn.State` given, or None.
+        indices: the module's `eqx.nn.StateIndex`es by path text.
+    """
+
+    fn: Callable[..., Any]
+    stateful: bool
+    takes_key: bool
+    batched: bool
+    arrays: Any
+    static: Any
+    state: eqx.nn.State | None
+    indices: dict[str, eqx.nn.StateIndex]
+
+
 def adapt(
-    module: eqx.Module,
+    module: eqx.Module | Call,
     method: str | Callable | None,
     *,
     state: eqx.nn.State | None,
     batched: bool,
-    recorded_call: _serialization.RecordedCall | None = None,
 ) -> Model:
     """The `Model` of an Equinox module.
 
     Args:
-        module: the `equinox.Module` instance (left as it is).
+        module: the `equinox.Module` instance (left as it is), or a `Call`
+            constructing it (through `eqx.nn.make_with_state`).
         method: None (`__call__`), a method name, or a function taking the
             module first.
         state: the `eqx.nn.State` made beside the module, or None.
         batched: whether the method takes the whole batch (else it is
             applied per example).
-        recorded_call: the constructor call (`from_constructor`), or None.
     """
+    call = module if isinstance(module, Call) else None
+    if isinstance(module, Call):
+        module, state = make_with_state(
+            module.module_class, *module.args, **module.kwargs
+        )
     fn, signature = _method(module, method)
     stateful = "state" in signature
     if stateful and state is None:
@@ -57,122 +113,114 @@ def adapt(
     indices = _state_indices(module)
     if state is not None:
         _check_state(module, state, stateful, indices)
-    takes_key = "key" in signature
     params, rest = eqx.partition(module, eqx.is_inexact_array)
     arrays, static = eqx.partition(rest, eqx.is_array)
+    takes_key = "key" in signature
+    wrapped = _Wrapped(
+        fn, stateful, takes_key, batched, arrays, static, state, indices
+    )
     held = {"arrays": arrays, "state": _by_index(state, indices)}
-    if not jax.tree_util.tree_leaves(held):
-        held = None
-    user_fn: Callable[..., Any] = _errors.user_code(fn)
-
-    def call(module: Any, x: Any, state: Any, key: Any) -> tuple[Any, Any]:
-        """`(outputs, new state)` (None for a module without state)."""
-        if stateful:
-            outputs, new_state = user_fn(
-                module, x, state, **_key(takes_key, key)
-            )
-            return outputs, new_state
-        return user_fn(module, x, **_key(takes_key, key)), None
-
-    def apply(
-        params: Any, held_now: Any, rng: Any, inputs: Any, training: bool
-    ) -> tuple[Any, Any]:
-        arrays_now = arrays if held_now is None else held_now["arrays"]
-        called = eqx.combine(params, arrays_now, static)
-        if not training:
-            called = eqx.nn.inference_mode(called)
-        eqx_state = None
-        if stateful:
-            # A stateful module was given its state (checked above).
-            assert held_now is not None and state is not None
-            eqx_state = _with_values(state, indices, held_now["state"])
-        if batched:
-            outputs, new_state = call(called, inputs, eqx_state, rng)
-        else:
-            size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
-            keys = None if rng is None else jax.random.split(rng, size)
-            outputs, new_state = jax.vmap(
-                lambda x, k: call(called, x, eqx_state, k),
-                in_axes=(0, None if keys is None else 0),
-                out_axes=(0, None),
-                axis_name="batch",
-            )(inputs, keys)
-        if held_now is None:
-            return outputs, None
-        values = held_now["state"]
-        if stateful:
-            values = _by_index(new_state, indices)
-        return outputs, {"arrays": held_now["arrays"], "state": values}
-
     return Model(
         init=None,
-        split=lambda raw: (*raw, {}),
-        apply=apply,
+        apply=functools.partial(_apply, wrapped),
         params=params,
-        state=held,
+        state=held if jax.tree_util.tree_leaves(held) else None,
         names=lambda trainable, parts: (
             parts if trainable or parts[0] == "state" else parts[1:]
         ),
         rng=Rng(call=(lambda key: key) if takes_key else None),
         takes_training=True,
-        config=config_fn(module, method, batched, recorded_call),
-        fine_tuning=FineTuning(
-            candidates=_variables.keyed_leaves, variable_filters=False
-        ),
+        config=functools.partial(_config, module, method, batched, call),
+        wrapped=Made(module, state),
+        fine_tuning=_FINE_TUNING,
         diagnostics=Diagnostics(
             label=type(module).__name__, initializer="module"
         ),
     )
 
 
-def config_fn(
+def _called(
+    wrapped: _Wrapped, module: Any, x: Any, state: Any, key: Any
+) -> tuple[Any, Any]:
+    """`(outputs, new state)` (None for a module without state)."""
+    fn = _errors.user_code(wrapped.fn)
+    kwargs = {"key": key} if wrapped.takes_key else {}
+    if wrapped.stateful:
+        outputs, new_state = fn(module, x, state, **kwargs)
+        return outputs, new_state
+    return fn(module, x, **kwargs), None
+
+
+def _apply(
+    wrapped: _Wrapped,
+    params: Any,
+    held_now: Any,
+    rng: Any,
+    inputs: Any,
+    training: bool,
+) -> tuple[Any, Any]:
+    arrays = wrapped.arrays if held_now is None else held_now["arrays"]
+    module = eqx.combine(params, arrays, wrapped.static)
+    if not training:
+        module = eqx.nn.inference_mode(module)
+    eqx_state = None
+    if wrapped.stateful:
+        # A stateful module was given its state (checked by `adapt`).
+        assert held_now is not None and wrapped.state is not None
+        eqx_state = _with_values(
+            wrapped.state, wrapped.indices, held_now["state"]
+        )
+    outputs, new_state = _per_example(wrapped, module, inputs, eqx_state, rng)
+    if held_now is None:
+        return outputs, None
+    values = held_now["state"]
+    if wrapped.stateful:
+        values = _by_index(new_state, wrapped.indices)
+    return outputs, {"arrays": held_now["arrays"], "state": values}
+
+
+def _per_example(
+    wrapped: _Wrapped, module: Any, inputs: Any, eqx_state: Any, rng: Any
+) -> tuple[Any, Any]:
+    """The method on the batch: per example (`jax.vmap`, its key split
+    per example), or on the whole batch where `batched`."""
+    if wrapped.batched:
+        return _called(wrapped, module, inputs, eqx_state, rng)
+    size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    keys = None if rng is None else jax.random.split(rng, size)
+    return jax.vmap(
+        lambda x, k: _called(wrapped, module, x, eqx_state, k),
+        in_axes=(0, None if keys is None else 0),
+        out_axes=(0, None),
+        axis_name="batch",
+    )(inputs, keys)
+
+
+_FINE_TUNING = FineTuning(
+    candidates=_variables.keyed_leaves, variable_filters=False
+)
+
+
+def _config(
     module: eqx.Module,
     method: str | Callable | None,
     batched: bool,
-    recorded_call: _serialization.RecordedCall | None,
-) -> Callable[[], dict[str, Any]]:
+    call: Call | None,
+) -> dict[str, Any]:
     """The `Model.config` of an Equinox module: its recorded constructor
     call (refused without one)."""
-
-    def config() -> dict[str, Any]:
-        if recorded_call is None:
-            raise TypeError(_errors.equinox_not_serializable(module))
-        return {
-            "module": _serialization.serialize_call(
-                type(module), recorded_call, CALL_TAG
-            ),
-            "method": _serialization.serialize_method(type(module), method),
-            "batched": batched,
-        }
-
-    return config
+    if call is None:
+        raise TypeError(_errors.equinox_not_serializable(module))
+    return {
+        "module": _serialization.serialize_call(type(module), call, CALL_TAG),
+        "method": _serialization.serialize_method(type(module), method),
+        "batched": batched,
+    }
 
 
 def constructor_call(config: dict[str, Any]) -> tuple[type, list, dict]:
     """`(class, args, kwargs)` of a saved constructor call."""
     return _serialization.recorded_call(config, CALL_TAG, eqx.Module, "equinox")
-
-
-def combined(module: eqx.Module, params: Any, held: Any) -> eqx.Module:
-    """The module holding `params` and `held` (the layer's values)."""
-    _, rest = eqx.partition(module, eqx.is_inexact_array)
-    arrays, static = eqx.partition(rest, eqx.is_array)
-    if held is not None:
-        arrays = held["arrays"]
-    return eqx.combine(params, arrays, static)
-
-
-def state_of(
-    module: eqx.Module, state: eqx.nn.State | None, held: Any
-) -> eqx.nn.State | None:
-    """The `eqx.nn.State` holding the layer's state values, or None."""
-    if state is None or held is None:
-        return state
-    return _with_values(state, _state_indices(module), held["state"])
-
-
-def is_module_class(cls: Any) -> bool:
-    return isinstance(cls, type) and issubclass(cls, eqx.Module)
 
 
 def make_with_state(
@@ -230,10 +278,6 @@ def _check_fillable(fn: Callable, parameters: list[inspect.Parameter]) -> None:
             "default, or pass a function that fills it: "
             f"`def forward(module, x): return module(x, {parameter.name}=...)`."
         )
-
-
-def _key(takes_key: bool, key: Any) -> dict[str, Any]:
-    return {"key": key} if takes_key else {}
 
 
 def _state_indices(module: eqx.Module) -> dict[str, eqx.nn.StateIndex]:

@@ -5,7 +5,6 @@
 is made (the `equinox` extra).
 """
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -18,15 +17,7 @@ from keras_flax import _serialization
 from keras_flax import _sizes
 from keras_flax import _wrt
 from keras_flax._layer import ModelLayer
-
-
-def _equinox() -> types.ModuleType:
-    """The adapter file, which imports equinox; refused without it."""
-    try:
-        from keras_flax import _equinox
-    except ImportError as error:
-        raise ImportError(_errors.equinox_missing(error)) from error
-    return _equinox
+from keras_flax._model import Call
 
 
 @keras.saving.register_keras_serializable(package="keras_flax")
@@ -88,12 +79,9 @@ class EquinoxLayer(ModelLayer):
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
-        _equinox()
-        kind = _kinds.of(module, "EquinoxLayer")
+        kind = _kinds.of(module, "EquinoxLayer", _errors.not_an_equinox_module)
         model = kind.adapt(module, method, state=state, batched=batched)
         super().__init__(model, seed=seed, wrt=wrt, **kwargs)
-        self._module = module
-        self._eqx_state = state
         self.method = method
         self.batched = batched
 
@@ -123,7 +111,6 @@ class EquinoxLayer(ModelLayer):
         Returns:
             The `EquinoxLayer`.
         """
-        equinox = _equinox()
         if _sizes.find(args, kwargs):
             raise TypeError(
                 "`FlaxLayer.input_dim()` sizes an NNX module from its input "
@@ -133,32 +120,33 @@ class EquinoxLayer(ModelLayer):
                 "placeholder among the constructor's arguments. Pass the "
                 "size itself."
             )
-        if not equinox.is_module_class(module_class):
-            raise TypeError(_errors.not_an_equinox_class(module_class))
+        # The adapter constructs the module (`eqx.nn.make_with_state`), and
+        # the config records the call.
+        call = Call(module_class, args, kwargs)
+        _kinds.of(
+            call,
+            "EquinoxLayer",
+            lambda _: _errors.not_an_equinox_class(module_class),
+        )
         _checks.no_layer_arguments(
             cls, module_class, kwargs, "EquinoxLayer.from_constructor"
         )
-        module, state = equinox.make_with_state(module_class, *args, **kwargs)
-        layer = cls(module, state=state, **(layer_kwargs or {}))
-        recorded = _serialization.RecordedCall(args, kwargs)
-        config = equinox.config_fn(
-            module, layer.method, layer.batched, recorded
-        )
-        layer._model = layer._model.replace(config=config)
-        return layer
+        return cls(call, **(layer_kwargs or {}))
 
     @property
     def module(self) -> Any:
         """The module holding the layer's current values (`eqx.combine`
         of the trained arrays with the static parts)."""
+        made = self._model.wrapped
         params, held = self._weights.current_values()
-        return _equinox().combined(self._module, params, held)
+        return made.combined(params, held)
 
     @property
     def eqx_state(self) -> Any:
         """The `eqx.nn.State` holding the layer's current state, or None."""
+        made = self._model.wrapped
         _, held = self._weights.current_values()
-        return _equinox().state_of(self._module, self._eqx_state, held)
+        return made.state_with(held)
 
     @property
     def wrt(self) -> Any:
@@ -170,10 +158,6 @@ class EquinoxLayer(ModelLayer):
         config = dict(config)
         if "wrt" in config:
             config["wrt"] = _wrt.from_config(config["wrt"])
-        call = _equinox().constructor_call(config.pop("module"))
+        module = _kinds.rebuilt(config.pop("module"), "EquinoxLayer")
         method = _serialization.deserialize_method(config.pop("method", None))
-        module_class, args, kwargs = call
-        layer_kwargs = {**config, "method": method}
-        return cls.from_constructor(
-            module_class, *args, layer_kwargs=layer_kwargs, **kwargs
-        )
+        return cls(module, method=method, **config)

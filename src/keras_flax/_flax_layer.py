@@ -1,7 +1,8 @@
 """FlaxLayer: a Flax module, linen or NNX.
 
-`_linen.adapt` or `_nnx.adapt` makes the `Model`; `_layer.ModelLayer` does
-the rest. `FlaxLayer` is a `JaxLayer`, as `keras.layers.FlaxLayer` is.
+The linen or NNX adapter (found through `_kinds`) makes the `Model`;
+`_layer.ModelLayer` does the rest. `FlaxLayer` is a `JaxLayer`, as
+`keras.layers.FlaxLayer` is.
 """
 
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from keras_flax import _backends
 from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _kinds
-from keras_flax import _nnx
 from keras_flax import _private
 from keras_flax import _rng
 from keras_flax import _serialization
@@ -24,6 +24,7 @@ from keras_flax import _sizes
 from keras_flax import _wrt
 from keras_flax._jax_layer import JaxLayer
 from keras_flax._layer import ModelLayer
+from keras_flax._model import Call
 
 # Attributes set as they are, not wrapped by Keras' attribute tracking: a
 # dict of values to assign, a list of filters.
@@ -114,9 +115,9 @@ class FlaxLayer(JaxLayer):
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
-        kind = _kinds.of(module, "FlaxLayer")
+        kind = _kinds.of(module, "FlaxLayer", _errors.not_a_module)
         target, signature = _checks.resolve_method(
-            kind.owner(module), method, kind.module_type
+            _kinds.owner(module), method, kind.module_type
         )
         model = kind.adapt(
             module,
@@ -131,9 +132,6 @@ class FlaxLayer(JaxLayer):
         )
         # `JaxLayer.__init__` takes functions: the model is made here.
         ModelLayer.__init__(self, model, wrt=wrt, **kwargs)
-        # A module sized from its input is constructed (and set) at build.
-        sized = isinstance(module, _sizes.SizedCall)
-        self._module = None if sized else module
         self.method = method
         self.init_fn = model.init
         # As `keras.layers.FlaxLayer` describes its generated functions.
@@ -185,16 +183,10 @@ class FlaxLayer(JaxLayer):
             raise ValueError(
                 _errors.input_dim_in_layer_kwargs(sorted(layer_kwargs or {}))
             )
-        if _sizes.find(args, kwargs):
-            module = _sizes.SizedCall(module_class, args, kwargs)
-        else:
-            module = module_class(*args, **kwargs)
-        # A `SizedCall` is the module the layer constructs at build.
-        layer = cls(cast(Any, module), **(layer_kwargs or {}))
-        recorded = _serialization.RecordedCall(args, kwargs)
-        config = _nnx.config_fn(module_class, layer.method, recorded)
-        layer._model = layer._model.replace(config=config)
-        return layer
+        # The adapter constructs the module (at build where its sizes
+        # follow the input), and the config records the call.
+        call = Call(module_class, args, kwargs)
+        return cls(cast(Any, call), **(layer_kwargs or {}))
 
     @staticmethod
     def input_dim(axis: int = -1) -> Any:
@@ -248,7 +240,7 @@ class FlaxLayer(JaxLayer):
         """
         if _backends.name() != "jax" or not _private.VARIABLE_HOOKS:
             self._weights.write_back()
-        return self._module
+        return self._model.wrapped
 
     def sync_module(self) -> None:
         """Writes all the layer's current values into the NNX module.
@@ -308,14 +300,6 @@ class FlaxLayer(JaxLayer):
         config = dict(config)
         if "wrt" in config:
             config["wrt"] = _wrt.from_config(config["wrt"])
-        module_config = config.pop("module")
+        module = _kinds.rebuilt(config.pop("module"), "FlaxLayer")
         method = _serialization.deserialize_method(config.pop("method", None))
-        call = _serialization.nnx_call(module_config)
-        if call is not None:
-            module_class, args, kwargs = call
-            layer_kwargs = {**config, "method": method}
-            return cls.from_nnx(
-                module_class, *args, layer_kwargs=layer_kwargs, **kwargs
-            )
-        module = _serialization.deserialize_module(module_config)
         return cls(module=module, method=method, **config)

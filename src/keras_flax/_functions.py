@@ -5,6 +5,8 @@ them; Haiku's `hk.transform(...)` / `hk.transform_with_state(...)` pairs
 fit as they are.
 """
 
+import dataclasses
+import functools
 from typing import Any
 
 from keras_flax import _checks
@@ -17,18 +19,18 @@ from keras_flax._model import PyTree
 from keras_flax._model import Rng
 
 
-def arguments(call_fn: Any, init_fn: Any) -> tuple[list[str], list[str] | None]:
-    """The argument names of `call_fn` and of `init_fn` (None without
-    one), checked."""
-    call_arguments = _checks.function_arguments(
-        call_fn, "call_fn", _checks.CALL_FN_ARGUMENTS
-    )
-    if init_fn is None:
-        return call_arguments, None
-    init_arguments = _checks.function_arguments(
-        init_fn, "init_fn", _checks.INIT_FN_ARGUMENTS
-    )
-    return call_arguments, init_arguments
+@dataclasses.dataclass(frozen=True)
+class _Wrapped:
+    """The functions of a model and their argument names (`arguments`)."""
+
+    call_fn: Any
+    call_arguments: tuple[str, ...]
+    init_fn: Any
+    init_arguments: tuple[str, ...] | None
+
+    @property
+    def takes_state(self) -> bool:
+        return "state" in self.call_arguments
 
 
 def adapt(
@@ -44,43 +46,15 @@ def adapt(
     has_weights = {"params", "state"} & set(call_arguments)
     if init_fn is None and params is None and state is None and has_weights:
         raise ValueError(_errors.nothing_to_initialize())
-    takes_state = "state" in call_arguments
-    takes_training = "training" in call_arguments
-    user_call = _errors.user_code(call_fn)
-    user_init = None if init_fn is None else _errors.user_code(init_fn)
-
-    def apply(
-        params: PyTree, state: PyTree, rng: Any, inputs: PyTree, training: bool
-    ) -> tuple[Any, Any]:
-        args = {
-            "params": params,
-            "state": state,
-            "rng": rng,
-            "inputs": inputs,
-            # One trace per mode only if `call_fn` sees the mode.
-            "training": training,
-        }
-        result = user_call(*(args[a] for a in call_arguments))
-        if not takes_state:
-            return result, None
-        return _checks.stateful_result(result)
-
-    def init(rng: Any, inputs: PyTree) -> Any:
-        assert user_init is not None and init_arguments is not None
-        args = {"rng": rng, "inputs": inputs, "training": True}
-        result = user_init(*(args[a] for a in init_arguments))
-        return result if takes_state else (result, None)
-
-    def config() -> dict[str, Any | None]:
-        return {
-            "call_fn": _serialization.serialize_function(call_fn, "call_fn"),
-            "init_fn": _serialization.serialize_function(init_fn, "init_fn"),
-        }
-
+    wrapped = _Wrapped(
+        call_fn,
+        tuple(call_arguments),
+        init_fn,
+        None if init_arguments is None else tuple(init_arguments),
+    )
     return Model(
-        init=None if init_fn is None else init,
-        split=lambda raw: (*raw, {}),
-        apply=apply,
+        init=None if init_fn is None else functools.partial(_init, wrapped),
+        apply=functools.partial(_apply, wrapped),
         params=params,
         state=state,
         names=lambda trainable, parts: (
@@ -90,15 +64,61 @@ def adapt(
             init=_rng.key_from_seed,
             call=(lambda key: key) if "rng" in call_arguments else None,
         ),
-        takes_training=takes_training,
-        config=config,
-        diagnostics=Diagnostics(
-            label="call_fn",
-            initializer="init_fn",
-            misfit_fix=(
-                "Call the layer on inputs of the shape the weights were "
-                "made for, or pass {arg}=None with `init_fn` to initialise "
-                "new ones."
-            ),
-        ),
+        takes_training="training" in call_arguments,
+        config=functools.partial(_config, wrapped),
+        diagnostics=_DIAGNOSTICS,
     )
+
+
+def _apply(
+    wrapped: _Wrapped,
+    params: PyTree,
+    state: PyTree,
+    rng: Any,
+    inputs: PyTree,
+    training: bool,
+) -> tuple[Any, Any]:
+    args = {
+        "params": params,
+        "state": state,
+        "rng": rng,
+        "inputs": inputs,
+        # One trace per mode only if `call_fn` sees the mode.
+        "training": training,
+    }
+    call_fn = _errors.user_code(wrapped.call_fn)
+    result = call_fn(*(args[a] for a in wrapped.call_arguments))
+    if not wrapped.takes_state:
+        return result, None
+    return _checks.stateful_result(result)
+
+
+def _init(wrapped: _Wrapped, rng: Any, inputs: PyTree) -> Any:
+    assert wrapped.init_arguments is not None  # given with `init_fn`
+    args = {"rng": rng, "inputs": inputs, "training": True}
+    init_fn = _errors.user_code(wrapped.init_fn)
+    result = init_fn(*(args[a] for a in wrapped.init_arguments))
+    raw = result if wrapped.takes_state else (result, None)
+    return (*raw, {})  # a misfit result is checked where it is used
+
+
+def _config(wrapped: _Wrapped) -> dict[str, Any | None]:
+    return {
+        "call_fn": _serialization.serialize_function(
+            wrapped.call_fn, "call_fn"
+        ),
+        "init_fn": _serialization.serialize_function(
+            wrapped.init_fn, "init_fn"
+        ),
+    }
+
+
+_DIAGNOSTICS = Diagnostics(
+    label="call_fn",
+    initializer="init_fn",
+    misfit_fix=(
+        "Call the layer on inputs of the shape the weights were "
+        "made for, or pass {arg}=None with `init_fn` to initialise "
+        "new ones."
+    ),
+)

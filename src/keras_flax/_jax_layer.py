@@ -1,6 +1,7 @@
 """JaxLayer: a model given as JAX functions, `(init_fn, call_fn)`.
 
-`_functions.adapt` makes the `Model`; `_layer.ModelLayer` does the rest.
+The adapter of JAX functions (found through `_kinds`) makes the `Model`;
+`_layer.ModelLayer` does the rest.
 """
 
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from typing import Any
 import keras
 
 from keras_flax import _checks
-from keras_flax import _functions
+from keras_flax import _errors
 from keras_flax import _kinds
 from keras_flax import _serialization
 from keras_flax._layer import ModelLayer
@@ -95,8 +96,11 @@ class JaxLayer(ModelLayer):
     ) -> None:
         _checks.layer_arguments(type(self).__name__, pack_weights)
         # Checked first: a `call_fn` that is no function is refused there.
-        call_arguments, init_arguments = _functions.arguments(call_fn, init_fn)
-        model = _kinds.of(call_fn, "JaxLayer").adapt(
+        call_arguments, init_arguments = _checks.jax_layer_arguments(
+            call_fn, init_fn
+        )
+        kind = _kinds.of(call_fn, "JaxLayer", _errors.not_a_module)
+        model = kind.adapt(
             call_fn, call_arguments, init_fn, init_arguments, params, state
         )
         super().__init__(

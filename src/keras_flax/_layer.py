@@ -1,8 +1,7 @@
 """ModelLayer: the Keras lifecycle around a `Model` (see `_model`).
 
-Data flows one way: `model.init` -> `model.split` -> PyTrees of arrays ->
-Keras variables (`_weights.Weights`, planned by `_weights.plan`) -> their
-values ->
+Data flows one way: `model.init` -> PyTrees of arrays -> Keras variables
+(`_weights.Weights`, planned by `_weights.plan`) -> their values ->
 `model.apply` -> outputs and new state -> assigned back. The layer never
 asks what kind of model it holds; `JaxLayer` and `FlaxLayer` only make the
 `Model` and name the public attributes.
@@ -263,23 +262,24 @@ class ModelLayer(keras.layers.Layer):
             self._quantize_weights(mode, self.quantization_config)
 
     def _complete(self, spec: _inputs.Specs) -> None:
-        """Completes a model that the inputs complete (`Model.build`: a
+        """Completes a model that the inputs complete (`Live.build`: a
         module creating its variables on its first call, or sized from its
         input): its weights replace those held so far."""
-        while self._model.build is not None:
-            made = self._model.build(spec, self.name)
-            if made is None:
+        live = self._model.live
+        while live is not None and live.build is not None:
+            model = live.build(spec, self.name)
+            if model is None:
                 return
-            model, module = made
             # Rebuilt by the config of the model the layer was made with.
-            self._adopt(model.replace(config=self._model.config), module)
+            self._adopt(model.replace(config=self._model.config))
+            live = self._model.live
 
     def _adopt(
-        self, model: Model, module: Any, frozen: frozenset[str] = frozenset()
+        self, model: Model, frozen: frozenset[str] = frozenset()
     ) -> None:
         """Holds `model`, with the weights it is given (those at `frozen`
         paths, and those `wrt` leaves out, frozen), in place of the model
-        and weights held so far; `module` is the object it wraps."""
+        and weights held so far."""
         plan = _weights.given(model, model.params, model.state, self._left_out)
         old = self._weights.variables
         self._model = model
@@ -290,7 +290,6 @@ class ModelLayer(keras.layers.Layer):
         for variable in old:
             _private.untrack_variable(self, variable)
         self._axes = dict(model.axes)
-        self._module = module
         self._submodules = None
         self._runner = self._make_runner()
 
@@ -601,7 +600,7 @@ class ModelLayer(keras.layers.Layer):
         # The wrapped module (`FlaxLayer.module`) is Qwix's quantized copy
         # from now on: it holds the values.
         with _private.tracker_unlocked(self):
-            self._adopt(quantized.model, quantized.module, quantized.frozen)
+            self._adopt(quantized.model, quantized.frozen)
         self._is_quantized = True
         self.quantization_config = config
         if self.dtype_policy.quantization_mode is None:

@@ -9,10 +9,12 @@ values are written back into the user's module (`write_back`).
 """
 
 import collections.abc
+import dataclasses
 import functools
 import inspect
 import types
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,8 +30,10 @@ from keras_flax import _serialization
 from keras_flax import _sizes
 from keras_flax import _summary
 from keras_flax import _variables
+from keras_flax._model import Call
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
+from keras_flax._model import Live
 from keras_flax._model import Model
 from keras_flax._model import PyTree
 from keras_flax._model import Quantization
@@ -39,6 +43,33 @@ from keras_flax._model import UserFormat
 
 # NNX metadata keys naming a Variable's mesh axes, newest first.
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wrapped:
+    """What the functions of an adapted NNX module work on.
+
+    Attributes:
+        module: the user's module, into which the layer writes its values.
+        method: None, a method name, or a function taking the module first.
+        takes_training: whether the method takes `training`.
+        seed: the seed its RNG streams are reseeded from, or None.
+        graphdefs: the graph of the layer's copy in eval (False) and train
+            (True) mode.
+        targets: the user's module's leaves `(path, leaf)` by path text.
+        call: the recorded constructor call that made it, or None.
+    """
+
+    module: Any
+    method: Any
+    takes_training: bool
+    seed: Any
+    graphdefs: Mapping[bool, Any]
+    targets: Mapping[str, tuple[Any, Any]]
+    call: Call | None
+
+    def kwargs(self, training: bool) -> dict[str, bool]:
+        return {"training": training} if self.takes_training else {}
 
 
 def adapt(
@@ -54,7 +85,7 @@ def adapt(
 
     Args:
         module: the `flax.nnx.Module` instance (left as it is; the layer
-            writes its values back into it).
+            writes its values back into it), or a `Call` constructing it.
         method: None, a method name, or a function taking the module first.
         takes_training: whether the method takes `training`.
         variables, rng_collections: linen's; refused unless None (an NNX
@@ -63,189 +94,26 @@ def adapt(
             it (in the layer's copy of the module).
     """
     _checks.nnx_arguments(variables, rng_collections)
-    label = type(module).__name__
+    call = module if isinstance(module, Call) else None
+    if call is not None:
+        module = call.module_class(*call.args, **call.kwargs)
     _own(module)
-    targets = {
-        _variables.path_text(path): (path, leaf)
-        for path, leaf in nnx.to_flat_state(nnx.state(module))
-    }
-    copy = nnx.merge(*nnx.split(module))
-    # Values sown outside `nnx.capture` (`Module.sow`) are a call's output,
-    # not the module's state: none is held, none is kept.
-    nnx.pop(copy, nnx.Intermediate)
-    if seed is not None:
-        _reseed(copy, seed)
+    copy = _layer_copy(module, seed)
+    wrapped = _Wrapped(
+        module,
+        method,
+        takes_training,
+        seed,
+        _graphdefs(copy),
+        _leaves(module),
+        call,
+    )
     _, params, state = nnx.split(copy, nnx.Param, ...)
-    graphdefs = {
-        training: _graphdef_in_mode(copy, training)
-        for training in (False, True)
-    }  # `copy` ends in eval mode; its values are unchanged
-
-    user_invoke = _errors.user_code(invoke)
-
-    def run(
-        params: PyTree, state: PyTree, inputs: PyTree, training: bool
-    ) -> tuple[Any, Any, Any]:
-        """The outputs, new params and new state of one call."""
-        called = nnx.merge(graphdefs[bool(training)], params, state)
-        kwargs = {"training": training} if takes_training else {}
-        outputs = user_invoke(called, method, inputs, kwargs)
-        nnx.pop(called, nnx.Intermediate)
-        _, new_params, new_state = nnx.split(called, nnx.Param, ...)
-        return outputs, new_params, new_state
-
-    def apply(
-        params: PyTree, state: PyTree, rng: Any, inputs: PyTree, training: bool
-    ) -> tuple[Any, Any]:
-        outputs, _, new_state = run(params, state, inputs, training)
-        return outputs, new_state
-
-    def write_back(parts: tuple[str, ...]) -> Callable[[Any], None] | None:
-        """Copies a variable's values into the user's module."""
-        found = targets.get(_variables.path_text(variable_name(parts)))
-        if found is None:
-            return None
-        path, target = found
-        if not isinstance(target, nnx.Variable):
-            # A plain array attribute (data of the module, not a Variable):
-            # held as non-trainable state, written back as an attribute.
-            return functools.partial(
-                _write_attribute, module, path, target.dtype
-            )
-        return functools.partial(_write, target)
-
-    def build(spec: Any, layer_name: str) -> tuple[Model, Any] | None:
-        """The module built by its first call at `spec` (a module creating
-        its variables then: `nnx.bridge.ToNNX` without `lazy_init`), with
-        the layer's seed; None where that call creates nothing."""
-        inputs = _inputs.placeholders(spec, 1)
-        kwargs = {"training": False} if takes_training else {}
-        try:
-            created = _created(module, method, inputs, kwargs)
-        except _errors.UserCodeError as refused:
-            if not _unbuilt_bridge(module):
-                return None  # the call raises the module's own error
-            error = _errors.lazy_build_failed(label, spec, refused.error)
-            raise ValueError(error) from refused.error
-        if not created:
-            return None
-        # Built in the user's module, which then holds the variables.
-        if seed is not None:
-            _reseed(module, seed)
-        _errors.user_code(_first_call)(module, method, inputs, kwargs)
-        model = adapt(
-            module,
-            method,
-            takes_training,
-            variables=None,
-            rng_collections=None,
-            seed=seed,
-        )
-        return model.replace(build=None), module
-
-    axes = {}
-    for path, leaf in nnx.to_flat_state(nnx.state(copy)):
-        found = isinstance(leaf, nnx.Variable) and _sharding(leaf)
-        if found:
-            axes[_variables.path_text((*path, "value"))] = found
-
-    def quantize(
-        rules: list[Any], params: PyTree, state: PyTree, inputs: PyTree
-    ) -> tuple[Model, Any]:
-        """Qwix's quantized copy of the module at `params` and `state`, in
-        eval mode (`_model.Quantization`)."""
-        name, target = _quantize.method(module, method)
-        current = nnx.merge(graphdefs[False], params, state)
-        kwargs = {"training": False} if takes_training else {}
-        quantized = _quantize.nnx_module(current, name, rules, inputs, **kwargs)
-        model = adapt(
-            quantized,
-            target,
-            takes_training,
-            variables=None,
-            rng_collections=None,
-            seed=None,
-        )
-        return model, quantized
-
-    # LoRA adapters stay float (they train on the quantized base).
-    lora_paths = tuple(
-        "/".join(str(part) for part in path)
-        for path, node in nnx.iter_graph(copy)
-        if isinstance(node, nnx.LoRA)
-    )
-
-    def nodes(params: PyTree, state: PyTree, inputs: PyTree) -> Any:
-        """The submodules and Variables of the module's graph (a shared one
-        at its first path, as `nnx.split` holds it), with the outputs of
-        each submodule's first call on `inputs` in eval mode, which
-        `nnx.capture` records (traced abstractly; none where it fails)."""
-        found: dict[tuple[Any, ...], tuple[str, Any]] = {
-            path: (type(node).__name__, None)
-            for path, node in nnx.iter_graph(copy)
-            if path and isinstance(node, (nnx.Pytree, nnx.Variable))
-        }
-        capture = nnx.capture(
-            _errors.user_code(invoke),
-            nnx.Intermediate,
-            method_outputs=nnx.Intermediate,
-        )
-        kwargs = {"training": False} if takes_training else {}
-
-        def call(params: PyTree, state: PyTree, inputs: PyTree) -> None:
-            called = nnx.merge(graphdefs[False], params, state)
-            _, captured = capture(called, method, inputs, kwargs)
-            calls: dict[tuple[Any, ...], Any] = {}
-            for path, variable in nnx.to_flat_state(captured):
-                *module_path, name = path
-                first = variable.get_value()[0]
-                if name == "__call__" or tuple(module_path) not in calls:
-                    calls[tuple(module_path)] = first
-            for path, outputs in calls.items():
-                if path in found:
-                    label = found[path][0]
-                    found[path] = (label, _summary.outputs_shape(outputs))
-
-        try:
-            jax.eval_shape(call, params, state, inputs)
-        except _errors.UserCodeError:
-            pass  # the rows have no output shapes
-        return found
-
-    rng_state = frozenset(
-        _variables.path_text(path)
-        for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.RngState))
-    )
-
-    return Model(
-        init=None,
-        split=lambda raw: (*raw, {}),
-        apply=apply,
-        params=params,
-        state=state,
-        names=_names,
-        # The module draws from its own RNG streams, held as state.
-        rng=Rng(),
-        takes_training=True,
-        config=config_fn(module, method, None),
-        shares_given=True,
-        axes=axes,
-        rng_state=rng_state,
-        user_format=_user_format(write_back),
-        fine_tuning=FineTuning(candidates=_candidates, variable_filters=True),
-        quantization=Quantization(
-            quantize=quantize,
-            module_path=lambda parts: "/".join(parts[:-1]),
-            float_paths=lora_paths,
-        ),
-        structure=Structure(path_of=_names, nodes=nodes),
-        diagnostics=Diagnostics(label=label, initializer="module"),
-        build=build,
-    )
+    return _model(wrapped, copy).replace(params=params, state=state)
 
 
 def adapt_sized(
-    sized: _sizes.SizedCall,
+    call: Call,
     method: Any,
     takes_training: bool,
     *,
@@ -254,40 +122,298 @@ def adapt_sized(
     seed: Any,
 ) -> Model:
     """The `Model` of an NNX module class whose sizes follow the input
-    (`FlaxLayer.input_dim()` among its constructor arguments): constructed
-    at build (`Model.build`), then as `adapt` makes it. Arguments as
-    `adapt`'s, `sized` the class and its arguments."""
+    (`FlaxLayer.input_dim()` among the arguments of `call`): constructed
+    at build (`Live.build`), then as `adapt` makes it. Arguments as
+    `adapt`'s."""
     _checks.nnx_arguments(variables, rng_collections)
-    cls = sized.module_class
-
-    def build(spec: Any, layer_name: str) -> tuple[Model, Any]:
-        args, kwargs = _sizes.fill(sized.args, sized.kwargs, spec, layer_name)
-        module = _errors.user_code(cls)(*args, **kwargs)
-        model = adapt(
-            module,
-            method,
-            takes_training,
-            variables=None,
-            rng_collections=None,
-            seed=seed,
-        )
-        return model, module
-
-    recorded = _serialization.RecordedCall(sized.args, sized.kwargs)
+    cls = call.module_class
     return Model(
         init=None,
-        split=lambda raw: (*raw, {}),
         apply=_unbuilt,
         params=None,
         state=None,
         names=_names,
         rng=Rng(),
         takes_training=True,
-        config=config_fn(cls, method, recorded),
+        config=functools.partial(_config, cls, method, call),
         user_format=_user_format(None),
-        fine_tuning=FineTuning(candidates=_candidates, variable_filters=True),
+        fine_tuning=_FINE_TUNING,
+        live=Live(
+            build=functools.partial(
+                _build_sized, call, method, takes_training, seed
+            )
+        ),
         diagnostics=Diagnostics(label=cls.__name__, initializer="module"),
-        build=build,
+    )
+
+
+def _model(wrapped: _Wrapped, copy: Any) -> Model:
+    """The model of `wrapped`, without its weights; `copy` the layer's copy
+    of the module."""
+    module = wrapped.module
+    return Model(
+        init=None,
+        apply=functools.partial(_apply, wrapped),
+        params=None,
+        state=None,
+        names=_names,
+        # The module draws from its own RNG streams, held as state.
+        rng=Rng(),
+        takes_training=True,
+        config=functools.partial(_config, module, wrapped.method, wrapped.call),
+        axes=_axes(copy),
+        wrapped=module,
+        user_format=_user_format(functools.partial(_write_back, wrapped)),
+        fine_tuning=_FINE_TUNING,
+        quantization=Quantization(
+            quantize=functools.partial(_quantized, wrapped),
+            module_path=lambda parts: "/".join(parts[:-1]),
+            float_paths=_lora_paths(copy),
+        ),
+        structure=Structure(
+            path_of=_names,
+            nodes=functools.partial(_nodes, wrapped, _graph_nodes(copy)),
+        ),
+        live=Live(
+            rng_state=_rng_state(copy),
+            build=functools.partial(_build, wrapped),
+        ),
+        diagnostics=Diagnostics(
+            label=type(module).__name__, initializer="module"
+        ),
+    )
+
+
+def _layer_copy(module: Any, seed: Any) -> Any:
+    """The layer's own copy of `module` (its arrays shared), reseeded from
+    `seed` where given. Values sown outside `nnx.capture` (`Module.sow`)
+    are a call's output, not the module's state: none is held."""
+    copy = nnx.merge(*nnx.split(module))
+    nnx.pop(copy, nnx.Intermediate)
+    if seed is not None:
+        _reseed(copy, seed)
+    return copy
+
+
+def _graphdefs(copy: Any) -> dict[bool, Any]:
+    """The graph of `copy` in eval (False) and train (True) mode; `copy`
+    ends in eval mode, its values unchanged."""
+    return {
+        training: _graphdef_in_mode(copy, training)
+        for training in (False, True)
+    }
+
+
+def _leaves(module: Any) -> dict[str, tuple[Any, Any]]:
+    return {
+        _variables.path_text(path): (path, leaf)
+        for path, leaf in nnx.to_flat_state(nnx.state(module))
+    }
+
+
+def _run(
+    wrapped: _Wrapped,
+    params: PyTree,
+    state: PyTree,
+    inputs: PyTree,
+    training: bool,
+) -> tuple[Any, Any, Any]:
+    """The outputs, new params and new state of one call."""
+    called = nnx.merge(wrapped.graphdefs[bool(training)], params, state)
+    outputs = _errors.user_code(invoke)(
+        called, wrapped.method, inputs, wrapped.kwargs(training)
+    )
+    nnx.pop(called, nnx.Intermediate)
+    _, new_params, new_state = nnx.split(called, nnx.Param, ...)
+    return outputs, new_params, new_state
+
+
+def _apply(
+    wrapped: _Wrapped,
+    params: PyTree,
+    state: PyTree,
+    rng: Any,
+    inputs: PyTree,
+    training: bool,
+) -> tuple[Any, Any]:
+    outputs, _, new_state = _run(wrapped, params, state, inputs, training)
+    return outputs, new_state
+
+
+def _write_back(
+    wrapped: _Wrapped, parts: tuple[str, ...]
+) -> Callable[[Any], None] | None:
+    """Copies a variable's values into the user's module."""
+    found = wrapped.targets.get(_variables.path_text(variable_name(parts)))
+    if found is None:
+        return None
+    path, target = found
+    if not isinstance(target, nnx.Variable):
+        # A plain array attribute (data of the module, not a Variable):
+        # held as non-trainable state, written back as an attribute.
+        return functools.partial(
+            _write_attribute, wrapped.module, path, target.dtype
+        )
+    return functools.partial(_write, target)
+
+
+def _build(wrapped: _Wrapped, spec: Any, layer_name: str) -> Model | None:
+    """The module built by its first call at `spec` (a module creating its
+    variables then: `nnx.bridge.ToNNX` without `lazy_init`), with the
+    layer's seed; None where that call creates nothing."""
+    module, method = wrapped.module, wrapped.method
+    inputs = _inputs.placeholders(spec, 1)
+    kwargs = wrapped.kwargs(False)
+    try:
+        created = _created(module, method, inputs, kwargs)
+    except _errors.UserCodeError as refused:
+        if not _unbuilt_bridge(module):
+            return None  # the call raises the module's own error
+        label = type(module).__name__
+        error = _errors.lazy_build_failed(label, spec, refused.error)
+        raise ValueError(error) from refused.error
+    if not created:
+        return None
+    # Built in the user's module, which then holds the variables.
+    if wrapped.seed is not None:
+        _reseed(module, wrapped.seed)
+    _errors.user_code(_first_call)(module, method, inputs, kwargs)
+    model = adapt(
+        module,
+        method,
+        wrapped.takes_training,
+        variables=None,
+        rng_collections=None,
+        seed=wrapped.seed,
+    )
+    assert model.live is not None  # an NNX module's model is live
+    return model.replace(live=dataclasses.replace(model.live, build=None))
+
+
+def _build_sized(
+    call: Call,
+    method: Any,
+    takes_training: bool,
+    seed: Any,
+    spec: Any,
+    layer_name: str,
+) -> Model:
+    """The module `call` constructs for inputs of `spec`, adapted."""
+    args, kwargs = _sizes.fill(call.args, call.kwargs, spec, layer_name)
+    module = _errors.user_code(call.module_class)(*args, **kwargs)
+    return adapt(
+        module,
+        method,
+        takes_training,
+        variables=None,
+        rng_collections=None,
+        seed=seed,
+    )
+
+
+def _axes(copy: Any) -> dict[str, tuple[Any, ...]]:
+    """The mesh axes of each Variable that names them, by path text."""
+    axes = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(copy)):
+        found = isinstance(leaf, nnx.Variable) and _sharding(leaf)
+        if found:
+            axes[_variables.path_text((*path, "value"))] = found
+    return axes
+
+
+def _quantized(
+    wrapped: _Wrapped,
+    rules: list[Any],
+    params: PyTree,
+    state: PyTree,
+    inputs: PyTree,
+) -> Model:
+    """Qwix's quantized copy of the module at `params` and `state`, in eval
+    mode (`_model.Quantization`)."""
+    name, target = _quantize.method(wrapped.module, wrapped.method)
+    current = nnx.merge(wrapped.graphdefs[False], params, state)
+    kwargs = wrapped.kwargs(False)
+    quantized = _quantize.nnx_module(current, name, rules, inputs, **kwargs)
+    return adapt(
+        quantized,
+        target,
+        wrapped.takes_training,
+        variables=None,
+        rng_collections=None,
+        seed=None,
+    )
+
+
+def _lora_paths(copy: Any) -> tuple[str, ...]:
+    """The module paths of LoRA adapters, which stay float (they train on
+    the quantized base)."""
+    return tuple(
+        "/".join(str(part) for part in path)
+        for path, node in nnx.iter_graph(copy)
+        if isinstance(node, nnx.LoRA)
+    )
+
+
+def _graph_nodes(copy: Any) -> dict[tuple[Any, ...], str]:
+    """The class name of each submodule and Variable of the module's graph
+    (a shared one at its first path, as `nnx.split` holds it), by path."""
+    return {
+        path: type(node).__name__
+        for path, node in nnx.iter_graph(copy)
+        if path and isinstance(node, (nnx.Pytree, nnx.Variable))
+    }
+
+
+def _nodes(
+    wrapped: _Wrapped,
+    labels: Mapping[tuple[Any, ...], str],
+    params: PyTree,
+    state: PyTree,
+    inputs: PyTree,
+) -> Any:
+    """The submodules and Variables (`labels`), with the outputs of each
+    submodule's first call on `inputs` in eval mode, which `nnx.capture`
+    records (traced abstractly; none where it fails)."""
+    found: dict[tuple[Any, ...], tuple[str, Any]] = {
+        path: (label, None) for path, label in labels.items()
+    }
+    try:
+        calls = jax.eval_shape(
+            functools.partial(_first_outputs, wrapped), params, state, inputs
+        )
+    except _errors.UserCodeError:
+        return found  # the rows have no output shapes
+    for path, outputs in calls.items():
+        if path in found:
+            found[path] = (found[path][0], _summary.outputs_shape(outputs))
+    return found
+
+
+def _first_outputs(
+    wrapped: _Wrapped, params: PyTree, state: PyTree, inputs: PyTree
+) -> dict[tuple[Any, ...], Any]:
+    """The outputs of each submodule's first call (its `__call__`'s where
+    it has one), by module path."""
+    capture = nnx.capture(
+        _errors.user_code(invoke),
+        nnx.Intermediate,
+        method_outputs=nnx.Intermediate,
+    )
+    called = nnx.merge(wrapped.graphdefs[False], params, state)
+    _, captured = capture(called, wrapped.method, inputs, wrapped.kwargs(False))
+    calls: dict[tuple[Any, ...], Any] = {}
+    for path, variable in nnx.to_flat_state(captured):
+        *module_path, name = path
+        first = variable.get_value()[0]
+        if name == "__call__" or tuple(module_path) not in calls:
+            calls[tuple(module_path)] = first
+    return calls
+
+
+def _rng_state(copy: Any) -> frozenset[str]:
+    return frozenset(
+        _variables.path_text(path)
+        for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.RngState))
     )
 
 
@@ -324,6 +450,9 @@ def _candidates(params: PyTree) -> list[tuple[Any, Any, str]]:
         (path, variable, _variables.path_text((*path, "value")))
         for path, variable in nnx.to_flat_state(params)
     ]
+
+
+_FINE_TUNING = FineTuning(candidates=_candidates, variable_filters=True)
 
 
 def _first_call(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> None:
@@ -371,29 +500,21 @@ def from_user(variables: PyTree) -> Any:
     raise TypeError(_errors.nnx_variables_not_state(variables))
 
 
-def config_fn(
-    module: Any, method: Any, recorded_call: Any
-) -> Callable[[], dict[str, Any]]:
+def _config(module: Any, method: Any, call: Call | None) -> dict[str, Any]:
     """The `Model.config` of an NNX module (or of its class, given with
     its recorded constructor call): that call when there is one, else its
     class's own `get_config()`."""
     cls = module if isinstance(module, type) else type(module)
-
-    def config() -> dict[str, Any]:
-        if recorded_call is not None:
-            entry = _serialization.serialize_call(
-                cls, recorded_call, "nnx_call"
-            )
-        elif hasattr(cls, "get_config"):
-            entry = _serialization.serialize_nnx(module, None)
-        else:
-            raise TypeError(_errors.nnx_not_serializable(module))
-        return {
-            "module": entry,
-            "method": _serialization.serialize_method(cls, method),
-        }
-
-    return config
+    if call is not None:
+        entry = _serialization.serialize_call(cls, call, "nnx_call")
+    elif hasattr(cls, "get_config"):
+        entry = _serialization.serialize_nnx(module, None)
+    else:
+        raise TypeError(_errors.nnx_not_serializable(module))
+    return {
+        "module": entry,
+        "method": _serialization.serialize_method(cls, method),
+    }
 
 
 def invoke(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> Any:

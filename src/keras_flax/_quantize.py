@@ -290,15 +290,14 @@ class Quantized:
 
     Attributes:
         model: the quantized `Model`, its `params` / `state` the arrays to
-            hold (int4 and float8 leaves as int8 bits).
-        module: the quantized module (Qwix's copy), which the layer's
-            `module` gives from then on.
+            hold (int4 and float8 leaves as int8 bits), `wrapped` the
+            quantized module (Qwix's copy), which the layer's `module`
+            gives from then on.
         frozen: the paths (`VariableTree.paths`) of the quantized leaves,
             which do not train.
     """
 
     model: Model
-    module: Any
     frozen: frozenset[str]
 
 
@@ -330,7 +329,7 @@ def quantized(
         block_size = _block_size(mode, config)
         found = None
         if block_size is not None:
-            per_channel, _ = quantization.quantize(
+            per_channel = quantization.quantize(
                 rules(layer_name, mode, config, float_paths),
                 params,
                 state,
@@ -344,7 +343,7 @@ def quantized(
                 quantization.module_path,
             )
         qrules = rules(layer_name, mode, config, float_paths, found)
-        result, module = quantization.quantize(qrules, params, state, inputs)
+        result = quantization.quantize(qrules, params, state, inputs)
     except _errors.UserCodeError as refused:
         raise ValueError(
             _errors.quantize_refused(layer_name, label, mode, refused.error)
@@ -355,7 +354,7 @@ def quantized(
             _errors.nothing_to_quantize(layer_name, label, mode, OPS)
         )
     result = result.replace(config=model.config, quantization=None)
-    return Quantized(model=stored(result), module=module, frozen=frozen)
+    return Quantized(model=stored(result), frozen=frozen)
 
 
 def _new_paths(before: PyTree, after: PyTree) -> frozenset[str]:

@@ -406,7 +406,9 @@ def _safetensors() -> types.ModuleType:
 def _held(layer: Any, function: str) -> tuple[dict[Any, Any], dict[Any, Any]]:
     """The layer's weights by name, and the short names of its state (see
     `_short_names`); an unbuilt layer is refused."""
-    params, state = layer._weights.by_name(layer._model.rng_state)
+    live = layer._model.live
+    rng_state = frozenset() if live is None else live.rng_state
+    params, state = layer._weights.by_name(rng_state)
     if not (params or state):
         raise ValueError(_errors.checkpoint_unbuilt(function, layer.name))
     return {**params, **state}, _short_names(params, state)

@@ -51,14 +51,6 @@ def deserialize_module(config: dict[str, Any]) -> Any:
     return _decode(config, "module")
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordedCall:
-    """The constructor arguments of a module (NNX, Equinox)."""
-
-    args: tuple
-    kwargs: dict
-
-
 def serialize_method(cls: type, method: Any) -> Any:
     """The config of `method` of a module of class `cls`."""
     if method is None or isinstance(method, str):

@@ -47,16 +47,6 @@ class InputDim:
         return cls(config["axis"])
 
 
-@dataclasses.dataclass(frozen=True)
-class SizedCall:
-    """An NNX module class and constructor arguments holding `InputDim`s:
-    the module `FlaxLayer.from_nnx` constructs at build."""
-
-    module_class: type
-    args: tuple
-    kwargs: dict
-
-
 def is_input_dim(value: Any) -> bool:
     return isinstance(value, InputDim)
 

@@ -82,7 +82,7 @@ def given(
         unused=no_unused(),
         axes=dict(model.axes),
         spec=None,
-        copy=not model.shares_given,
+        copy=model.live is None,
     )
 
 
@@ -141,7 +141,7 @@ def plan(
         unused=unused,
         axes=axes,
         spec=spec,
-        copy=not model.shares_given,
+        copy=model.live is None,
     )
 
 
@@ -159,16 +159,29 @@ def initialize(
     assert init is not None and rng_of is not None  # built by `init`
     rng = rng_of(seed)
     if keras.distribution.distribution() is not None:
-        *shapes, init_axes = model.split(jax.eval_shape(init, rng, inputs))
+        *shapes, init_axes = _shapes(init, rng, inputs)
         shardings = _layouts.init_shardings(
             layer_name, shapes, model.names, {**axes, **init_axes}
         )
         if shardings is not None:
             sharded = _layouts.sharded_init(
-                lambda rng, x: model.split(init(rng, x))[:2], shardings
+                lambda rng, x: init(rng, x)[:2], shardings
             )
             return (*sharded(rng, inputs), init_axes)
-    return model.split(init(rng, inputs))
+    return init(rng, inputs)
+
+
+def _shapes(init: Any, rng: Any, inputs: PyTree) -> tuple[Any, Any, Axes]:
+    """`init`'s `(params, state, axes)`, the trees as shapes (traced
+    abstractly; the axes are data, which a trace does not return)."""
+    axes: dict[str, Any] = {}
+
+    def trees(rng: Any, inputs: PyTree) -> tuple[Any, Any]:
+        params, state, found = init(rng, inputs)
+        axes.update(found)
+        return params, state
+
+    return (*jax.eval_shape(trees, rng, inputs), axes)
 
 
 def _check_given(
