@@ -223,3 +223,65 @@ def test_a_kind_of_the_tests_alone_is_in_the_registry():
     kind = _kinds.of(toy_kind.Chain(()), "ToyLayer", repr)
     assert kind.adapt is toy_kind.adapt
     assert "toy" in {k.name for k in _kinds.KINDS}
+
+
+def _code_lines(node):
+    """A function's lines, its docstring left out."""
+    lines = node.end_lineno - node.lineno + 1
+    body = node.body
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
+        lines -= body[0].end_lineno - body[0].lineno + 1
+    return lines
+
+
+def _functions():
+    for name, tree in SOURCES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield name, node
+
+
+def test_files_and_functions_are_short():
+    # No file over 600 lines, no function over 60 (docstrings left out),
+    # and each adapter reads as the steps of adapting its kind.
+    long_files = [
+        name
+        for name in SOURCES
+        if len((PACKAGE / name).read_text().splitlines()) > 600
+    ]
+    long_functions = [
+        f"{name}: {node.name}"
+        for name, node in _functions()
+        if _code_lines(node) > 60
+    ]
+    long_adapters = [
+        f"{name}: {node.name}"
+        for name, node in _functions()
+        if name in ADAPTERS
+        and node.name.startswith("adapt")
+        and _code_lines(node) > 30
+    ]
+    assert (long_files, long_functions, long_adapters) == ([], [], [])
+
+
+def test_user_code_errors_are_caught_only_to_be_reported():
+    # `_user_code.attempt` turns a trial call's refusal into a value the
+    # caller decides on; elsewhere a `UserCodeError` is caught only by a
+    # handler that reports it (ends by raising).
+    steering = []
+    for name, tree in SOURCES.items():
+        if name == "_user_code.py":
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ExceptHandler) or node.type is None:
+                continue
+            if "UserCodeError" in ast.unparse(node.type) and not isinstance(
+                node.body[-1], ast.Raise
+            ):
+                steering.append(f"{name}:{node.lineno}")
+    assert steering == []

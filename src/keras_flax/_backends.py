@@ -20,6 +20,7 @@ import itertools
 import string
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_flax import _errors
+from keras_flax import _user_code
+from keras_flax._errors import format_shape
 from keras_flax._model import PyTree
 
 SUPPORTED = ("jax", "tensorflow", "torch")
@@ -314,7 +316,7 @@ class _TensorFlowRunner:
             shapes = tuple(tuple(x.shape) for x in leaves)
             if any(d is None for shape in shapes for d in shape):
                 raise ValueError(
-                    _errors.tf_sizes_needed(self._layer_name, shapes, refused)
+                    tf_sizes_needed(self._layer_name, shapes, refused)
                 ) from refused
             key = (*key, shapes)
         if key not in self._converted:
@@ -337,14 +339,14 @@ class _TensorFlowRunner:
     ) -> BaseException | None:
         """What the model raises when traced at a symbolic batch size
         (None where it takes one)."""
-        try:
-            jax.eval_shape(
-                functools.partial(self._fn, training=training),
-                *symbolic_structs((params, state, seed)),
-                symbolic_structs(spec.tree),
-            )
-        except _errors.UserCodeError as refused:
-            return refused.error
+        traced = _user_code.attempt(
+            jax.eval_shape,
+            functools.partial(self._fn, training=training),
+            *symbolic_structs((params, state, seed)),
+            symbolic_structs(spec.tree),
+        )
+        if isinstance(traced, _user_code.Refused):
+            return traced.error
         return None
 
     def _convert(
@@ -374,6 +376,24 @@ class _TensorFlowRunner:
         # Keras' own `tf.function`s it is inlined. AutoGraph cannot convert
         # what jax2tf returns.
         return tf.function(converted, autograph=False, reduce_retracing=True)
+
+
+def tf_sizes_needed(
+    layer_name: str,
+    shapes: Sequence[tuple[int | None, ...]],
+    error: BaseException,
+) -> str:
+    shown = ", ".join(format_shape(shape) for shape in shapes)
+    return (
+        f"Layer '{layer_name}' cannot run on TensorFlow for inputs of unknown "
+        f"sizes: its model does not take a symbolic batch size (jax2tf), "
+        f"and these inputs have unknown sizes. Received: inputs of shape "
+        f"{shown}; at a symbolic batch size the model raised "
+        f"{type(error).__name__}: {error}. Give the inputs known sizes (in "
+        f"`fit`, `evaluate` and `predict`, a `batch_size` dividing the number "
+        f"of samples, or `drop_remainder=True` for a `tf.data` pipeline; "
+        f"`keras.Input(shape, batch_size=n)`), or use the JAX backend."
+    )
 
 
 # PyTorch.

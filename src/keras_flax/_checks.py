@@ -4,11 +4,9 @@ point, before anything is built.
 """
 
 import collections.abc
-import dataclasses
 import inspect
-import warnings
-from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,217 +20,11 @@ from keras_flax import _backends
 from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _variables
+from keras_flax._errors import describe
+from keras_flax._errors import format_shape
+from keras_flax._errors import more
 from keras_flax._model import Model
 from keras_flax._model import PyTree
-
-CALL_FN_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
-INIT_FN_ARGUMENTS = ("rng", "inputs", "training")
-TRAINING_LIKE_FLAGS = (
-    "deterministic",
-    "train",
-    "is_training",
-    "use_running_average",
-)
-_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-
-
-def _parameters(fn: Callable[..., Any], arg: str) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError) as error:
-        raise TypeError(_errors.unsignable(arg, fn)) from error
-
-
-def function_arguments(
-    fn: Callable[..., Any], arg: str, allowed: Any
-) -> list[str]:
-    """The argument names of `fn` (`call_fn` or `init_fn`), in order.
-
-    Arguments are matched by name, as `keras.layers.JaxLayer` does: each
-    must be one of `allowed`, and `inputs` is required.
-    """
-    if not callable(fn):
-        raise TypeError(
-            _errors.not_callable(arg, fn, f"Pass a function `{arg}(...)`.")
-        )
-    names = [p.name for p in _parameters(fn, arg)]
-    for name in names:
-        if name not in allowed:
-            raise ValueError(
-                _errors.unsupported_argument(arg, fn, name, allowed)
-            )
-    if "inputs" not in names:
-        raise ValueError(_errors.missing_argument(arg, fn, "inputs", allowed))
-    return names
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSignature:
-    """How a Flax forward method is called: inputs first, then `training`."""
-
-    takes_training: bool
-
-
-def method_signature(
-    fn: Callable[..., Any],
-    method_name: str,
-    call_prefix: str,
-    skip_module: bool,
-) -> MethodSignature:
-    """Checks a Flax forward method and tells how to call it.
-
-    The first argument after the module receives the inputs, whatever its
-    name (Flax passes it positionally); `training` is passed by name when
-    the method takes it. Any other argument must have a default.
-
-    Args:
-        fn: the method (bound, so without `self`) or free function.
-        method_name: how to name the method in messages.
-        call_prefix: how the method is called in example code, e.g.
-            "module(" or "module.encode(".
-        skip_module: whether the first argument of `fn` is the module.
-    """
-    parameters = _parameters(fn, "method")
-    if skip_module:
-        parameters = parameters[1:]
-    positional = [
-        p
-        for p in parameters
-        if p.kind
-        in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            inspect.Parameter.VAR_POSITIONAL,
-        )
-    ]
-    if not positional or positional[0].name == "training":
-        raise ValueError(
-            _errors.method_without_inputs(method_name, call_prefix)
-        )
-    rest = [p for p in parameters if p is not positional[0]]
-    names = {p.name for p in rest}
-    takes_training = "training" in names
-    example_args = _example_args(positional[0], rest)
-    for p in rest:
-        if p.name == "training" or p.kind in _VARIADIC:
-            continue
-        if p.default is inspect.Parameter.empty:
-            raise ValueError(
-                _errors.method_unfillable(
-                    method_name,
-                    call_prefix,
-                    p.name,
-                    _signature_text(fn, skip_module),
-                    example_args,
-                )
-            )
-    if not takes_training:
-        for flag in TRAINING_LIKE_FLAGS:
-            if flag in names:
-                warnings.warn(
-                    _errors.training_flag_warning(
-                        method_name, call_prefix, flag, example_args
-                    ),
-                    UserWarning,
-                    stacklevel=4,
-                )
-                break
-    return MethodSignature(takes_training=takes_training)
-
-
-def _example_args(inputs_parameter: Any, rest: Any) -> str:
-    """Arguments for the wrapper shown in messages, mapping `training`."""
-    args = ["inputs"]
-    for p in rest:
-        if p.kind in _VARIADIC or p.default is not inspect.Parameter.empty:
-            if p.name not in TRAINING_LIKE_FLAGS:
-                continue
-        value = {
-            "deterministic": "not training",
-            "use_running_average": "not training",
-            "train": "training",
-            "is_training": "training",
-        }.get(p.name, "...")
-        args.append(f"{p.name}={value}")
-    if inputs_parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-        args[0] = "*inputs"
-    return ", ".join(args)
-
-
-def _signature_text(fn: Callable[..., Any], skip_module: bool) -> str:
-    parameters = _parameters(fn, "method")
-    if skip_module:
-        parameters = parameters[1:]
-    return "(" + ", ".join(str(p) for p in parameters) + ")"
-
-
-def defined_methods(module: Any, base: Any) -> list[str]:
-    cls = _class_of(module)
-    names = [
-        name
-        for name in dir(cls)
-        if name not in set(dir(base))
-        and not name.startswith("_")
-        and callable(getattr(cls, name, None))
-    ]
-    own = [c for c in cls.__mro__ if c not in base.__mro__]
-    if any("__call__" in vars(c) for c in own):
-        names.insert(0, "__call__")
-    return names
-
-
-def _class_of(module: Any) -> type:
-    return module if isinstance(module, type) else type(module)
-
-
-def resolve_method(
-    module: Any, method: Any, base: Any
-) -> tuple[Any, MethodSignature]:
-    """Checks `method` of a Flax module and tells how to call it.
-
-    Args:
-        module: the module instance, or its class (a module constructed
-            at build, `FlaxLayer.input_dim()`).
-        method: None (`__call__`), a method name, a method of the module,
-            or a function whose first argument is the module.
-        base: the module base class (`flax.linen.Module` or
-            `flax.nnx.Module`).
-
-    Returns:
-        `(target, signature)`: `target` is None, a method name or a
-        function taking the module first (what `Module.apply` takes as
-        `method`); `signature` a `MethodSignature`.
-    """
-    cls = _class_of(module)
-    cls_name = cls.__name__
-    # Looked up on the class, a method takes the module first.
-    unbound = module is cls
-    if method is None:
-        fn, target, name, skip = module.__call__, None, "__call__", False
-    elif isinstance(method, str):
-        if not callable(getattr(cls, method, None)):
-            raise ValueError(
-                _errors.unknown_method(
-                    cls_name, method, defined_methods(module, base)
-                )
-            )
-        fn, target, name, skip = getattr(module, method), method, method, False
-    elif inspect.ismethod(method) and isinstance(method.__self__, base):
-        fn, name, skip = method, method.__name__, False
-        on_class = getattr(cls, name, None) is method.__func__
-        target = name if on_class else method.__func__
-        unbound = False
-    elif callable(method):
-        fn, target, skip = method, method, True
-        name = getattr(method, "__name__", repr(method))
-    else:
-        raise TypeError(_errors.bad_method_type(method))
-    if skip:
-        label, prefix = name, f"{name}(module, "
-    else:
-        label = f"{cls_name}.{name}"
-        prefix = "module(" if name == "__call__" else f"module.{name}("
-    return target, method_signature(fn, label, prefix, skip or unbound)
 
 
 def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
@@ -241,7 +33,7 @@ def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
     built = specs.leaves()
     if len(given) != len(built):
         raise ValueError(
-            _errors.inputs_structure_changed(
+            inputs_structure_changed(
                 layer_name,
                 str(specs),
                 _structure_text(inputs),
@@ -255,7 +47,7 @@ def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
         )
         if not fits:
             raise ValueError(
-                _errors.inputs_misfit(
+                inputs_misfit(
                     layer_name,
                     "shape",
                     str(specs),
@@ -267,13 +59,35 @@ def inputs_fit(inputs: PyTree, specs: Any, layer_name: str) -> None:
         dtype = _inputs.dtype_of(x)
         if _kind(dtype) != _kind(s.dtype):
             raise ValueError(
-                _errors.inputs_misfit(
+                inputs_misfit(
                     layer_name,
                     "dtype",
                     f"{_kind(s.dtype)} ({str(specs)})",
                     f"{_kind(dtype)} ({jnp.dtype(dtype)})",
                 )
             )
+
+
+def inputs_misfit(
+    layer_name: str, what: str, expected: Any, received: Any
+) -> str:
+    return (
+        f"`inputs` do not fit layer '{layer_name}': it was built for {what} "
+        f"{expected}. Received: inputs with {what} {received}. Pass inputs "
+        "like those the layer was built for, or create a new layer for "
+        "these inputs."
+    )
+
+
+def inputs_structure_changed(
+    layer_name: str, expected: Any, received: Any
+) -> str:
+    return (
+        f"`inputs` do not fit layer '{layer_name}': it was built for inputs "
+        f"structured as {expected}. Received: inputs structured as "
+        f"{received}. Pass the same structure (tuple, dict, ...) on every "
+        "call."
+    )
 
 
 def _kind(dtype: Any) -> str:
@@ -353,7 +167,19 @@ def no_state(arg: str, new_state: PyTree) -> None:
     leaves = jax.tree_util.tree_flatten_with_path(new_state)[0]
     if leaves:
         paths = [_variables.path_text(keypath) for keypath, _ in leaves]
-        raise ValueError(_errors.state_without_room(arg, paths))
+        raise ValueError(state_without_room(arg, paths))
+
+
+def state_without_room(arg: str, paths: Sequence[str]) -> str:
+    listed = ", ".join(paths[:8]) + more(paths, 8)
+    return (
+        f"`{arg}` returned a new state, but the layer holds no state to "
+        "keep it in (it was given `state=None`, or `init_fn` returned no "
+        f"state). Received: a new state with leaves {listed}. Give the "
+        "layer its initial state (`state=...`, or `init_fn` returning "
+        "`(params, state)`), or return `(outputs, state)` with the state "
+        "unchanged."
+    )
 
 
 def state_structure(arg: str, new_state: PyTree, state_tree: Any) -> None:
@@ -373,9 +199,32 @@ def state_structure(arg: str, new_state: PyTree, state_tree: Any) -> None:
         ):
             return
     missing, extra, mismatched = compare(new_state, state_tree.tree)
-    raise ValueError(
-        _errors.state_structure_changed(arg, missing, extra, mismatched)
+    raise ValueError(state_structure_changed(arg, missing, extra, mismatched))
+
+
+def state_structure_changed(
+    arg: str, missing: Sequence[str], extra: Any, mismatched: Any
+) -> str:
+    lines = [
+        f"The state returned by `{arg}` does not have the structure it had "
+        "at initialization."
+    ]
+    for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
+        lines.append(
+            f"At {path} the returned array has {what} where the state holds "
+            f"{want}."
+        )
+    if missing:
+        lines.append("Missing: " + ", ".join(missing[:8]) + more(missing, 8))
+    if extra:
+        lines.append("Unexpected: " + ", ".join(extra[:8]) + more(extra, 8))
+    lines.append(
+        "Return the state with the same keys and shapes as it was given "
+        "(`return outputs, new_state`); keep values that change shape, such "
+        "as growing caches, outside the state."
     )
+    return " ".join(lines)
 
 
 def linen_variables(
@@ -384,11 +233,34 @@ def linen_variables(
     if not isinstance(variables, collections.abc.Mapping) or not all(
         isinstance(v, collections.abc.Mapping) for v in variables.values()
     ):
-        raise TypeError(_errors.variables_not_mapping(variables, arg))
+        raise TypeError(variables_not_mapping(variables, arg))
     bad = non_array_leaves(nn.meta.unbox(variables))
     if bad:
-        raise TypeError(_errors.variables_not_arrays(bad, arg))
+        raise TypeError(variables_not_arrays(bad, arg))
     return variables
+
+
+def variables_not_mapping(variables: PyTree, arg: str = "variables") -> str:
+    fix = (
+        "Pass `variables=module.init(rng, x)`, or None to initialise at "
+        "build time."
+    )
+    if arg != "variables":
+        fix = f"Assign `layer.{arg} = module.init(rng, x)` (or its values)."
+    return (
+        f"`{arg}` must be a dict in the format returned by "
+        "`module.init(...)`, e.g. {'params': {...}, 'batch_stats': {...}}. "
+        f"Received: {arg}={describe(variables)}. {fix}"
+    )
+
+
+def variables_not_arrays(bad: Any, arg: str = "variables") -> str:
+    listed = ", ".join(f"{p} = {describe(v)}" for p, v in bad[:4])
+    return (
+        f"`{arg}` must hold arrays only, as `module.init(...)` returns. "
+        f"Received: {arg} with non-array leaves at {listed}. Pass the "
+        "output of `module.init(rng, x)` (or arrays of the same structure)."
+    )
 
 
 def assignable(layer_name: str, given: Any, held: Any) -> None:
@@ -405,10 +277,42 @@ def assignable(layer_name: str, given: Any, held: Any) -> None:
     )
     if missing or extra or mismatched or not_arrays:
         raise ValueError(
-            _errors.assignment_misfit(
+            assignment_misfit(
                 layer_name, missing, extra, mismatched, not_arrays
             )
         )
+
+
+def assignment_misfit(
+    layer_name: str,
+    missing: Sequence[str],
+    extra: Any,
+    mismatched: Any,
+    not_arrays: Any,
+) -> str:
+    lines = [
+        f"`flax_variables` assigned to layer '{layer_name}' does not fit the "
+        "variables it holds; nothing was assigned."
+    ]
+    if missing:
+        listed = ", ".join(missing[:8]) + more(missing, 8)
+        lines.append(f"Missing: {listed}.")
+    if extra:
+        listed = ", ".join(extra[:8]) + more(extra, 8)
+        lines.append(f"Not held by the layer: {listed}.")
+    for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
+        lines.append(
+            f"At {path} the given array has {what} but the layer holds {want}."
+        )
+    for path, value in not_arrays[:4]:
+        lines.append(f"At {path} the given value is {describe(value)}.")
+    lines.append(
+        "Fix: assign every variable, in the format `layer.flax_variables` "
+        "returns; an Orbax checkpoint restores in it with "
+        "`checkpointer.restore(path, layer.flax_variables)`."
+    )
+    return " ".join(lines)
 
 
 def layer_arguments(cls_name: str, pack_weights: bool) -> None:
@@ -416,38 +320,60 @@ def layer_arguments(cls_name: str, pack_weights: bool) -> None:
     that is not a bool."""
     backend(cls_name)
     if not isinstance(pack_weights, bool):
-        raise TypeError(_errors.not_a_bool("pack_weights", pack_weights))
+        raise TypeError(not_a_bool("pack_weights", pack_weights))
+
+
+def not_a_bool(arg: str, value: Any) -> str:
+    return (
+        f"`{arg}` must be True or False. Received: {arg}={describe(value)}. "
+        f"Pass {arg}=True or {arg}=False."
+    )
 
 
 def backend(cls_name: str) -> None:
     """Refuses to construct a layer on a backend it cannot run on."""
     backend = keras.backend.backend()
     if backend not in _backends.SUPPORTED:
-        raise ValueError(_errors.unsupported_backend(cls_name, backend))
+        raise ValueError(unsupported_backend(cls_name, backend))
+
+
+def unsupported_backend(cls_name: str, backend_name: str) -> str:
+    return (
+        f"`{cls_name}` runs on the JAX, TensorFlow and PyTorch backends. "
+        f"Received: KERAS_BACKEND={backend_name!r}. Set one of them before "
+        "Keras is imported (`export KERAS_BACKEND=jax`), or import "
+        "keras_flax before keras with KERAS_BACKEND unset."
+    )
 
 
 def packing_allowed() -> None:
     distribution = keras.distribution.distribution()
     if isinstance(distribution, keras.distribution.ModelParallel):
-        raise ValueError(_errors.packing_under_model_parallel())
+        raise ValueError(packing_under_model_parallel())
 
 
-def jax_layer_arguments(
-    call_fn: Any, init_fn: Any
-) -> tuple[list[str], list[str] | None]:
-    """The argument names of `call_fn` and of `init_fn` (None without
-    one), checked."""
-    call_arguments = function_arguments(call_fn, "call_fn", CALL_FN_ARGUMENTS)
-    if init_fn is None:
-        return call_arguments, None
-    init_arguments = function_arguments(init_fn, "init_fn", INIT_FN_ARGUMENTS)
-    return call_arguments, init_arguments
+def packing_under_model_parallel() -> str:
+    return (
+        "`pack_weights=True` keeps each dtype's leaves in one replicated "
+        "variable, so a `keras.distribution.ModelParallel` layout cannot "
+        "shard them. Received: pack_weights=True under ModelParallel. Pass "
+        "pack_weights=False (the default) to shard weights by their Flax "
+        "paths, or use DataParallel."
+    )
 
 
 def stateful_result(result: Any) -> tuple[Any, Any]:
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise ValueError(_errors.stateful_result(result))
+        raise ValueError(stateful_result_message(result))
     return result[0], result[1]
+
+
+def stateful_result_message(result: Any) -> str:
+    return (
+        "`call_fn` takes `state`, so it must return `(outputs, new_state)`. "
+        f"Received: a {type(result).__name__} from call_fn. Return the new "
+        "state with the outputs: `return outputs, new_state`."
+    )
 
 
 def nnx_class(module_class: type) -> None:
@@ -455,14 +381,42 @@ def nnx_class(module_class: type) -> None:
     if not (
         isinstance(module_class, type) and issubclass(module_class, nnx.Module)
     ):
-        raise TypeError(_errors.not_an_nnx_class(module_class))
+        raise TypeError(not_an_nnx_class(module_class))
+
+
+def not_an_nnx_class(module_class: type) -> str:
+    return (
+        "`module_class` of FlaxLayer.from_nnx must be a flax.nnx.Module "
+        f"class. Received: module_class={describe(module_class)}. Pass the "
+        "class and its constructor arguments: "
+        "FlaxLayer.from_nnx(MLP, 784, 10, rngs=nnx.Rngs(0))."
+    )
 
 
 def nnx_arguments(variables: PyTree, rng_collections: Any) -> None:
     if variables is not None:
-        raise ValueError(_errors.nnx_with_variables(variables))
+        raise ValueError(nnx_with_variables(variables))
     if rng_collections is not None:
-        raise ValueError(_errors.nnx_with_rng_collections(rng_collections))
+        raise ValueError(nnx_with_rng_collections(rng_collections))
+
+
+def nnx_with_variables(variables: PyTree) -> str:
+    return (
+        "`variables` is for linen modules: an NNX module carries its own "
+        f"variables. Received: variables={describe(variables)} with an "
+        "nnx.Module. Put the values into the module first "
+        "(`nnx.update(module, state)`) and pass variables=None."
+    )
+
+
+def nnx_with_rng_collections(rng_collections: Any) -> str:
+    return (
+        "`rng_collections` is for linen modules: an NNX module draws from "
+        "its own `nnx.Rngs`. Received: "
+        f"rng_collections={rng_collections!r} with an nnx.Module. Leave it "
+        "out; give the module the streams it needs when you build it, e.g. "
+        "`nnx.Rngs(0, noise=1)`, or pass `seed=` to reseed them."
+    )
 
 
 def _as_given(
@@ -509,7 +463,7 @@ def unused_leaves(
         missing, extra, mismatched = compare(tree, want)
         if check_shapes and (missing or mismatched):
             raise ValueError(
-                _errors.variables_misfit(
+                variables_misfit(
                     arg,
                     f"of {spec}",
                     missing,
@@ -524,6 +478,22 @@ def unused_leaves(
             if held[which][path] is not None:  # not a static leaf
                 unused[which][path] = held[which][path]
     return unused
+
+
+def variables_misfit(
+    arg: str, input_desc: str, missing: Sequence[str], mismatched: Any, fix: str
+) -> str:
+    lines = [f"`{arg}` does not fit the inputs {input_desc}."]
+    for path, given, expected in mismatched[:5]:
+        what, want = _difference(given, expected)
+        lines.append(
+            f"At {path} the given array has {what} but the module creates "
+            f"{want}."
+        )
+    if missing:
+        lines.append("Missing: " + ", ".join(missing[:8]) + more(missing, 8))
+    lines.append(fix)
+    return " ".join(lines)
 
 
 # Keras' own layer arguments, which every layer takes.
@@ -569,9 +539,41 @@ def quantizable(
     """`layer.quantize(mode)`: a mode given (returned), the layer built and
     not yet quantized."""
     if mode is None:
-        raise ValueError(_errors.quantize_mode_missing(layer_name))
+        raise ValueError(quantize_mode_missing(layer_name))
     if not built:
-        raise ValueError(_errors.quantize_unbuilt(layer_name, mode))
+        raise ValueError(quantize_unbuilt(layer_name, mode))
     if quantized:
-        raise ValueError(_errors.quantize_again(layer_name, mode, policy))
+        raise ValueError(quantize_again(layer_name, mode, policy))
     return mode
+
+
+def _difference(given: Any, expected: Any) -> tuple[str, str]:
+    if isinstance(given, tuple):
+        return f"shape {format_shape(given)}", format_shape(expected)
+    return f"dtype {given}", str(expected)
+
+
+def quantize_mode_missing(layer_name: str) -> str:
+    return (
+        f"`quantize` of layer '{layer_name}' needs a mode: a string "
+        '(`"int8"`, `"int4"`, `"float8"`) or a `config` '
+        "(`keras.quantizers.QuantizationConfig`). Received: mode=None, "
+        'config=None. Call `model.quantize("int8")`.'
+    )
+
+
+def quantize_unbuilt(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' is not built yet, so it has no weights to "
+        f"quantize. Received: mode={mode!r} on an unbuilt layer. Build it "
+        "first (call it on a batch, or put it in a model with "
+        "`keras.Input`), then quantize."
+    )
+
+
+def quantize_again(layer_name: str, mode: str, policy: str) -> str:
+    return (
+        f"Layer '{layer_name}' is already quantized (dtype policy "
+        f"{policy!r}). Received: mode={mode!r}. Quantize the float model "
+        "once: rebuild it from its float weights to choose another mode."
+    )

@@ -11,7 +11,7 @@ import jax
 import keras
 import numpy as np
 
-from keras_flax import _errors
+from keras_flax._errors import describe
 from keras_flax._flax_layer import FlaxLayer
 from keras_flax._jax_layer import JaxLayer
 
@@ -31,7 +31,16 @@ def _check_object(helper: Any, obj: Any) -> None:
     ok = ok or keras.utils.is_keras_tensor(obj)
     ok = ok or isinstance(obj, (jax.Array, np.ndarray))
     if not ok:
-        raise TypeError(_errors.bad_compose_object(helper, obj))
+        raise TypeError(bad_compose_object(helper, obj))
+
+
+def bad_compose_object(helper: Any, obj: Any) -> str:
+    return (
+        f"`object` of {helper}() must be a keras.Sequential model, a Keras "
+        "tensor (e.g. keras.Input(...)), an array, or None. Received: "
+        f"object={describe(obj)}. Pass one of those, or call the layer "
+        f"yourself: `layer = {helper}(module=...)`."
+    )
 
 
 def layer_flax_module_wrapper(

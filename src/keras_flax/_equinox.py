@@ -21,10 +21,13 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 
-from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _serialization
+from keras_flax import _signatures
+from keras_flax import _user_code
 from keras_flax import _variables
+from keras_flax._errors import describe
+from keras_flax._errors import names
 from keras_flax._model import Call
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
@@ -106,29 +109,14 @@ def adapt(
         module, state = make_with_state(
             module.module_class, *module.args, **module.kwargs
         )
-    fn, signature = _method(module, method)
-    stateful = "state" in signature
-    if stateful and state is None:
-        raise ValueError(_errors.equinox_state_missing(type(module).__name__))
-    indices = _state_indices(module)
-    if state is not None:
-        _check_state(module, state, stateful, indices)
-    params, rest = eqx.partition(module, eqx.is_inexact_array)
-    arrays, static = eqx.partition(rest, eqx.is_array)
-    takes_key = "key" in signature
-    wrapped = _Wrapped(
-        fn, stateful, takes_key, batched, arrays, static, state, indices
-    )
-    held = {"arrays": arrays, "state": _by_index(state, indices)}
+    wrapped = _wrapped(module, method, state, batched)
     return Model(
         init=None,
         apply=functools.partial(_apply, wrapped),
-        params=params,
-        state=held if jax.tree_util.tree_leaves(held) else None,
-        names=lambda trainable, parts: (
-            parts if trainable or parts[0] == "state" else parts[1:]
-        ),
-        rng=Rng(call=(lambda key: key) if takes_key else None),
+        params=eqx.filter(module, eqx.is_inexact_array),
+        state=_held(wrapped),
+        names=_names,
+        rng=Rng(call=(lambda key: key) if wrapped.takes_key else None),
         takes_training=True,
         config=functools.partial(_config, module, method, batched, call),
         wrapped=Made(module, state),
@@ -139,11 +127,58 @@ def adapt(
     )
 
 
+def _held(wrapped: _Wrapped) -> dict[str, Any] | None:
+    """The state held: the module's other arrays and the `eqx.nn.State`'s
+    values by index path (None where there are none)."""
+    held = {
+        "arrays": wrapped.arrays,
+        "state": _by_index(wrapped.state, wrapped.indices),
+    }
+    return held if jax.tree_util.tree_leaves(held) else None
+
+
+def _names(trainable: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    return parts if trainable or parts[0] == "state" else parts[1:]
+
+
+def _wrapped(
+    module: eqx.Module,
+    method: str | Callable | None,
+    state: eqx.nn.State | None,
+    batched: bool,
+) -> _Wrapped:
+    """What `apply` works on, the method and `state` checked."""
+    fn, signature = _method(module, method)
+    stateful = "state" in signature
+    if stateful and state is None:
+        raise ValueError(equinox_state_missing(type(module).__name__))
+    indices = _state_indices(module)
+    if state is not None:
+        _check_state(module, state, stateful, indices)
+    _, rest = eqx.partition(module, eqx.is_inexact_array)
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    takes_key = "key" in signature
+    return _Wrapped(
+        fn, stateful, takes_key, batched, arrays, static, state, indices
+    )
+
+
+def equinox_state_missing(label: str) -> str:
+    return (
+        f"The method of {label} takes `state` (a stateful module: "
+        "BatchNorm, SpectralNorm), so the layer needs the `eqx.nn.State` "
+        "made beside the module. Received: state=None. Fix: "
+        f"`module, state = eqx.nn.make_with_state({label})(...)`, then "
+        "`EquinoxLayer(module, state=state)`, or "
+        f"`EquinoxLayer.from_constructor({label}, ...)`."
+    )
+
+
 def _called(
     wrapped: _Wrapped, module: Any, x: Any, state: Any, key: Any
 ) -> tuple[Any, Any]:
     """`(outputs, new state)` (None for a module without state)."""
-    fn = _errors.user_code(wrapped.fn)
+    fn = _user_code.user_code(wrapped.fn)
     kwargs = {"key": key} if wrapped.takes_key else {}
     if wrapped.stateful:
         outputs, new_state = fn(module, x, state, **kwargs)
@@ -210,12 +245,24 @@ def _config(
     """The `Model.config` of an Equinox module: its recorded constructor
     call (refused without one)."""
     if call is None:
-        raise TypeError(_errors.equinox_not_serializable(module))
+        raise TypeError(equinox_not_serializable(module))
     return {
         "module": _serialization.serialize_call(type(module), call, CALL_TAG),
         "method": _serialization.serialize_method(type(module), method),
         "batched": batched,
     }
+
+
+def equinox_not_serializable(module: Any) -> str:
+    name = type(module).__name__
+    return (
+        "An EquinoxLayer can be saved in a `.keras` file when it was made "
+        "with `EquinoxLayer.from_constructor(cls, *args, **kwargs)`, which "
+        f"records the constructor call. Received: module={name}, built "
+        f"outside the layer. Fix: EquinoxLayer.from_constructor({name}, "
+        "..., key=jax.random.key(0)); `model.save_weights(...)` works in any "
+        "case."
+    )
 
 
 def constructor_call(config: dict[str, Any]) -> tuple[type, list, dict]:
@@ -243,7 +290,7 @@ def _method(
     elif isinstance(method, str):
         fn = getattr(type(module), method, None)
         if not callable(fn):
-            defined = _checks.defined_methods(module, eqx.Module)
+            defined = _signatures.defined_methods(module, eqx.Module)
             raise ValueError(
                 _errors.unknown_method(type(module).__name__, method, defined)
             )
@@ -253,9 +300,18 @@ def _method(
         raise TypeError(_errors.bad_method_type(method))
     parameters = list(inspect.signature(fn).parameters.values())[1:]
     if not parameters:
-        raise ValueError(_errors.equinox_method_without_inputs(fn))
+        raise ValueError(equinox_method_without_inputs(fn))
     _check_fillable(fn, parameters)
     return fn, [p.name for p in parameters]
+
+
+def equinox_method_without_inputs(fn: Callable[..., Any]) -> str:
+    return (
+        "`method` must take the module and then the inputs: "
+        "`(module, x, *, key=None)` or `(module, x, state, *, key=None)`. "
+        f"Received: method={describe(fn)}, which takes {names(fn)}. Fix: "
+        "`def method(module, x): return module(x)`."
+    )
 
 
 def _check_fillable(fn: Callable, parameters: list[inspect.Parameter]) -> None:

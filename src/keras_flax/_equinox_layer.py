@@ -11,11 +11,11 @@ from typing import Any
 import keras
 
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _kinds
 from keras_flax import _serialization
 from keras_flax import _sizes
 from keras_flax import _wrt
+from keras_flax._errors import describe
 from keras_flax._layer import ModelLayer
 from keras_flax._model import Call
 
@@ -79,7 +79,7 @@ class EquinoxLayer(ModelLayer):
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
-        kind = _kinds.of(module, "EquinoxLayer", _errors.not_an_equinox_module)
+        kind = _kinds.of(module, "EquinoxLayer", not_an_equinox_module)
         model = kind.adapt(module, method, state=state, batched=batched)
         super().__init__(model, seed=seed, wrt=wrt, **kwargs)
         self.method = method
@@ -126,7 +126,7 @@ class EquinoxLayer(ModelLayer):
         _kinds.of(
             call,
             "EquinoxLayer",
-            lambda _: _errors.not_an_equinox_class(module_class),
+            lambda _: not_an_equinox_class(module_class),
         )
         _checks.no_layer_arguments(
             cls, module_class, kwargs, "EquinoxLayer.from_constructor"
@@ -161,3 +161,26 @@ class EquinoxLayer(ModelLayer):
         module = _kinds.rebuilt(config.pop("module"), "EquinoxLayer")
         method = _serialization.deserialize_method(config.pop("method", None))
         return cls(module, method=method, **config)
+
+
+def not_an_equinox_module(module: Any) -> str:
+    fix = "Pass an `equinox.Module` instance."
+    if isinstance(module, type):
+        fix = (
+            f"To wrap an Equinox Module class, instantiate it, or let the "
+            f"layer do it: EquinoxLayer.from_constructor({module.__name__}, "
+            "..., key=jax.random.key(0))."
+        )
+    return (
+        "`module` of EquinoxLayer must be an equinox.Module instance. "
+        f"Received: module={describe(module)}. {fix}"
+    )
+
+
+def not_an_equinox_class(module_class: type) -> str:
+    return (
+        "`module_class` of EquinoxLayer.from_constructor must be an "
+        f"equinox.Module class. Received: module_class={describe(module_class)}"
+        ". Fix: pass the class and its constructor arguments: "
+        "`EquinoxLayer.from_constructor(MLP, 4, 2, key=jax.random.key(0))`."
+    )

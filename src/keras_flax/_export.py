@@ -14,7 +14,7 @@ import jax
 import keras
 
 from keras_flax import _backends
-from keras_flax import _errors
+from keras_flax._errors import describe
 from keras_flax._model import PyTree
 
 
@@ -46,14 +46,14 @@ def export_stablehlo(
         `jax.export.deserialize(bytearray(data)).call(x)`.
     """
     if _backends.name() != "jax":
-        raise ValueError(_errors.export_backend(_backends.name()))
+        raise ValueError(export_backend(_backends.name()))
     if input_signature is None:
         input_signature = _model_input(model)
     leaves = jax.tree_util.tree_leaves(input_signature)
     if not leaves or not all(
         hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves
     ):
-        raise ValueError(_errors.bad_input_signature(input_signature))
+        raise ValueError(bad_input_signature(input_signature))
     specs = _backends.symbolic_structs(input_signature)
 
     variables = list(model.variables)
@@ -81,6 +81,25 @@ def export_stablehlo(
     return exported
 
 
+def export_backend(backend_name: str) -> str:
+    return (
+        "`export_stablehlo` writes `jax.export` artifacts, on the JAX "
+        f"backend only. Received: backend={backend_name!r}. Fix: set "
+        "`KERAS_BACKEND=jax` before importing Keras, or on this backend use "
+        '`model.export(path, format="tf_saved_model")`.'
+    )
+
+
+def bad_input_signature(input_signature: Any) -> str:
+    return (
+        "`input_signature` must be a structure of `keras.InputSpec`, "
+        "`jax.ShapeDtypeStruct` or Keras tensors, as the model takes its "
+        f"inputs. Received: input_signature={describe(input_signature)}. "
+        "Fix: e.g. `input_signature=keras.InputSpec(shape=(None, 5))` for "
+        "one input of 5 features, any batch size."
+    )
+
+
 def _model_input(model: keras.Model) -> Any:
     """The specs of what `model` takes, any batch size: `model.input`
     (functional models) or `model.inputs` (a `Sequential` model)."""
@@ -89,9 +108,21 @@ def _model_input(model: keras.Model) -> Any:
     except (AttributeError, ValueError):
         inputs = getattr(model, "inputs", None)
         if not inputs:
-            raise ValueError(_errors.export_without_signature(model)) from None
+            raise ValueError(export_without_signature(model)) from None
         inputs = inputs[0] if len(inputs) == 1 else list(inputs)
     return jax.tree_util.tree_map(
         lambda x: keras.InputSpec(shape=(None, *x.shape[1:]), dtype=x.dtype),
         inputs,
+    )
+
+
+def export_without_signature(model: keras.Model) -> str:
+    return (
+        "`export_stablehlo` needs `input_signature` for a model without "
+        f"`model.input`. Received: model={describe(model)}, "
+        "input_signature=None. Fix: pass the inputs' specs, e.g. "
+        "`input_signature=keras.InputSpec(shape=(None, 5))` (None: any "
+        "size), or "
+        "build the model as a functional or `Sequential` model with "
+        "`keras.Input`."
     )

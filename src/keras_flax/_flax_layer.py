@@ -15,13 +15,14 @@ from flax import nnx
 
 from keras_flax import _backends
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _kinds
 from keras_flax import _private
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _signatures
 from keras_flax import _sizes
 from keras_flax import _wrt
+from keras_flax._errors import describe
 from keras_flax._jax_layer import JaxLayer
 from keras_flax._layer import ModelLayer
 from keras_flax._model import Call
@@ -115,8 +116,8 @@ class FlaxLayer(JaxLayer):
         _checks.layer_arguments(
             type(self).__name__, kwargs.get("pack_weights", False)
         )
-        kind = _kinds.of(module, "FlaxLayer", _errors.not_a_module)
-        target, signature = _checks.resolve_method(
+        kind = _kinds.of(module, "FlaxLayer", _kinds.not_a_flax_module)
+        target, signature = _signatures.resolve_method(
             _kinds.owner(module), method, kind.module_type
         )
         model = kind.adapt(
@@ -181,7 +182,7 @@ class FlaxLayer(JaxLayer):
         )
         if _sizes.find(layer_kwargs, {}):
             raise ValueError(
-                _errors.input_dim_in_layer_kwargs(sorted(layer_kwargs or {}))
+                input_dim_in_layer_kwargs(sorted(layer_kwargs or {}))
             )
         # The adapter constructs the module (at build where its sizes
         # follow the input), and the config records the call.
@@ -271,7 +272,7 @@ class FlaxLayer(JaxLayer):
 
     @wrt.setter
     def wrt(self, value: Any) -> None:
-        raise AttributeError(_errors.wrt_set(self.name, value))
+        raise AttributeError(wrt_set(self.name, value))
 
     @property
     def flax_variables(self) -> Any:
@@ -303,3 +304,22 @@ class FlaxLayer(JaxLayer):
         module = _kinds.rebuilt(config.pop("module"), "FlaxLayer")
         method = _serialization.deserialize_method(config.pop("method", None))
         return cls(module=module, method=method, **config)
+
+
+def input_dim_in_layer_kwargs(keys: Any) -> str:
+    return (
+        "`layer_kwargs` are the layer's own arguments, which no input size "
+        f"fills. Received: `FlaxLayer.input_dim()` in layer_kwargs {keys}. "
+        "Give it among the module's constructor arguments (`*args` and "
+        "`**kwargs` of `from_nnx`)."
+    )
+
+
+def wrt_set(layer_name: str, wrt: Any) -> str:
+    return (
+        f"`wrt` of layer '{layer_name}' is fixed when the layer is made: its "
+        "weights are trainable or not from then on. Received: "
+        f"layer.wrt = {describe(wrt)}. Fix: make a new layer, "
+        "`FlaxLayer(module, wrt=...)`, and copy the values into it once "
+        "built: `new.flax_variables = layer.flax_variables`."
+    )

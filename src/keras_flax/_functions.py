@@ -10,9 +10,9 @@ import functools
 from typing import Any
 
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _rng
 from keras_flax import _serialization
+from keras_flax import _user_code
 from keras_flax._model import Diagnostics
 from keras_flax._model import Model
 from keras_flax._model import PyTree
@@ -45,21 +45,15 @@ def adapt(
     `arguments` gave."""
     has_weights = {"params", "state"} & set(call_arguments)
     if init_fn is None and params is None and state is None and has_weights:
-        raise ValueError(_errors.nothing_to_initialize())
-    wrapped = _Wrapped(
-        call_fn,
-        tuple(call_arguments),
-        init_fn,
-        None if init_arguments is None else tuple(init_arguments),
-    )
+        raise ValueError(nothing_to_initialize())
+    init_arguments = None if init_fn is None else tuple(init_arguments)
+    wrapped = _Wrapped(call_fn, tuple(call_arguments), init_fn, init_arguments)
     return Model(
         init=None if init_fn is None else functools.partial(_init, wrapped),
         apply=functools.partial(_apply, wrapped),
         params=params,
         state=state,
-        names=lambda trainable, parts: (
-            parts if trainable else ("state", *parts)
-        ),
+        names=_names,
         rng=Rng(
             init=_rng.key_from_seed,
             call=(lambda key: key) if "rng" in call_arguments else None,
@@ -67,6 +61,19 @@ def adapt(
         takes_training="training" in call_arguments,
         config=functools.partial(_config, wrapped),
         diagnostics=_DIAGNOSTICS,
+    )
+
+
+def _names(trainable: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    return parts if trainable else ("state", *parts)
+
+
+def nothing_to_initialize() -> str:
+    return (
+        "`init_fn`, `params` and `state` cannot all be `None` when `call_fn` "
+        "takes a `params` or a `state` argument. Received: init_fn=None, "
+        "params=None, state=None. Pass `init_fn` to create the weights at "
+        "build time, or `params=` (and `state=`) with initial values."
     )
 
 
@@ -86,7 +93,7 @@ def _apply(
         # One trace per mode only if `call_fn` sees the mode.
         "training": training,
     }
-    call_fn = _errors.user_code(wrapped.call_fn)
+    call_fn = _user_code.user_code(wrapped.call_fn)
     result = call_fn(*(args[a] for a in wrapped.call_arguments))
     if not wrapped.takes_state:
         return result, None
@@ -96,7 +103,7 @@ def _apply(
 def _init(wrapped: _Wrapped, rng: Any, inputs: PyTree) -> Any:
     assert wrapped.init_arguments is not None  # given with `init_fn`
     args = {"rng": rng, "inputs": inputs, "training": True}
-    init_fn = _errors.user_code(wrapped.init_fn)
+    init_fn = _user_code.user_code(wrapped.init_fn)
     result = init_fn(*(args[a] for a in wrapped.init_arguments))
     raw = result if wrapped.takes_state else (result, None)
     return (*raw, {})  # a misfit result is checked where it is used

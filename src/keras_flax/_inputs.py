@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_flax import _errors
+from keras_flax import _user_code
 from keras_flax._model import PyTree
 
 # Sizes tried, in order, for unknown dimensions when initialising.
@@ -203,11 +204,22 @@ def search(fn: Callable[..., Any], specs: Any, arg: str) -> tuple[Any, Any]:
     first_error = None
     for dtype in dtypes:
         for size in sizes:
-            try:
-                result = fn(placeholders(specs, size, dtype))
+            result = _user_code.attempt(fn, placeholders(specs, size, dtype))
+            if not isinstance(result, _user_code.Refused):
                 return result, specs.found(dtype, size)
-            except _errors.UserCodeError as refused:  # the next size
-                first_error = first_error or refused.error
+            first_error = first_error or result.error  # the next size
     raise ValueError(
-        _errors.cannot_initialize(arg, str(specs), sizes, first_error)
+        cannot_initialize(arg, str(specs), sizes, first_error)
     ) from first_error
+
+
+def cannot_initialize(
+    arg: str, input_desc: str, tried: Any, error: BaseException | None
+) -> str:
+    return (
+        f"`{arg}` failed on placeholder inputs {input_desc} while building "
+        f"the layer (unknown dimensions tried with sizes {tried}). The "
+        f"module raised: {type(error).__name__}: {error}. Give the input "
+        "shape in full, e.g. `keras.Input(shape=(28, 28, 3))`, or pass "
+        "initial weights (`variables=module.init(rng, x)`)."
+    )

@@ -13,6 +13,7 @@ from keras_flax import _checks
 from keras_flax import _errors
 from keras_flax import _kinds
 from keras_flax import _serialization
+from keras_flax import _signatures
 from keras_flax._layer import ModelLayer
 
 
@@ -96,10 +97,11 @@ class JaxLayer(ModelLayer):
     ) -> None:
         _checks.layer_arguments(type(self).__name__, pack_weights)
         # Checked first: a `call_fn` that is no function is refused there.
-        call_arguments, init_arguments = _checks.jax_layer_arguments(
+        call_arguments, init_arguments = _signatures.jax_layer_arguments(
             call_fn, init_fn
         )
-        kind = _kinds.of(call_fn, "JaxLayer", _errors.not_a_module)
+        # A `call_fn` that is no function was refused above.
+        kind = _kinds.of(call_fn, "JaxLayer", _errors.describe)
         model = kind.adapt(
             call_fn, call_arguments, init_fn, init_arguments, params, state
         )

@@ -132,6 +132,30 @@ def instance_or_call(base: type) -> Callable[[Any], bool]:
     return recognises
 
 
+def not_a_flax_module(module: Any) -> str:
+    if isinstance(module, type) and issubclass(module, nnx.Module):
+        fix = (
+            "To wrap an NNX Module class, instantiate it: "
+            f"FlaxLayer({module.__name__}(..., rngs=nnx.Rngs(0)))."
+        )
+    elif isinstance(module, type):
+        fix = (
+            "To wrap a Module class, instantiate it: "
+            f"FlaxLayer({module.__name__}(...))."
+        )
+    elif callable(module):
+        fix = (
+            "To wrap a JAX function use keras_flax.JaxLayer(call_fn=...); "
+            "to wrap a Module, pass an instance: FlaxLayer(MyModule())."
+        )
+    else:
+        fix = "Pass a Module instance: FlaxLayer(MyModule())."
+    return (
+        "`module` must be a flax.linen.Module or flax.nnx.Module instance. "
+        f"Received: module={_errors.describe(module)}. {fix}"
+    )
+
+
 def _nnx_call(config: dict[str, Any]) -> Call | None:
     call = _serialization.nnx_call(config)
     return None if call is None else Call(call[0], tuple(call[1]), call[2])
@@ -156,8 +180,16 @@ def _equinox() -> types.ModuleType:
     try:
         from keras_flax import _equinox
     except ImportError as error:
-        raise ImportError(_errors.equinox_missing(error)) from error
+        raise ImportError(equinox_missing(error)) from error
     return _equinox
+
+
+def equinox_missing(error: BaseException) -> str:
+    return (
+        "`EquinoxLayer` needs the `equinox` package (the `equinox` extra). "
+        f"Received: `import equinox` failed ({error}). Fix: "
+        '`pip install "keras-flax[equinox]"` (or `pip install equinox`).'
+    )
 
 
 def _adapt_equinox(*args: Any, **kwargs: Any) -> Model:

@@ -16,12 +16,13 @@ import keras
 
 from keras_flax import _backends
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _onnx
+from keras_flax import _output_specs
 from keras_flax import _private
 from keras_flax import _quantize
 from keras_flax import _summary
+from keras_flax import _user_code
 from keras_flax import _weights
 from keras_flax import _wrt
 from keras_flax._model import Model
@@ -61,7 +62,7 @@ class ModelLayer(keras.layers.Layer):
         # A dtype policy given to the layer, or a global one other than the
         # default, decides the float storage; else the module's own dtypes
         # are kept (a `param_dtype=bfloat16` module holds bfloat16).
-        self._policy_given = _policy_given(kwargs.get("dtype"))
+        self._policy_given = _weights.policy_given(kwargs.get("dtype"))
         super().__init__(**kwargs)
         if isinstance(quantization_config, dict):
             quantization_config = keras.saving.deserialize_keras_object(
@@ -217,7 +218,7 @@ class ModelLayer(keras.layers.Layer):
             _checks.inputs_fit(inputs, self._built_spec, self.name)
         return super().__call__(*args, **kwargs)
 
-    @_errors.raises_user_errors
+    @_user_code.raises_user_errors
     def build(self, input_shape: Any) -> None:
         spec = self._input_record
         if spec is None:
@@ -298,24 +299,14 @@ class ModelLayer(keras.layers.Layer):
         if config is not None and self._built_spec is not None:
             config["input_dtypes"] = self._built_spec.dtype_names()
         if config is not None and any(self._saved_unused.values()):
-            config["unused_leaves"] = {
-                which: {
-                    path: [list(shape), jax.numpy.dtype(dtype).name]
-                    for path, (shape, dtype) in leaves.items()
-                }
-                for which, leaves in self._saved_unused.items()
-            }
+            config["unused_leaves"] = _weights.unused_config(self._saved_unused)
         return config
 
     def build_from_config(self, config: dict[str, Any]) -> None:
         if config and "unused_leaves" in config:
-            self._saved_unused = {
-                which: {
-                    path: (tuple(shape), dtype)
-                    for path, (shape, dtype) in leaves.items()
-                }
-                for which, leaves in config["unused_leaves"].items()
-            }
+            self._saved_unused = _weights.unused_from_config(
+                config["unused_leaves"]
+            )
         if config and "input_dtypes" in config and "input_shape" in config:
             self._input_record = _inputs.from_shape(
                 config["input_shape"],
@@ -342,7 +333,7 @@ class ModelLayer(keras.layers.Layer):
             return remat_call
         return functools.partial(self._run, remat=True)
 
-    @_errors.raises_user_errors
+    @_user_code.raises_user_errors
     def _run(
         self, inputs: PyTree, training: bool = False, *, remat: bool
     ) -> Any:
@@ -350,18 +341,18 @@ class ModelLayer(keras.layers.Layer):
         # `BatchNormalization` does: its state (batch statistics, RNG
         # counts) stays as it is, and dropout is off.
         training = bool(training) and self.trainable
-        try:
-            return self._call(inputs, training, remat)
-        except _errors.UserCodeError as refused:
-            if not self._feeds_rng_from_now(refused, training):
-                raise
-            return self._call(inputs, training, remat)
+        outputs = _user_code.attempt(self._call, inputs, training, remat)
+        if self._feeds_rng_from_now(outputs, training):
+            outputs = _user_code.attempt(self._call, inputs, training, remat)
+        return _user_code.result(outputs)
 
-    def _feeds_rng_from_now(self, refused: Any, training: bool) -> bool:
-        """Whether `refused` (a `UserCodeError`) asks for randomness
-        outside training for the first time; then the model is fed some
-        from now on, and the call is to be made again."""
-        asks = isinstance(refused.error, self._model.rng.inference_error)
+    def _feeds_rng_from_now(self, outcome: Any, training: bool) -> bool:
+        """Whether `outcome` is the model asking for randomness outside
+        training for the first time: then it is fed some from now on, and
+        the call is to be made again."""
+        asks = isinstance(outcome, _user_code.Refused) and isinstance(
+            outcome.error, self._model.rng.inference_error
+        )
         if training or self._inference_rng or not asks:
             return False
         self._inference_rng = True
@@ -405,7 +396,7 @@ class ModelLayer(keras.layers.Layer):
             return None
         return self.seed_generator.next()
 
-    @_errors.raises_user_errors
+    @_user_code.raises_user_errors
     def compute_output_spec(
         self, inputs: PyTree, training: bool = False
     ) -> Any:
@@ -413,52 +404,26 @@ class ModelLayer(keras.layers.Layer):
         unknown sizes symbolic.
 
         Where the model refuses symbolic sizes: on JAX, the shapes at sizes
-        it accepts (`_output_spec_by_sizes`); on TensorFlow and PyTorch,
-        Keras' own way (the layer run on placeholder tensors of two
-        made-up batch sizes).
+        it accepts (`_output_specs`); on TensorFlow and PyTorch, Keras' own
+        way (the layer run on placeholder tensors of two made-up batch
+        sizes).
         """
-        try:
-            return self._output_spec(inputs, training)
-        except _errors.UserCodeError as error:
-            refused = error
-        if self._feeds_rng_from_now(refused, training):
-            return self.compute_output_spec(inputs, training)
+        probe = functools.partial(self._output_spec, training=training)
+        specs = _user_code.attempt(probe, inputs)
+        if self._feeds_rng_from_now(specs, training):
+            specs = _user_code.attempt(probe, inputs)
+        if not isinstance(specs, _user_code.Refused):
+            return specs
         if _backends.name() != "jax":
             return super().compute_output_spec(inputs, training=training)
-        if not _inputs.unknown_dimensions(inputs):
-            self._refuse_unknown_batch(inputs, training, refused)
-            raise refused  # no size to try: the error is the model's
-        return self._output_spec_by_sizes(inputs, training, refused.error)
-
-    def _refuse_unknown_batch(
-        self, inputs: PyTree, training: bool, refused: Any
-    ) -> None:
-        """Where the module refused an unknown batch size and runs with a
-        known one (it calls `len()` on its batch), says to give it."""
-        shapes = [
-            _inputs.shape_of(x) for x in jax.tree_util.tree_leaves(inputs)
-        ]
-        if not any(shape and shape[0] is None for shape in shapes):
-            return
-        batched = jax.tree_util.tree_map(
-            lambda x: keras.KerasTensor(
-                (2, *_inputs.shape_of(x)[1:]), dtype=x.dtype
-            ),
+        built = self._built_spec
+        return _output_specs.at_accepted_sizes(
+            lambda x, size: self._output_spec(x, training, size),
             inputs,
+            None if built is None else built.size,
+            self.name,
+            specs,
         )
-        try:
-            self._output_spec(batched, training)
-        except _errors.UserCodeError:
-            return  # not the batch: the module's own error
-        shown = ", ".join(str(shape) for shape in shapes)
-        raise ValueError(
-            f"Layer '{self.name}' cannot run its module with an unknown "
-            f"batch size: on inputs of shape {shown} it raised "
-            f"{type(refused.error).__name__}: {refused.error}; with a known "
-            "batch size it runs. Received: an input whose batch size is "
-            "None. Fix: give the batch size, `keras.Input(shape, "
-            "batch_size=n)` (the module then runs on batches of n)."
-        ) from refused.error
 
     def _output_spec(
         self, inputs: PyTree, training: bool, size: int | None = None
@@ -481,37 +446,6 @@ class ModelLayer(keras.layers.Layer):
             size=size,
         )
 
-    def _output_spec_by_sizes(
-        self, inputs: PyTree, training: bool, symbolic_error: Any
-    ) -> Any:
-        """Output specs for a module that cannot take unknown sizes
-        symbolically (a ViT adding position embeddings for a fixed number
-        of patches): shapes at the sizes the module accepts, the batch kept
-        symbolic. An output dimension that differs between two accepted
-        sizes is unknown; with one accepted size it is that size's.
-        """
-        spec = self._built_spec
-        searched = () if spec is None or spec.size is None else (spec.size,)
-        sizes = dict.fromkeys(searched + _inputs.CANDIDATE_SIZES)
-        found = []
-        for size in sizes:
-            try:
-                found.append(self._output_spec(inputs, training, size))
-            except _errors.UserCodeError:  # the module refuses this size
-                continue
-            if len(found) == 2:
-                break
-        if not found:
-            raise ValueError(
-                _errors.output_shape_unknown(
-                    self.name,
-                    _inputs.unknown_dimensions(inputs),
-                    tuple(sizes),
-                    symbolic_error,
-                )
-            ) from symbolic_error
-        return jax.tree_util.tree_map(_common_shape, *found)
-
     def _forward(
         self,
         param_values: Any,
@@ -520,29 +454,17 @@ class ModelLayer(keras.layers.Layer):
         inputs: PyTree,
         training: bool,
     ) -> tuple[PyTree, list[Any] | None]:
-        """The pure forward pass, jitted once per input signature.
-
-        Returns the outputs and the new state values in leaf order, with
-        `None` for leaves the call left unchanged (not written back).
-        """
-        params_tree, tree = self._weights.params, self._weights.state
-        state_leaves = tree.leaves(state_values)
-        params = params_tree.rebuild(param_values)
-        state = tree.unflatten_leaves(state_leaves)
-        given = tree.treedef.flatten_up_to(state)
-        call_rng = self._model.rng.call
-        rng = None if call_rng is None else call_rng(_backends.key_data(seed))
-        outputs, new_state = self._model.apply(
-            params, state, rng, inputs, training
+        """The pure forward pass (`_weights.forward`), jitted once per
+        input signature."""
+        return _weights.forward(
+            self._model,
+            self._weights,
+            param_values,
+            state_values,
+            seed,
+            inputs,
+            training,
         )
-        if tree.holds_nothing:
-            # No state held (`state=None`, or `init_fn` returned none):
-            # the outputs, as `keras.layers.JaxLayer` returns them.
-            _checks.no_state("call_fn", new_state)
-            return outputs, None
-        _checks.state_structure("call_fn", new_state, tree)
-        new_leaves = tree.leaves_of(new_state, given)
-        return outputs, tree.updates(new_leaves, state_leaves)
 
     # Quantization (Keras' protocol; see `_quantize`).
 
@@ -584,10 +506,6 @@ class ModelLayer(keras.layers.Layer):
     def _quantize_weights(self, mode: str, config: Any) -> None:
         """Replaces the float weights with Qwix's quantization of them;
         on any refusal, nothing is changed."""
-        if _backends.name() != "jax":
-            raise NotImplementedError(
-                _errors.quantize_backend(self.name, _backends.name())
-            )
         assert self._built_spec is not None  # built (Keras checked)
         quantized = _quantize.quantized(
             self._model,
@@ -676,28 +594,5 @@ class _Untracked:
         self.value = value
 
 
-def _policy_given(dtype: Any) -> bool:
-    """Whether a layer made with `dtype` decides its float storage by a
-    dtype policy (else the module's own float dtypes are kept): one given,
-    or a global one other than the default. A quantized policy from
-    `float32` (what a layer without one is quantized to) counts as none."""
-    if dtype is None:
-        return keras.config.dtype_policy().name != "float32"
-    policy = keras.dtype_policies.get(dtype)
-    if policy.quantization_mode is not None:
-        return not policy.name.endswith("_from_float32")
-    return True
-
-
 def _nothing_left_out(params: PyTree) -> frozenset[Any]:
     return frozenset()
-
-
-def _common_shape(*tensors: Any) -> Any:
-    """The Keras tensor with the dimensions all `tensors` agree on."""
-    first = tensors[0]
-    shape = tuple(
-        dims[0] if len(set(dims)) == 1 else None
-        for dims in zip(*(t.shape for t in tensors), strict=True)
-    )
-    return keras.KerasTensor(shape, dtype=first.dtype)

@@ -10,6 +10,7 @@ would create each variable whole on one device, then lay it out).
 none of its weights.
 """
 
+import difflib
 import re
 import warnings
 from collections.abc import Callable
@@ -20,7 +21,6 @@ from typing import Any
 import jax
 import keras
 
-from keras_flax import _errors
 from keras_flax import _private
 from keras_flax import _variables
 
@@ -112,9 +112,25 @@ def warn_unmatched(layer_name: str, paths: Sequence[str]) -> None:
         if _aimed(key, layer_name, parts):
             warned.add(key)
             warnings.warn(
-                _errors.layout_key_unmatched(key, layer_name, paths),
+                layout_key_unmatched(key, layer_name, paths),
                 stacklevel=2,
             )
+
+
+def layout_key_unmatched(
+    key: Any, layer_name: str, paths: Sequence[str]
+) -> str:
+    names = [path.split("/", 1)[-1] for path in paths]
+    literal = "/".join(re.findall(r"[\w-]+", key))
+    closest = difflib.get_close_matches(literal, names, n=1, cutoff=0) or names
+    shown = ", ".join(repr(p) for p in paths[:4])
+    more = ", ..." if len(paths) > 4 else ""
+    return (
+        f"LayoutMap key {key!r} matches no weight of layer {layer_name!r}, "
+        "so it lays out nothing. Keras matches each key against a weight's "
+        f"whole path (`re.fullmatch`); this layer's are {shown}{more}. "
+        f"Write the whole path or a pattern such as '.*/{closest[0]}'."
+    )
 
 
 def _matches(key: Any, path: str) -> Any:

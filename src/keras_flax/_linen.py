@@ -18,13 +18,13 @@ import flax.linen as nn
 import jax
 
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _fast_init
 from keras_flax import _quantize
 from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _sizes
 from keras_flax import _summary
+from keras_flax import _user_code
 from keras_flax import _variables
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
@@ -145,15 +145,24 @@ def _diagnostics(label: str) -> Diagnostics:
             "Call the layer on inputs of the shape the variables were "
             "made for, or pass variables=None to initialise new weights."
         ),
-        without_params=lambda state: _errors.variables_without_params(
+        without_params=lambda state: variables_without_params(
             sorted(state or {})
         ),
     )
 
 
+def variables_without_params(collections: Any) -> str:
+    return (
+        "`variables` has no 'params' collection, but the module creates "
+        f"parameters. Received: variables with collections {collections}. "
+        "Pass the whole result of `module.init(...)`, e.g. "
+        "`variables={'params': params, **state}`."
+    )
+
+
 def _module_init(wrapped: _Wrapped, rng: Any, inputs: PyTree) -> Any:
     """`Module.init`'s variables (boxed), the method called in training."""
-    return _errors.user_code(wrapped.module.init)(
+    return _user_code.user_code(wrapped.module.init)(
         rng, inputs, method=wrapped.method, **wrapped.kwargs(True)
     )
 
@@ -172,7 +181,7 @@ def _apply(
     inputs: PyTree,
     training: bool,
 ) -> tuple[Any, dict[Any, Any]]:
-    outputs, mutated = _errors.user_code(wrapped.module.apply)(
+    outputs, mutated = _user_code.user_code(wrapped.module.apply)(
         {**params, **state},
         inputs,
         rngs=rng,
@@ -223,7 +232,7 @@ def _quantized(
     its `init` lays them out (`_model.Quantization`)."""
     name, target = _quantize.method(wrapped.module, wrapped.method)
     quantized = _quantize.linen_module(wrapped.module, name, rules)
-    quantized_init = _errors.user_code(quantized.init)
+    quantized_init = _user_code.user_code(quantized.init)
     abstract = jax.eval_shape(
         lambda rng, x: quantized_init(
             rng, x, method=target, **wrapped.kwargs(True)
@@ -264,7 +273,7 @@ def _nodes(
 
     def call(variables: PyTree, inputs: PyTree) -> None:
         with nn.intercept_methods(record):
-            _errors.user_code(wrapped.module.apply)(
+            _user_code.user_code(wrapped.module.apply)(
                 variables,
                 inputs,
                 method=wrapped.method,
@@ -272,10 +281,8 @@ def _nodes(
                 **wrapped.kwargs(False),
             )
 
-    try:
-        jax.eval_shape(call, variables, inputs)
-    except _errors.UserCodeError:
-        pass  # the rows have no output shapes
+    # Where the call fails, the rows have no output shapes.
+    _user_code.attempt(jax.eval_shape, call, variables, inputs)
     # Submodules in the order they are called; weights by collection.
     for collection, tree in variables.items():
         for keypath, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:

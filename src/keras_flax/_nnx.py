@@ -11,7 +11,6 @@ values are written back into the user's module (`write_back`).
 import collections.abc
 import dataclasses
 import functools
-import inspect
 import types
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -20,16 +19,16 @@ from typing import Any
 import jax
 from flax import nnx
 
-from keras_flax import _backends
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _inputs
+from keras_flax import _nnx_arrays
 from keras_flax import _quantize
-from keras_flax import _rng
 from keras_flax import _serialization
 from keras_flax import _sizes
 from keras_flax import _summary
+from keras_flax import _user_code
 from keras_flax import _variables
+from keras_flax._errors import describe
 from keras_flax._model import Call
 from keras_flax._model import Diagnostics
 from keras_flax._model import FineTuning
@@ -97,7 +96,7 @@ def adapt(
     call = module if isinstance(module, Call) else None
     if call is not None:
         module = call.module_class(*call.args, **call.kwargs)
-    _own(module)
+    _nnx_arrays.own(module)
     copy = _layer_copy(module, seed)
     wrapped = _Wrapped(
         module,
@@ -191,7 +190,7 @@ def _layer_copy(module: Any, seed: Any) -> Any:
     copy = nnx.merge(*nnx.split(module))
     nnx.pop(copy, nnx.Intermediate)
     if seed is not None:
-        _reseed(copy, seed)
+        _nnx_arrays.reseed(copy, seed)
     return copy
 
 
@@ -211,23 +210,6 @@ def _leaves(module: Any) -> dict[str, tuple[Any, Any]]:
     }
 
 
-def _run(
-    wrapped: _Wrapped,
-    params: PyTree,
-    state: PyTree,
-    inputs: PyTree,
-    training: bool,
-) -> tuple[Any, Any, Any]:
-    """The outputs, new params and new state of one call."""
-    called = nnx.merge(wrapped.graphdefs[bool(training)], params, state)
-    outputs = _errors.user_code(invoke)(
-        called, wrapped.method, inputs, wrapped.kwargs(training)
-    )
-    nnx.pop(called, nnx.Intermediate)
-    _, new_params, new_state = nnx.split(called, nnx.Param, ...)
-    return outputs, new_params, new_state
-
-
 def _apply(
     wrapped: _Wrapped,
     params: PyTree,
@@ -236,7 +218,14 @@ def _apply(
     inputs: PyTree,
     training: bool,
 ) -> tuple[Any, Any]:
-    outputs, _, new_state = _run(wrapped, params, state, inputs, training)
+    """The outputs and new state of one call (the module draws from its
+    own RNG streams: `rng` is None)."""
+    called = nnx.merge(wrapped.graphdefs[bool(training)], params, state)
+    outputs = _user_code.user_code(invoke)(
+        called, wrapped.method, inputs, wrapped.kwargs(training)
+    )
+    nnx.pop(called, nnx.Intermediate)
+    _, _, new_state = nnx.split(called, nnx.Param, ...)
     return outputs, new_state
 
 
@@ -252,9 +241,9 @@ def _write_back(
         # A plain array attribute (data of the module, not a Variable):
         # held as non-trainable state, written back as an attribute.
         return functools.partial(
-            _write_attribute, wrapped.module, path, target.dtype
+            _nnx_arrays.write_attribute, wrapped.module, path, target.dtype
         )
-    return functools.partial(_write, target)
+    return functools.partial(_nnx_arrays.write, target)
 
 
 def _build(wrapped: _Wrapped, spec: Any, layer_name: str) -> Model | None:
@@ -264,20 +253,19 @@ def _build(wrapped: _Wrapped, spec: Any, layer_name: str) -> Model | None:
     module, method = wrapped.module, wrapped.method
     inputs = _inputs.placeholders(spec, 1)
     kwargs = wrapped.kwargs(False)
-    try:
-        created = _created(module, method, inputs, kwargs)
-    except _errors.UserCodeError as refused:
+    created = _user_code.attempt(_created, module, method, inputs, kwargs)
+    if isinstance(created, _user_code.Refused):
         if not _unbuilt_bridge(module):
             return None  # the call raises the module's own error
         label = type(module).__name__
-        error = _errors.lazy_build_failed(label, spec, refused.error)
-        raise ValueError(error) from refused.error
+        error = lazy_build_failed(label, spec, created.error)
+        raise ValueError(error) from created.error
     if not created:
         return None
     # Built in the user's module, which then holds the variables.
     if wrapped.seed is not None:
-        _reseed(module, wrapped.seed)
-    _errors.user_code(_first_call)(module, method, inputs, kwargs)
+        _nnx_arrays.reseed(module, wrapped.seed)
+    _user_code.user_code(_first_call)(module, method, inputs, kwargs)
     model = adapt(
         module,
         method,
@@ -290,6 +278,17 @@ def _build(wrapped: _Wrapped, spec: Any, layer_name: str) -> Model | None:
     return model.replace(live=dataclasses.replace(model.live, build=None))
 
 
+def lazy_build_failed(cls_name: str, spec: Any, error: Any) -> str:
+    return (
+        f"`module` {cls_name} creates its variables when first called, and "
+        "that call failed when the layer was built. The module raised: "
+        f"{type(error).__name__}: {error}. Received: inputs {spec}. Call "
+        "the layer on inputs of the shape the module is "
+        "written for (`keras.Input(shape=...)`), or build the module "
+        "yourself first (`nnx.bridge.lazy_init(module, x)`)."
+    )
+
+
 def _build_sized(
     call: Call,
     method: Any,
@@ -300,7 +299,7 @@ def _build_sized(
 ) -> Model:
     """The module `call` constructs for inputs of `spec`, adapted."""
     args, kwargs = _sizes.fill(call.args, call.kwargs, spec, layer_name)
-    module = _errors.user_code(call.module_class)(*args, **kwargs)
+    module = _user_code.user_code(call.module_class)(*args, **kwargs)
     return adapt(
         module,
         method,
@@ -377,11 +376,14 @@ def _nodes(
     found: dict[tuple[Any, ...], tuple[str, Any]] = {
         path: (label, None) for path, label in labels.items()
     }
-    try:
-        calls = jax.eval_shape(
-            functools.partial(_first_outputs, wrapped), params, state, inputs
-        )
-    except _errors.UserCodeError:
+    calls = _user_code.attempt(
+        jax.eval_shape,
+        functools.partial(_first_outputs, wrapped),
+        params,
+        state,
+        inputs,
+    )
+    if isinstance(calls, _user_code.Refused):
         return found  # the rows have no output shapes
     for path, outputs in calls.items():
         if path in found:
@@ -395,7 +397,7 @@ def _first_outputs(
     """The outputs of each submodule's first call (its `__call__`'s where
     it has one), by module path."""
     capture = nnx.capture(
-        _errors.user_code(invoke),
+        _user_code.user_code(invoke),
         nnx.Intermediate,
         method_outputs=nnx.Intermediate,
     )
@@ -467,7 +469,7 @@ def _created(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> list:
     (traced abstractly; raises what the module raises as `UserCodeError`).
     Values sown by the call are not variables."""
     graphdef, state = nnx.split(module)
-    first_call = _errors.user_code(_first_call)
+    first_call = _user_code.user_code(_first_call)
 
     def call(state: Any, inputs: PyTree) -> Any:
         copy = nnx.merge(graphdef, state)
@@ -497,7 +499,16 @@ def from_user(variables: PyTree) -> Any:
         return nnx.to_pure_dict(nnx.filter_state(variables, sown))
     if isinstance(variables, collections.abc.Mapping):
         return variables
-    raise TypeError(_errors.nnx_variables_not_state(variables))
+    raise TypeError(nnx_variables_not_state(variables))
+
+
+def nnx_variables_not_state(variables: PyTree) -> str:
+    return (
+        "`flax_variables` of an NNX layer takes an `nnx.State` (as "
+        "`nnx.state(model)` returns) or a pure dict (as `nnx.to_pure_dict` "
+        f"returns). Received: flax_variables={describe(variables)}. Fix: "
+        "`layer.flax_variables = nnx.state(model)`."
+    )
 
 
 def _config(module: Any, method: Any, call: Call | None) -> dict[str, Any]:
@@ -510,11 +521,24 @@ def _config(module: Any, method: Any, call: Call | None) -> dict[str, Any]:
     elif hasattr(cls, "get_config"):
         entry = _serialization.serialize_nnx(module, None)
     else:
-        raise TypeError(_errors.nnx_not_serializable(module))
+        raise TypeError(nnx_not_serializable(module))
     return {
         "module": entry,
         "method": _serialization.serialize_method(cls, method),
     }
+
+
+def nnx_not_serializable(module: Any) -> str:
+    name = type(module).__name__
+    return (
+        "A FlaxLayer wrapping an NNX module can be saved when the module "
+        "class defines `get_config()` / `from_config()`, or when the layer "
+        "was made with `FlaxLayer.from_nnx(cls, *args, **kwargs)`, which "
+        f"records the constructor call. Received: module={name}, with "
+        f"neither. Build the layer with FlaxLayer.from_nnx({name}, ..., "
+        f"rngs=nnx.Rngs(0)), or define get_config/from_config on {name}; "
+        "`model.save_weights(...)` works in any case."
+    )
 
 
 def invoke(module: Any, method: Any, inputs: PyTree, kwargs: Any) -> Any:
@@ -545,35 +569,6 @@ def _graphdef_in_mode(module: Any, training: bool) -> Any:
     return nnx.split(module, nnx.Param, ...)[0]
 
 
-def _reseed(module: Any, seed: Any) -> None:
-    """Reseeds every RNG stream of `module` from `seed`.
-
-    A stacked stream (one key per slice, as `nnx.split_rngs` makes them for
-    `nnx.vmap`-created layers) gets one new key per slice, split from the
-    stream's key as `split_rngs` splits it (Flax's "match_shape" policy).
-    """
-    streams = {}
-    for path, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.RngStream):
-            streams.setdefault(node.tag, []).append((path, node.key.shape))
-    stacked = [
-        _variables.path_text(path)
-        for found in streams.values()
-        for path, shape in found
-        if shape != ()
-    ]
-    options: dict[str, Any] = {}
-    if stacked:
-        if "policy" not in inspect.signature(nnx.reseed).parameters:
-            raise ValueError(_errors.stacked_streams_without_policy(stacked))
-        options["policy"] = "match_shape"
-    key = jax.random.key(seed)
-    keys: dict[str, Any] = {
-        s: jax.random.fold_in(key, _rng.stream_id(s)) for s in streams
-    }
-    nnx.reseed(module, **options, **keys)
-
-
 def _sharding(variable: Any) -> tuple[Any, ...] | None:
     metadata = variable.get_metadata()
     for key in _SHARDING_KEYS:
@@ -595,91 +590,3 @@ def _new_paths(held: Any, returned: Any) -> list[str]:
         for path, _ in nnx.to_flat_state(returned)
         if path not in held_paths
     ]
-
-
-def _own(module: Any) -> None:
-    """Moves the module's arrays into buffers of the layer's own, one leaf
-    at a time, re-pointing the module at each as it goes.
-
-    Keras donates its variables' buffers to every compiled step, so the
-    layer holds only buffers it owns: an array nothing else holds is freed
-    as soon as its copy is made (the peak is the parameters and the largest
-    leaf), and one the user still holds apart from the module (an
-    `nnx.clone` made before wrapping, a state snapshot, another layer's
-    module) stays valid. Two attributes holding one array get one buffer
-    each.
-    """
-    state = nnx.state(module)
-    flat = list(nnx.to_flat_state(state))
-    del state
-    while flat:
-        path, leaf = flat.pop()
-        if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value()
-            if isinstance(value, jax.Array):
-                leaf.set_value(_copy(value))
-        elif isinstance(leaf, jax.Array):
-            copied = _copy(leaf)
-            del leaf
-            _set_leaf(module, path, copied)
-
-
-def _copy(array: jax.Array) -> jax.Array:
-    """A copy in a buffer of its own, where `array` is laid out (a buffer
-    copy: no program run)."""
-    return jax.device_put(array, may_alias=False)
-
-
-def _set_leaf(module: Any, path: tuple[Any, ...], value: Any) -> None:
-    """Sets the plain array at `path` of `module`'s graph to `value`; an
-    immutable container on the way (a tuple in `nnx.data((a, b))`) is
-    rebuilt, as its own type, holding it."""
-    nodes = [module]
-    for key in path[:-1]:
-        node = nodes[-1]
-        nodes.append(node[key] if _indexed(node) else getattr(node, key))
-    for node, key in zip(reversed(nodes), reversed(path), strict=True):
-        if not isinstance(node, tuple):
-            if _indexed(node):
-                node[key] = value
-            else:
-                setattr(node, key, value)
-            return
-        items = list(node)
-        items[key] = value
-        value = _sizes.rebuilt(node, items)
-
-
-def _indexed(node: Any) -> bool:
-    """Whether a graph node holds its children by index or key."""
-    return isinstance(node, (list, tuple, dict, nnx.List, nnx.Dict))
-
-
-def _write(target: Any, value: Any) -> None:
-    """Points the NNX Variable `target` at `value`.
-
-    Keras writes the trained values back into its variables at the end of
-    each epoch and of `fit`, `evaluate` and `predict`, and when weights are
-    loaded; the user's module is re-pointed at each such value, so it holds
-    the trained values without being asked, and shares its arrays with
-    the layer (one copy of each weight). Where the module's dtype differs
-    (a dtype policy given to the layer), it gets a copy in its own dtype.
-    """
-    current = target.get_value()
-    if jax.dtypes.issubdtype(current.dtype, jax.dtypes.prng_key):
-        # Key data as JAX's uint32 (PyTorch's tensors of it are int32).
-        data = _variables.uint32_key_data(_backends.own_array(value))
-        value = jax.random.wrap_key_data(
-            data, impl=jax.random.key_impl(current)
-        )
-    else:
-        value = _backends.own_array(value, current.dtype)
-    target.set_value(value)
-
-
-def _write_attribute(
-    module: Any, path: tuple[Any, ...], dtype: Any, value: Any
-) -> None:
-    """Sets the plain array attribute at `path` of `module` to `value`
-    (see `_write`)."""
-    _set_leaf(module, path, _backends.own_array(value, dtype))

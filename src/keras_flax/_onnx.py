@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import jax.core
 
-from keras_flax import _errors
 from keras_flax import _private
+from keras_flax._errors import quoted
 from keras_flax._model import PyTree
 
 
@@ -63,14 +63,27 @@ def guarded(
         if not converting(inputs):
             return run(*args, training=training, **options)
         if quantized is not None:
-            raise NotImplementedError(
-                _errors.onnx_quantized(layer_name, quantized)
-            )
+            raise NotImplementedError(onnx_quantized(layer_name, quantized))
         with _private.flax_pools_as_documented():
             check(layer_name, fn, *args, training=training)
             return run(*args, training=training, **options)
 
     return run_guarded
+
+
+def onnx_quantized(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX once quantized "
+        f"(mode {mode!r}): its module runs Qwix's quantized `dot_general` "
+        "(integer weights with their scales, in Qwix's quantized kernel "
+        "objects), which jax2onnx does not convert: its Flax `Dense` / "
+        "`Linear` conversions take float kernels only, and an integer dot "
+        "becomes an ONNX `Gemm` that ONNX refuses. Nothing was written. "
+        "Export the quantized model as StableHLO "
+        "(`keras_flax.export_stablehlo(model, path)`, which keeps the integer "
+        "weights), or export the float model to ONNX and quantize the file "
+        "with ONNX Runtime's tools (`onnxruntime.quantization`)."
+    )
 
 
 def check(
@@ -84,17 +97,42 @@ def check(
     closed = jax.make_jaxpr(functools.partial(fn, training=training))(*args)
     missing = sorted(set(primitives(closed.jaxpr)) - converted_names)
     if missing:
-        raise NotImplementedError(
-            _errors.onnx_unconvertible(layer_name, missing)
-        )
+        raise NotImplementedError(onnx_unconvertible(layer_name, missing))
     if not _private.jax2onnx_lowers_nested_jit() and _jit_in_custom_rule(
         closed.jaxpr
     ):
         raise NotImplementedError(
-            _errors.onnx_nested_jit(
+            onnx_nested_jit(
                 layer_name, metadata.version("jax2onnx"), jax.__version__
             )
         )
+
+
+def onnx_unconvertible(layer_name: str, primitives: Any) -> str:
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX: jax2onnx has no "
+        f"conversion for the JAX operation(s) {quoted(primitives)} that "
+        f"its module runs in inference. Received: operations="
+        f"{list(primitives)}. Fix: keep the operation out of the inference "
+        "path (for example `jax.debug.print` or `jax.pure_callback`, which "
+        "no exported artifact can hold), replace it by operations jax2onnx "
+        "converts, or register a conversion with "
+        "`jax2onnx.plugins.plugin_system.register_primitive`."
+    )
+
+
+def onnx_nested_jit(layer_name: str, jax2onnx: str, jax: str) -> str:
+    return (
+        f"Layer '{layer_name}' cannot be exported to ONNX with jax2onnx "
+        f"{jax2onnx} on JAX {jax}: its module calls a function with a custom "
+        "derivative that calls a jitted one (on JAX 0.12, `jax.nn.relu` and "
+        "other activations a module keeps as a field, as Equinox's `MLP` "
+        "does), which this jax2onnx cannot lower on this JAX. Received: "
+        f"jax2onnx=={jax2onnx}, jax=={jax}. Nothing was written. Export "
+        "StableHLO instead (`keras_flax.export_stablehlo(model, path)`), "
+        "or export to ONNX on Python 3.11 (JAX 0.10), or with a jax2onnx "
+        "release that supports this JAX."
+    )
 
 
 _CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")

@@ -18,8 +18,8 @@ import keras
 import optax
 
 from keras_flax import _backends
-from keras_flax import _errors
 from keras_flax import _serialization
+from keras_flax._errors import describe
 from keras_flax._model import PyTree
 
 
@@ -52,22 +52,20 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         self, transformation: Any, /, *, name: str = "optax", **kwargs: Any
     ) -> None:
         if _backends.name() != "jax":
-            raise ValueError(_errors.optax_backend(_backends.name()))
+            raise ValueError(optax_backend(_backends.name()))
         factory, tx = None, _transformation(transformation)
         if tx is not None:
             if kwargs:
                 raise TypeError(
-                    _errors.optax_kwargs_with_transformation(sorted(kwargs))
+                    optax_kwargs_with_transformation(sorted(kwargs))
                 )
         elif callable(transformation):
             factory, result = transformation, transformation(**kwargs)
             tx = _transformation(result)
             if tx is None:
-                raise TypeError(
-                    _errors.optax_factory_result(transformation, result)
-                )
+                raise TypeError(optax_factory_result(transformation, result))
         else:
-            raise TypeError(_errors.optax_transformation(transformation))
+            raise TypeError(optax_transformation(transformation))
         # Keras' own learning rate is unused: Optax's schedules apply.
         super().__init__(learning_rate=math.nan, name=name)
         self._factory = factory
@@ -84,7 +82,7 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
             return
         names = [v.path for v in variables]
         if len(set(names)) != len(names):
-            raise ValueError(_errors.optax_duplicate_paths(names))
+            raise ValueError(optax_duplicate_paths(names))
         super().build(variables)
         # Not a list attribute: Keras would track it as its own variables.
         self._trained = _Trained(variables)
@@ -174,11 +172,11 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> Never:
-        raise ValueError(_errors.optax_learning_rate_set(value))
+        raise ValueError(optax_learning_rate_set(value))
 
     def get_config(self) -> dict[str, Any]:
         if self._factory is None:
-            raise TypeError(_errors.optax_not_serializable(self._tx))
+            raise TypeError(optax_not_serializable(self._tx))
         return {
             "name": self.name,
             "factory": _serialization.serialize_value(self._factory, "factory"),
@@ -201,6 +199,75 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
                 "not loaded."
             )
         return cls(factory, name=config.get("name", "optax"), **kwargs)
+
+
+def optax_backend(backend_name: str) -> str:
+    return (
+        "`OptaxOptimizer` runs Optax, on the JAX backend only. Received: "
+        f"backend={backend_name!r}. Fix: set `KERAS_BACKEND=jax` before "
+        "importing Keras, or use a Keras optimizer (`keras.optimizers.Adam`)."
+    )
+
+
+def optax_transformation(value: Any) -> str:
+    return (
+        "`transformation` must be an `optax.GradientTransformation` or a "
+        "function returning one. Received: transformation="
+        f"{describe(value)}. Fix: e.g. `OptaxOptimizer(optax.adam(1e-3))` or "
+        "`OptaxOptimizer(optax.adam, learning_rate=1e-3)`."
+    )
+
+
+def optax_factory_result(factory: Any, result: Any) -> str:
+    return (
+        "`transformation`, called with the given keyword arguments, must "
+        "return an `optax.GradientTransformation`. Received: "
+        f"transformation={describe(factory)}, which returned "
+        f"{describe(result)}. Fix: pass the factory of a transformation "
+        "(`optax.adamw`) or your function that returns `optax.chain(...)`."
+    )
+
+
+def optax_kwargs_with_transformation(names: Any) -> str:
+    return (
+        "Keyword arguments go to a factory; a ready transformation takes "
+        f"none. Received: an `optax.GradientTransformation` and {names}. "
+        "Fix: pass the factory and its arguments, "
+        "`OptaxOptimizer(optax.adamw, learning_rate=1e-3)`, or the "
+        "transformation alone, `OptaxOptimizer(optax.adamw(1e-3))`."
+    )
+
+
+def optax_duplicate_paths(paths: Sequence[str]) -> str:
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    return (
+        "`OptaxOptimizer` keys parameters by their Keras variable paths, "
+        f"which must be unique. Received: paths {repeated} more than once. "
+        "Fix: give the layers holding them distinct names."
+    )
+
+
+def optax_learning_rate_set(value: Any) -> str:
+    return (
+        "The learning rate of an `OptaxOptimizer` is Optax's: Keras cannot "
+        f"set it. Received: learning_rate={describe(value)} (e.g. from "
+        "`keras.callbacks.LearningRateScheduler`). Fix: give the schedule "
+        "to Optax, `OptaxOptimizer(optax.inject_hyperparams(optax.adam)("
+        "learning_rate=optax.cosine_decay_schedule(1e-3, 1000)))`, and drop "
+        "the callback."
+    )
+
+
+def optax_not_serializable(transformation: Any) -> str:
+    return (
+        "An `OptaxOptimizer` made from a ready transformation cannot be "
+        "saved in a model file. Received: transformation="
+        f"{type(transformation).__name__}(...), which has no import path. "
+        "Fix: pass an importable factory and JSON-able arguments, "
+        "`OptaxOptimizer(optax.adamw, learning_rate=1e-3)` (or your own "
+        "top-level function building the chain); `model.save_weights(...)` "
+        "works in any case."
+    )
 
 
 class _Trained:

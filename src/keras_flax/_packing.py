@@ -38,63 +38,23 @@ class Packed:
         trainable: bool,
         autocast: bool,
     ) -> None:
-        groups = {}  # key -> leaf indices, in order of appearance
-        for i, leaf in enumerate(leaves):
-            if leaf.array.size > OWN_VARIABLE_SIZE:
-                key = ("own", i)
-            else:
-                key = (jnp.dtype(leaf.array.dtype), leaf.trains)
-            groups.setdefault(key, []).append(i)
+        groups = _groups(leaves)
         # Leaf i's place: `(variable, offset, size, shape)`.
         self._slots: list[Any] = [None] * len(leaves)
-        self.members = list(groups.values())
+        self.members: list[list[Any]] = list(groups.values())
         self._own = []  # whether variable g holds one leaf as it is
         self.variables = []
         self._mirrors = []
         for g, (key, indices) in enumerate(groups.items()):
             if key[0] == "own":
-                (i,) = indices
-                leaf = leaves[i]
-                self._slots[i] = (g, 0, leaf.array.size, leaf.array.shape)
-                self._own.append(True)
-                self._mirrors.append((leaf.metadata or {}).get("mirror"))
-                self.variables.append(
-                    _variables.new_variable(
-                        layer,
-                        leaf.parts,
-                        leaf.array,
-                        leaf.trains,
-                        autocast,
-                        leaf.metadata,
-                    )
+                self._add_own(
+                    layer, g, indices[0], leaves[indices[0]], autocast
                 )
-                continue
-            dtype, trains = key
-            offset, mirrors = 0, []
-            for i in indices:
-                array = leaves[i].array
-                size = int(np.prod(array.shape, dtype=np.int64))
-                self._slots[i] = (g, offset, size, array.shape)
-                mirror = (leaves[i].metadata or {}).get("mirror")
-                if mirror is not None:
-                    mirrors.append((offset, size, array.shape, mirror))
-                offset += size
-            flat = jnp.concatenate(
-                [leaves[i].array.reshape(-1) for i in indices]
-            ).astype(dtype)
-            parts = ("packed", dtype.name)
-            if not trainable:
-                parts = ("state", *parts)
-            elif not trains:  # parameters that do not train
-                parts = ("packed", "frozen", dtype.name)
-            meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
-            self._own.append(False)
-            self._mirrors.append(meta["mirror"])
-            self.variables.append(
-                _variables.new_variable(
-                    layer, parts, flat, trains, autocast, meta
+            else:
+                leaves_of = [leaves[i] for i in indices]
+                self._add_pack(
+                    layer, g, indices, leaves_of, key, trainable, autocast
                 )
-            )
         self._views = [
             self.variables[g]
             if self._own[g]
@@ -110,6 +70,60 @@ class Packed:
                 self._slots, leaves, strict=True
             )
         ]
+
+    def _add_own(
+        self, layer: Any, g: int, i: int, leaf: _variables.Leaf, autocast: bool
+    ) -> None:
+        """Variable `g`: leaf `i` as it is (a large leaf)."""
+        self._slots[i] = (g, 0, leaf.array.size, leaf.array.shape)
+        self._own.append(True)
+        self._mirrors.append((leaf.metadata or {}).get("mirror"))
+        self.variables.append(
+            _variables.new_variable(
+                layer,
+                leaf.parts,
+                leaf.array,
+                leaf.trains,
+                autocast,
+                leaf.metadata,
+            )
+        )
+
+    def _add_pack(
+        self,
+        layer: Any,
+        g: int,
+        indices: list[int],
+        leaves: list[_variables.Leaf],
+        key: Any,
+        trainable: bool,
+        autocast: bool,
+    ) -> None:
+        """Variable `g`: `leaves` (at `indices`), flat, in one pack."""
+        dtype, trains = key
+        offset, mirrors = 0, []
+        for i, leaf in zip(indices, leaves, strict=True):
+            array = leaf.array
+            size = int(np.prod(array.shape, dtype=np.int64))
+            self._slots[i] = (g, offset, size, array.shape)
+            mirror = (leaf.metadata or {}).get("mirror")
+            if mirror is not None:
+                mirrors.append((offset, size, array.shape, mirror))
+            offset += size
+        flat = jnp.concatenate(
+            [leaf.array.reshape(-1) for leaf in leaves]
+        ).astype(dtype)
+        parts = ("packed", dtype.name)
+        if not trainable:
+            parts = ("state", *parts)
+        elif not trains:  # parameters that do not train
+            parts = ("packed", "frozen", dtype.name)
+        meta = {"mirror": _slices_mirror(mirrors) if mirrors else None}
+        self._own.append(False)
+        self._mirrors.append(meta["mirror"])
+        self.variables.append(
+            _variables.new_variable(layer, parts, flat, trains, autocast, meta)
+        )
 
     def holders(self) -> list[Any]:
         return list(self._views)
@@ -222,3 +236,17 @@ def _slices_mirror(mirrors: Any) -> Callable[[Any], None]:
             leaf_mirror(jnp.reshape(value[offset : offset + size], shape))
 
     return mirror
+
+
+def _groups(leaves: list[Any]) -> dict[Any, list[int]]:
+    """The leaf indices of each variable, in order of appearance: a large
+    leaf alone (`("own", i)`), the others by dtype and whether they
+    train."""
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if leaf.array.size > OWN_VARIABLE_SIZE:
+            key = ("own", i)
+        else:
+            key = (jnp.dtype(leaf.array.dtype), leaf.trains)
+        groups.setdefault(key, []).append(i)
+    return groups

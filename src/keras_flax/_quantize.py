@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Mapping
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -26,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from keras_flax import _errors
+from keras_flax import _backends
+from keras_flax import _user_code
 from keras_flax import _variables
+from keras_flax._errors import describe
+from keras_flax._errors import quoted
 from keras_flax._model import Model
 from keras_flax._model import PyTree
 from keras_flax._model import UserFormat
@@ -47,7 +51,15 @@ def qwix() -> Any:
     try:
         return importlib.import_module("qwix")
     except ImportError as missing:
-        raise ImportError(_errors.qwix_missing()) from missing
+        raise ImportError(qwix_missing()) from missing
+
+
+def qwix_missing() -> str:
+    return (
+        "Quantizing a Flax layer (`model.quantize`, `layer.quantize`) needs "
+        "the `qwix` package, which is not installed. Install it: "
+        '`pip install "keras-flax[quantize]"` (or `pip install qwix`).'
+    )
 
 
 def rules(
@@ -68,13 +80,13 @@ def rules(
     """
     if mode not in _QTYPES:
         raise NotImplementedError(
-            _errors.quantize_mode_not_implemented(layer_name, mode)
+            quantize_mode_not_implemented(layer_name, mode)
         )
     qtype = _QTYPES[mode]
     weight_quantizer = getattr(config, "weight_quantizer", None)
     if weight_quantizer is not None:
         raise ValueError(
-            _errors.quantizer_not_supported(
+            quantizer_not_supported(
                 layer_name, "weight_quantizer", weight_quantizer
             )
         )
@@ -83,7 +95,7 @@ def rules(
         activations, keras.quantizers.AbsMaxQuantizer
     ):
         raise ValueError(
-            _errors.quantizer_not_supported(
+            quantizer_not_supported(
                 layer_name, "activation_quantizer", activations
             )
         )
@@ -109,6 +121,27 @@ def rules(
         ),
         quantizing(".*", None),
     ]
+
+
+def quantize_mode_not_implemented(layer_name: str, mode: str) -> str:
+    return (
+        f"Layer '{layer_name}' does not implement quantization mode "
+        f"{mode!r}: Flax layers are quantized by Qwix's post-training "
+        "quantization, in the modes 'int8', 'int4' and 'float8'. It stays "
+        "float. Quantize it in one of them (`layer.quantize('int8')`), or "
+        "leave it out with `model.quantize(..., filters=...)`."
+    )
+
+
+def quantizer_not_supported(layer_name: str, arg: str, value: Any) -> str:
+    return (
+        f"Layer '{layer_name}' cannot honour the quantization config's "
+        f"`{arg}`: Qwix quantizes with its own absmax calibration (per "
+        "channel for weights, per token for activations, as Keras' default "
+        f"`AbsMaxQuantizer`s). Received: {arg}={describe(value)}. Leave "
+        f"`{arg}` at its default (or, for activations, None for "
+        "weight-only quantization)."
+    )
 
 
 def _block_size(mode: str, config: Any) -> int | None:
@@ -163,8 +196,24 @@ def tiles(
         # A module with weights of both kinds: per channel for all.
         found[module] = tile if found.get(module, tile) == tile else None
     if uneven:
-        raise ValueError(_errors.uneven_blocks(layer_name, block_size, uneven))
+        raise ValueError(uneven_blocks(layer_name, block_size, uneven))
     return found
+
+
+def uneven_blocks(
+    layer_name: str, block_size: int, weights: Sequence[tuple[str, int]]
+) -> str:
+    shown = ", ".join(
+        f"{path} (contracted size {size})" for path, size in weights
+    )
+    return (
+        f"Layer '{layer_name}' cannot be quantized to int4 in blocks of "
+        f"{block_size}: Qwix quantizes in whole blocks, and {block_size} "
+        f"does not divide the contracted size of {shown}. Nothing was "
+        "changed. Quantize per channel (`model.quantize(config=keras."
+        "quantizers.Int4QuantizationConfig(block_size=-1))`), or give a "
+        "`block_size` that divides these sizes."
+    )
 
 
 def _quantized_arrays(
@@ -230,18 +279,26 @@ def _dropping_defaults(
         chosen = sorted(name for name, v in given.items() if v is not None)
         if chosen:
             raise NotImplementedError(
-                _errors.qwix_argument(
-                    chosen, metadata.version("qwix"), jax.__version__
-                )
+                qwix_argument(chosen, metadata.version("qwix"), jax.__version__)
             )
         return dot_general(*args, **kwargs)
 
     return taking
 
 
+def qwix_argument(names: list[str], qwix: str, jax: str) -> str:
+    return (
+        "The quantized module calls `jax.lax.dot_general` with "
+        f"{', '.join(f'`{n}`' for n in names)} set, which Qwix {qwix} cannot "
+        f"take (JAX {jax} has it). Received: {', '.join(names)} not None. "
+        "Leave it unset in the module's call, or quantize with a Qwix "
+        "release that takes it."
+    )
+
+
 def linen_module(module: Any, method_name: str, rules: list[Any]) -> Any:
     """Qwix's quantized copy of a linen module (its `method_name`)."""
-    return _errors.user_code(qwix().quantize_model)(
+    return _user_code.user_code(qwix().quantize_model)(
         module, provider(rules), methods=(method_name,)
     )
 
@@ -249,7 +306,7 @@ def linen_module(module: Any, method_name: str, rules: list[Any]) -> Any:
 def linen_params(params: PyTree, abstract: PyTree) -> PyTree:
     """The float linen `params` collection quantized as the quantized
     module's `init` output `abstract` (shapes) says."""
-    return _errors.user_code(qwix().quantize_params)(params, abstract)
+    return _user_code.user_code(qwix().quantize_params)(params, abstract)
 
 
 def nnx_module(
@@ -261,7 +318,7 @@ def nnx_module(
 ) -> Any:
     """Qwix's quantized copy of an NNX module, made by one call of its
     `method_name` on `inputs` (with keyword arguments `kwargs`)."""
-    return _errors.user_code(qwix().quantize_model)(
+    return _user_code.user_code(qwix().quantize_model)(
         module, provider(rules), inputs, methods=(method_name,), **kwargs
     )
 
@@ -317,11 +374,15 @@ def quantized(
             native layer without the mode), or is of a kind without it.
         ValueError: Qwix refuses the module under this mode.
     """
+    if _backends.name() != "jax":
+        raise NotImplementedError(
+            quantize_backend(layer_name, _backends.name())
+        )
     quantization = model.quantization
     label = model.diagnostics.label
     if quantization is None:
         raise NotImplementedError(
-            _errors.quantize_kind_not_implemented(layer_name, label)
+            quantize_kind_not_implemented(layer_name, label)
         )
     params, state = values
     float_paths = quantization.float_paths
@@ -344,17 +405,59 @@ def quantized(
             )
         qrules = rules(layer_name, mode, config, float_paths, found)
         result = quantization.quantize(qrules, params, state, inputs)
-    except _errors.UserCodeError as refused:
+    except _user_code.UserCodeError as refused:
         raise ValueError(
-            _errors.quantize_refused(layer_name, label, mode, refused.error)
+            quantize_refused(layer_name, label, mode, refused.error)
         ) from refused.error
     frozen = _new_paths(params, result.params)
     if not frozen:
         raise NotImplementedError(
-            _errors.nothing_to_quantize(layer_name, label, mode, OPS)
+            nothing_to_quantize(layer_name, label, mode, OPS)
         )
     result = result.replace(config=model.config, quantization=None)
     return Quantized(model=stored(result), frozen=frozen)
+
+
+def quantize_kind_not_implemented(layer_name: str, label: str) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) does not implement quantization: "
+        "only Flax modules (linen and NNX, in `FlaxLayer`) are quantized, "
+        "through Qwix. It stays float. To quantize it, wrap it as a Flax "
+        "module, or apply Qwix to your functions yourself."
+    )
+
+
+def quantize_refused(
+    layer_name: str, label: str, mode: str, error: BaseException
+) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) cannot be quantized in mode "
+        f"{mode!r}: Qwix refused the module: {type(error).__name__}: "
+        f"{error}. Nothing was changed. Quantize in another mode, or leave "
+        "the layer out with `model.quantize(..., filters=...)`."
+    )
+
+
+def nothing_to_quantize(
+    layer_name: str, label: str, mode: str, ops: Sequence[str]
+) -> str:
+    return (
+        f"Layer '{layer_name}' ({label}) has nothing to quantize in mode "
+        f"{mode!r}: Qwix quantizes the weights of its {quoted(ops)} "
+        "operations (`nn.Dense`, `nnx.Linear`, `nn.Einsum`, ...), and the "
+        "module runs none on a weight (convolutions and embeddings stay "
+        "float, as in Keras' own layers). It stays float."
+    )
+
+
+def quantize_backend(layer_name: str, backend_name: str) -> str:
+    return (
+        f"Layer '{layer_name}' is quantized on the JAX backend only (Qwix "
+        f"rewrites the module's JAX operations). Received: "
+        f"KERAS_BACKEND={backend_name!r}. Quantize (and load a quantized "
+        "model) with `KERAS_BACKEND=jax`; to serve elsewhere, export the "
+        "quantized model (`export_stablehlo`, ONNX)."
+    )
 
 
 def _new_paths(before: PyTree, after: PyTree) -> frozenset[str]:

@@ -19,18 +19,13 @@ conventions, resolved against the weights the layer holds.
 
 import contextlib
 import dataclasses
-import json
-import math
 import os
-import re
 import reprlib
 import stat
 import tempfile
-import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
-from typing import Self
 
 import jax
 import jax.numpy as jnp
@@ -38,53 +33,15 @@ import keras
 import numpy as np
 
 from keras_flax import _backends
-from keras_flax import _errors
+from keras_flax import _checkpoint_files
+from keras_flax import _checkpoint_rules
+from keras_flax._checkpoint_files import Checkpoint as _Checkpoint
+from keras_flax._errors import format_shape
 from keras_flax._model import PyTree
-
-TRANSFORMS = ("transpose", "reshape", "dtype")
 
 _repr = reprlib.Repr()
 _repr.maxlist = _repr.maxdict = 8
 _repr.maxstring = 200
-
-# PyTorch's `weight` is, by what the layer holds there, a kernel (Linear,
-# Conv: axes moved), a norm's scale or an embedding.
-_TORCH_NAMES = {
-    "weight": ("kernel", "scale", "embedding", "weight"),
-    "running_mean": ("mean",),
-    "running_var": ("var",),
-}
-# PyTorch's kernel axes (out, in, *spatial) -> Flax's (*spatial, in, out).
-_TORCH_KERNEL_AXES = {
-    2: (1, 0),
-    3: (2, 1, 0),
-    4: (2, 3, 1, 0),
-    5: (2, 3, 4, 1, 0),
-}
-# BatchNorm's step counter: no Flax counterpart.
-_TORCH_DROPPED = ("num_batches_tracked",)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    index: int  # its place in `rules`
-    pattern: re.Pattern
-    replacement: str
-    transforms: tuple  # ((kind, argument), ...)
-
-    def expand(self, match: re.Match) -> str:
-        """The replacement for `match`; a group it names that the regex
-        lacks is refused naming the rule."""
-        try:
-            return match.expand(self.replacement)
-        except (re.error, IndexError) as error:
-            raise ValueError(
-                f"`rules[{self.index}]` has the replacement "
-                f"{self.replacement!r}, which refers to a group its regex "
-                f"{self.pattern.pattern!r} does not have ({error}). "
-                f"Received: {self.pattern.groups} group(s). Use \\1 to "
-                f"\\{self.pattern.groups} or a named group of the regex."
-            ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,15 +119,13 @@ def load_safetensors(
             f"nonfinite={nonfinite!r}."
         )
     held, shorts = _held(layer, "load_safetensors")
-    rule_list = _rules(rules)
+    rule_list = _checkpoint_rules.rules(rules)
     with _Checkpoint(filepath) as checkpoint:
         items, unexpected = _plan_load(checkpoint, held, shorts, rule_list)
         missing = sorted(set(held) - {item.name for item in items})
         _check_fit(items, held, checkpoint)
         if strict and (missing or unexpected):
-            raise ValueError(
-                _errors.checkpoint_keys(layer.name, missing, unexpected)
-            )
+            raise ValueError(checkpoint_keys(layer.name, missing, unexpected))
         if nonfinite == "raise":
             bad = [i.key for i in items if not _finite(checkpoint, i, held)]
             if bad:
@@ -195,6 +150,29 @@ def load_safetensors(
         "unindexed": checkpoint.unindexed,
         "nonfinite": bad,
     }
+
+
+def checkpoint_keys(
+    layer_name: str, missing: Sequence[str], unexpected: Any
+) -> str:
+    lines = [
+        f"`filepath` does not hold exactly the weights of layer "
+        f"{layer_name!r} (strict=True)."
+    ]
+    if missing:
+        lines.append(f"Missing weights ({len(missing)}): {', '.join(missing)}.")
+    if unexpected:
+        lines.append(
+            f"Keys placed on no weight ({len(unexpected)}): "
+            f"{', '.join(unexpected)}."
+        )
+    lines.append(
+        "Add `rules` renaming the keys to the layer's weight names "
+        "(`[w.path for w in layer.weights]` without the layer name), use "
+        'rules="torch" for a PyTorch checkpoint, or pass strict=False to '
+        "read what fits and get the rest reported."
+    )
+    return " ".join(lines)
 
 
 def _finite(checkpoint: Any, item: Any, held: Any) -> bool:
@@ -268,16 +246,16 @@ def save_safetensors(
     permissions, or left as it was when the save fails or is interrupted
     (no temporary file is left behind).
     """
-    save_file = _safetensors().flax.save_file
+    save_file = _checkpoint_files.library().flax.save_file
     held, shorts = _held(layer, "save_safetensors")
-    rule_list = _rules(rules)
+    rule_list = _checkpoint_rules.rules(rules)
     adapters = _lora_pairs(held)
     if merge_lora:
         for kernel, (a, b) in adapters.items():
             if kernel == a:  # no kernel of the adapters' product's shape
                 _merged(held[a], held[a], held[b])  # raises, naming them
     left_out = []
-    if not merge_lora and _uses_torch(rule_list):
+    if not merge_lora and _checkpoint_rules.uses_torch(rule_list):
         left_out = sorted(name for pair in adapters.values() for name in pair)
         if left_out:
             warnings.warn(
@@ -294,21 +272,31 @@ def save_safetensors(
             merge_lora and any(name in pair for pair in adapters.values())
         ):
             continue
-        key, transforms = _place_save(name, holder, shorts, rule_list)
+        key, transforms = _checkpoint_rules.place_save(
+            name, holder, shorts, rule_list
+        )
         if key in tensors:
-            raise ValueError(_errors.checkpoint_duplicate("rules", key, name))
+            raise ValueError(checkpoint_duplicate("rules", key, name))
         value = jnp.asarray(_backends.to_jax(holder.value))
         if merge_lora and name in adapters:
             value = _merged(value, *(held[n] for n in adapters[name]))
-        tensors[key] = _transform(value, transforms)
-    if _uses_torch(rule_list):
-        tensors.update(_torch_counters(tensors))
-    fmt = "pt" if _uses_torch(rule_list) else "flax"
+        tensors[key] = _checkpoint_rules.transform(value, transforms)
+    if _checkpoint_rules.uses_torch(rule_list):
+        tensors.update(_checkpoint_rules.torch_counters(tensors))
+    fmt = "pt" if _checkpoint_rules.uses_torch(rule_list) else "flax"
     _write_replacing(
         os.fspath(filepath),
         lambda path: save_file(tensors, path, metadata={"format": fmt}),
     )
     return {"written": sorted(tensors), "left_out": left_out}
+
+
+def checkpoint_duplicate(arg: str, first: Any, second: Any) -> str:
+    return (
+        f"`{arg}`: two tensors land on one place, {first!r} and "
+        f"{second!r}. Received: both placed at the same name. Make the "
+        "rules place each key on a weight of its own."
+    )
 
 
 def _lora_pairs(held: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -390,16 +378,6 @@ def _write_replacing(filepath: str, write: Any) -> None:
         raise
 
 
-def _safetensors() -> types.ModuleType:
-    """The `safetensors` package (an optional dependency)."""
-    try:
-        import safetensors
-        import safetensors.flax
-    except ImportError as error:
-        raise ImportError(_errors.safetensors_missing()) from error
-    return safetensors
-
-
 # The layer.
 
 
@@ -410,8 +388,17 @@ def _held(layer: Any, function: str) -> tuple[dict[Any, Any], dict[Any, Any]]:
     rng_state = frozenset() if live is None else live.rng_state
     params, state = layer._weights.by_name(rng_state)
     if not (params or state):
-        raise ValueError(_errors.checkpoint_unbuilt(function, layer.name))
+        raise ValueError(checkpoint_unbuilt(function, layer.name))
     return {**params, **state}, _short_names(params, state)
+
+
+def checkpoint_unbuilt(function: str, layer_name: str) -> str:
+    return (
+        f"`{function}` needs a built layer: layer {layer_name!r} holds no "
+        f"weights yet. Received: layer={layer_name!r} (not built). Call it "
+        "on a batch first (`layer(x)`, or `model.build(input_shape)` / "
+        "`keras.Input` for the model holding it)."
+    )
 
 
 def _short_names(params: PyTree, state: PyTree) -> dict[Any, Any]:
@@ -435,174 +422,6 @@ def _short_names(params: PyTree, state: PyTree) -> dict[Any, Any]:
 # Rules.
 
 
-def _rules(rules: Any) -> list["_Rule | str"]:
-    """`rules` as a list of `_Rule`s and `"torch"`; bad ones refused."""
-    if rules is None:
-        return []
-    if isinstance(rules, str):
-        rules = [rules]
-    if not isinstance(rules, (list, tuple)):
-        raise TypeError(_errors.rules_not_a_list(rules))
-    return [_rule(i, rule) for i, rule in enumerate(rules)]
-
-
-def _rule(index: Any, rule: Any) -> "_Rule | str":
-    if rule == "torch":
-        return rule
-    if not (isinstance(rule, (list, tuple)) and len(rule) in (2, 3)):
-        raise TypeError(_errors.bad_rule(index, rule, "its form"))
-    regex, replacement, *rest = rule
-    try:
-        pattern = re.compile(regex)
-    except (re.error, TypeError) as error:
-        raise ValueError(
-            _errors.bad_rule(index, rule, f"its regex ({error})")
-        ) from error
-    if not isinstance(replacement, str):
-        raise TypeError(_errors.bad_rule(index, rule, "its replacement"))
-    transforms = rest[0] if rest else {}
-    if not isinstance(transforms, dict) or set(transforms) - set(TRANSFORMS):
-        raise ValueError(_errors.bad_rule(index, rule, "its transforms"))
-    checked = tuple(
-        (kind, _transform_argument(index, kind, argument))
-        for kind, argument in transforms.items()
-    )
-    return _Rule(index, pattern, replacement, checked)
-
-
-def _transform_argument(index: int, kind: str, argument: Any) -> Any:
-    """A transform's argument, checked for type and value: axes (a
-    permutation), a shape (ints, at most one -1), a dtype name."""
-    where = f"`rules[{index}]`'s transform {{{kind!r}: ...}}"
-    if kind == "dtype":
-        try:
-            dtype = jnp.dtype(argument) if isinstance(argument, str) else None
-        except TypeError:
-            dtype = None
-        if dtype is None or _kind(dtype) == "other":
-            raise ValueError(
-                f"{where} must name a numeric dtype ('float32', 'bfloat16', "
-                f"'int8', ...). Received: {argument!r}. Fix the rule."
-            )
-        return dtype.name
-    ints = isinstance(argument, (list, tuple)) and all(
-        isinstance(a, int) and not isinstance(a, bool) for a in argument
-    )
-    if not ints:
-        raise TypeError(
-            f"{where} must be a list of ints. Received: {argument!r} (of "
-            f"{type(argument).__name__}). Fix the rule, e.g. "
-            f"{{{kind!r}: {[1, 0] if kind == 'transpose' else [4, -1]}}}."
-        )
-    argument = tuple(argument)
-    if kind == "transpose" and sorted(argument) != list(range(len(argument))):
-        raise ValueError(
-            f"{where} must be a permutation of its axes (each of 0..n-1 "
-            "once). Received: "
-            f"{list(argument)}. Fix the rule."
-        )
-    if kind == "reshape" and (
-        any(a < -1 for a in argument) or argument.count(-1) > 1
-    ):
-        raise ValueError(
-            f"{where} must be a shape of sizes >= 0, at most one of them -1 "
-            f"(inferred). Received: {list(argument)}. Fix the rule."
-        )
-    return argument
-
-
-def _uses_torch(rule_list: Any) -> bool:
-    return any(rule == "torch" for rule in rule_list)
-
-
-def _place_load(
-    key: Any,
-    shape: Sequence[int],
-    held: Any,
-    shorts: Any,
-    rule_list: Any,
-) -> tuple[str, tuple[Any, ...]] | None:
-    """`(name, transforms)` for a checkpoint key: the first rule placing
-    it; `("", ())` for a key PyTorch's rules drop; None for none."""
-    if not rule_list:
-        return (key, ()) if key in held else None
-    for rule in rule_list:
-        if rule == "torch":
-            placed = _torch_load(key, shape, held, shorts)
-            if placed is not None:
-                return placed
-            continue
-        match = rule.pattern.fullmatch(key)
-        if match:
-            return rule.expand(match), rule.transforms
-    return None
-
-
-def _torch_load(
-    key: Any, shape: Sequence[int], held: Any, shorts: Any
-) -> tuple[str, tuple[Any, ...]] | None:
-    *module, leaf = key.split(".")
-    if leaf in _TORCH_DROPPED:
-        return "", ()
-    prefix = "/".join(module)
-    for candidate in _TORCH_NAMES.get(leaf, (leaf,)):
-        path = f"{prefix}/{candidate}" if prefix else candidate
-        name = path if path in held else shorts.get(path)
-        if name is None:
-            continue
-        transforms = ()
-        if candidate == "kernel" and len(shape) in _TORCH_KERNEL_AXES:
-            transforms = (("transpose", _TORCH_KERNEL_AXES[len(shape)]),)
-        return name, transforms
-    return None
-
-
-def _place_save(
-    name: str, holder: Any, shorts: Any, rule_list: Any
-) -> tuple[str, tuple[Any, ...]]:
-    """`(key, transforms)` for a weight name; `shorts` maps names to their
-    short forms (see `_short_names`)."""
-    if not rule_list:
-        return name, ()
-    for rule in rule_list:
-        if rule == "torch":
-            return _torch_save(shorts.get(name, name), holder)
-        match = rule.pattern.fullmatch(name)
-        if match:
-            return rule.expand(match), rule.transforms
-    return name, ()
-
-
-def _torch_save(path: str, holder: Any) -> tuple[str, tuple[Any, ...]]:
-    *module, leaf = path.split("/")
-    transforms = ()
-    if leaf == "kernel" and len(holder.shape) in _TORCH_KERNEL_AXES:
-        axes = _TORCH_KERNEL_AXES[len(holder.shape)]
-        transforms = (("transpose", tuple(np.argsort(axes).tolist())),)
-    leaf = {
-        "kernel": "weight",
-        "scale": "weight",
-        "embedding": "weight",
-        "mean": "running_mean",
-        "var": "running_var",
-    }.get(leaf, leaf)
-    return ".".join([*module, leaf]), transforms
-
-
-def _torch_counters(tensors: Any) -> dict[Any, Any]:
-    """A zero `num_batches_tracked` beside each BatchNorm's statistics,
-    as `torch.nn.BatchNorm*d.state_dict()` holds one."""
-    counters = {}
-    for key in tensors:
-        if key.endswith("running_mean"):
-            prefix = key[: -len("running_mean")]
-            if prefix + "running_var" in tensors:
-                counters[prefix + "num_batches_tracked"] = jnp.zeros(
-                    (), jax.dtypes.canonicalize_dtype(jnp.int64)
-                )
-    return counters
-
-
 # Planning and checks: nothing is read or written here.
 
 
@@ -612,7 +431,9 @@ def _plan_load(
     items, unexpected, targets = [], [], {}
     for key in checkpoint.keys():
         shape = checkpoint.shape(key)
-        placed = _place_load(key, shape, held, shorts, rule_list)
+        placed = _checkpoint_rules.place_load(
+            key, shape, held, shorts, rule_list
+        )
         if placed is None or (placed[0] and placed[0] not in held):
             unexpected.append(
                 key if placed is None else f"{key} -> {placed[0]}"
@@ -623,58 +444,12 @@ def _plan_load(
             continue
         if name in targets:
             raise ValueError(
-                _errors.checkpoint_duplicate("filepath", targets[name], key)
+                checkpoint_duplicate("filepath", targets[name], key)
             )
         targets[name] = key
-        new_shape = _transformed_shape(key, shape, transforms)
+        new_shape = _checkpoint_rules.transformed_shape(key, shape, transforms)
         items.append(_Item(key, name, transforms, new_shape))
     return items, unexpected
-
-
-def _transformed_shape(
-    key: Any, shape: Sequence[int], transforms: Any
-) -> tuple[int, ...]:
-    for kind, argument in transforms:
-        if kind == "transpose":
-            axes = tuple(argument)
-            if sorted(axes) != list(range(len(shape))):
-                raise ValueError(
-                    _errors.bad_transform(key, shape, kind, argument)
-                )
-            shape = tuple(shape[a] for a in axes)
-        elif kind == "reshape":
-            new = _reshaped(shape, tuple(argument))
-            if new is None:
-                raise ValueError(
-                    _errors.bad_transform(key, shape, kind, argument)
-                )
-            shape = new
-    return tuple(shape)
-
-
-def _reshaped(shape: Sequence[int], target: Any) -> Any:
-    """`target` with a `-1` filled in, or None where the element count
-    would change."""
-    size = math.prod(shape)
-    known = math.prod(d for d in target if d != -1)
-    if target.count(-1) > 1 or known == 0:
-        return None
-    if -1 in target:
-        if size % known:
-            return None
-        target = tuple(size // known if d == -1 else d for d in target)
-    return target if math.prod(target) == size else None
-
-
-def _kind(dtype: Any) -> str:
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return "float"
-    if dtype == jnp.bool_:
-        return "bool"
-    if jnp.issubdtype(dtype, jnp.integer):
-        return "integer"
-    return "other"
 
 
 def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
@@ -685,7 +460,9 @@ def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
         holder = held[item.name]
         dtype = _target_dtype(checkpoint.dtype(item.key), item.transforms)
         shape_fits = tuple(holder.shape) == item.shape
-        kind_fits = _kind(dtype) == _kind(_dtype_of(holder))
+        kind_fits = _checkpoint_rules.dtype_kind(
+            dtype
+        ) == _checkpoint_rules.dtype_kind(_dtype_of(holder))
         if not (shape_fits and kind_fits):
             misfits.append(
                 (
@@ -698,7 +475,22 @@ def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
                 )
             )
     if misfits:
-        raise ValueError(_errors.checkpoint_misfit(misfits))
+        raise ValueError(checkpoint_misfit(misfits))
+
+
+def checkpoint_misfit(misfits: Any) -> str:
+    rows = "; ".join(
+        f"key {key!r} -> {name}: checkpoint {format_shape(shape)} {dtype}, "
+        f"layer {format_shape(held_shape)} {held_dtype}"
+        for key, name, shape, dtype, held_shape, held_dtype in misfits
+    )
+    return (
+        "`filepath` holds tensors that do not fit the weights they are "
+        f"placed on (shape, or dtype kind): {rows}. Nothing was written. "
+        'Give the rule a transform ({"transpose": axes}, {"reshape": '
+        'shape}, {"dtype": name}), or check that the layer was built for '
+        "the checkpoint's sizes."
+    )
 
 
 def _target_dtype(dtype: Any, transforms: Any) -> Any:
@@ -715,17 +507,6 @@ def _dtype_of(holder: Any) -> Any:
 # Reading.
 
 
-def _transform(value: Any, transforms: Any) -> Any:
-    for kind, argument in transforms:
-        if kind == "transpose":
-            value = jnp.transpose(value, tuple(argument))
-        elif kind == "reshape":
-            value = jnp.reshape(value, tuple(argument))
-        else:
-            value = value.astype(argument)
-    return value
-
-
 def _read(checkpoint: Any, item: Any, holder: Any) -> Any:
     """The tensor of `item`, transformed, in the holder's dtype and, for a
     variable laid out over several devices, read shard by shard. A value
@@ -738,7 +519,9 @@ def _read_cast(checkpoint: Any, item: Any, holder: Any) -> Any:
     dtype = _dtype_of(holder)
     sharding = _sharding(holder)
     if sharding is None:
-        value = _transform(checkpoint.tensor(item.key), item.transforms)
+        value = _checkpoint_rules.transform(
+            checkpoint.tensor(item.key), item.transforms
+        )
         return _backends.initial_value(value.astype(dtype))
     by_slice = all(kind != "reshape" for kind, _ in item.transforms)
 
@@ -746,7 +529,9 @@ def _read_cast(checkpoint: Any, item: Any, holder: Any) -> Any:
         # Host copies: a NumPy view would keep the slice read onto the
         # default device alive beside the shard made from it.
         if not by_slice:  # a reshape moves elements across slices
-            whole = _transform(checkpoint.tensor(item.key), item.transforms)
+            whole = _checkpoint_rules.transform(
+                checkpoint.tensor(item.key), item.transforms
+            )
             return np.array(whole[index].astype(dtype), copy=True)
         value = _read_slice(checkpoint, item, index).astype(dtype)
         return np.array(value, copy=True)
@@ -766,7 +551,9 @@ def _read_slice(checkpoint: Any, item: Any, index: Any) -> Any:
     for out_axis, file_axis in enumerate(axes):
         file_index[file_axis] = index[out_axis]
     value = jnp.transpose(checkpoint.slice(item.key, tuple(file_index)), axes)
-    return _transform(value, [t for t in item.transforms if t[0] == "dtype"])
+    return _checkpoint_rules.transform(
+        value, [t for t in item.transforms if t[0] == "dtype"]
+    )
 
 
 def _sharding(holder: Any) -> Any:
@@ -778,173 +565,3 @@ def _sharding(holder: Any) -> Any:
     if sharding.is_fully_replicated:
         return None  # read once, laid out by `assign`
     return sharding
-
-
-class _Checkpoint:
-    """A safetensors file, or the files of a sharded checkpoint's index,
-    opened lazily; the keys in file order.
-
-    Everything is checked when it is opened, before a tensor is read: the
-    path is a regular file, the index is JSON whose `weight_map` maps keys
-    to plain file names inside the index's folder (no `..`, no absolute
-    path, no symlink leaving the folder; one message whether or not such a
-    target exists), and each key the index names is in its file.
-    """
-
-    def __init__(self, filepath: str | os.PathLike) -> None:
-        filepath = os.fspath(filepath)
-        _regular_file(filepath, filepath)
-        self._files = {}  # key -> file
-        self._open = {}
-        self._stack = contextlib.ExitStack()
-        self.unindexed = []  # keys of the shards the index does not name
-        if filepath.endswith(".json"):
-            self._read_index(filepath)
-        else:
-            self._files = dict.fromkeys(self._file(filepath).keys(), filepath)
-
-    def _read_index(self, filepath: str) -> None:
-        weight_map = _weight_map(filepath)
-        folder = os.path.realpath(os.path.dirname(filepath))
-        shards = {}
-        for shard in dict.fromkeys(weight_map.values()):
-            path = os.path.join(folder, shard)
-            plain = shard not in ("", ".", "..") and not any(
-                sep in shard for sep in ("/", "\\", os.sep)
-            )
-            inside = os.path.dirname(os.path.realpath(path)) == folder
-            if not (plain and inside):
-                raise ValueError(
-                    f"`filepath` is a sharded checkpoint's index whose "
-                    f"weight_map names {shard!r}, which is not a file name "
-                    "inside the index's folder: an index names its shards "
-                    "by plain file name (no folder, no '..', no absolute "
-                    "path, no symlink out of the folder). Received: "
-                    f"filepath={filepath!r}. Use the index written with the "
-                    "shards, or fix its weight_map."
-                )
-            if not os.path.lexists(path):
-                raise FileNotFoundError(
-                    _errors.checkpoint_missing_shard(filepath, shard)
-                )
-            _regular_file(path, filepath)
-            shards[shard] = set(self._file(path).keys())
-        absent = [k for k, f in weight_map.items() if k not in shards[f]]
-        if absent:
-            raise ValueError(
-                f"`filepath` is a sharded checkpoint's index naming "
-                f"{len(absent)} key(s) that their files do not hold: "
-                f"{_repr.repr(absent)}. Received: filepath={filepath!r}. "
-                "Use the index written with these shards."
-            )
-        named = set(weight_map)
-        self.unindexed = sorted(
-            key for keys in shards.values() for key in keys - named
-        )
-        self._files = {
-            key: os.path.join(folder, shard)
-            for key, shard in weight_map.items()
-        }
-
-    def _file(self, path: str) -> Any:
-        safetensors = _safetensors()
-        if path not in self._open:
-            try:
-                self._open[path] = self._stack.enter_context(
-                    safetensors.safe_open(path, framework="flax")
-                )
-            except safetensors.SafetensorError as error:
-                raise ValueError(
-                    _errors.checkpoint_not_safetensors(path, error)
-                ) from error
-        return self._open[path]
-
-    def keys(self) -> list[Any]:
-        return list(self._files)
-
-    def shape(self, key: Any) -> tuple[Any, ...]:
-        return tuple(self._file(self._files[key]).get_slice(key).get_shape())
-
-    def dtype(self, key: Any) -> str:
-        name = self._file(self._files[key]).get_slice(key).get_dtype()
-        if name not in _SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"`filepath` holds the tensor {key!r} of dtype {name}, which "
-                "a Flax or JAX weight cannot take. Received: dtype="
-                f"{name}; supported: {', '.join(_SAFETENSORS_DTYPES)}. "
-                "Convert the tensor before saving, or leave its key out "
-                "(`strict=False` reports it)."
-            )
-        return _SAFETENSORS_DTYPES[name]
-
-    def tensor(self, key: Any) -> Any:
-        return self._file(self._files[key]).get_tensor(key)
-
-    def slice(self, key: Any, index: Any) -> Any:
-        return self._file(self._files[key]).get_slice(key)[index]
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-
-def _regular_file(path: str, filepath: str) -> None:
-    """Refuses a path that is missing, or not a regular file (a folder, a
-    FIFO, a device such as /dev/zero)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            _errors.checkpoint_not_found(filepath)
-        ) from None
-    if not stat.S_ISREG(mode):
-        raise ValueError(
-            "`filepath` must be a safetensors file or a sharded "
-            f"checkpoint's `*.safetensors.index.json`. Received: {path!r}, "
-            "which is not a regular file (a folder, a FIFO or a device). "
-            "Pass the file itself."
-        )
-
-
-def _weight_map(filepath: str) -> dict[str, str]:
-    """The index's `weight_map`: key -> file name, both strings."""
-    try:
-        with open(filepath, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise ValueError(
-            _errors.checkpoint_bad_index(filepath, error)
-        ) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise ValueError(
-            "`filepath` names a sharded checkpoint's index, which must be "
-            'JSON with a "weight_map" object of key -> file name (strings).'
-            f" Received: filepath={filepath!r} with weight_map="
-            f"{_repr.repr(weight_map)}. Pass the `*.safetensors.index.json` "
-            "written with the shards."
-        )
-    return weight_map
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}

@@ -232,7 +232,18 @@ def _encode(value: Any, path: str) -> Any:
         return _record_config(value, path)
     if callable(value):
         return {_TAG: "object", "path": _import_path(value, path)}
-    raise UnserializableError(_errors.unserializable(path, value))
+    raise UnserializableError(unserializable(path, value))
+
+
+def unserializable(path: str, value: Any) -> str:
+    return (
+        f"`{path}` cannot be saved: it is "
+        f"{value!r} ({type(value).__name__}), which has no import path. "
+        "Make the value importable (a function or class defined at the top "
+        "level of a module, or `functools.partial` of one). For a module "
+        "field, you can instead define `get_config()` on the module class "
+        "(and `from_config` if its constructor does not take that dict)."
+    )
 
 
 def _is_namedtuple(value: Any) -> bool:
@@ -333,7 +344,7 @@ def _closure_config(fn: Any, path: str) -> dict[str, Any]:
     except (TypeError, ValueError):
         parameters = {}
     if factory is None or not set(captured) <= set(parameters):
-        raise UnserializableError(_errors.unserializable(path, fn))
+        raise UnserializableError(unserializable(path, fn))
     return {
         _TAG: "closure",
         "factory": _import_path(factory, path),
@@ -363,7 +374,7 @@ def _import_path(obj: Any, path: str) -> str:
         or "<" in qualname
         or _lookup(module, qualname) is not obj
     ):
-        raise UnserializableError(_errors.unserializable(path, obj))
+        raise UnserializableError(unserializable(path, obj))
     return f"{_public_module(obj, module, qualname)}:{qualname}"
 
 

@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from keras_flax import _errors
 from keras_flax import _inputs
 
 
@@ -31,7 +30,7 @@ class InputDim:
     def __post_init__(self) -> None:
         axis = self.axis
         if isinstance(axis, bool) or not isinstance(axis, int) or axis == 0:
-            raise ValueError(_errors.input_dim_axis(axis))
+            raise ValueError(input_dim_axis(axis))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], path: str) -> "InputDim":
@@ -45,6 +44,15 @@ class InputDim:
                 "not loaded."
             )
         return cls(config["axis"])
+
+
+def input_dim_axis(axis: Any) -> str:
+    return (
+        "`FlaxLayer.input_dim(axis)` takes a non-batch axis of the input, an "
+        "int other than 0 (the batch axis, whose size is unknown at build; "
+        f"-1 is the last). Received: axis={axis!r}. Give the axis whose "
+        "size the argument takes, e.g. `FlaxLayer.input_dim(-1)`."
+    )
 
 
 def is_input_dim(value: Any) -> bool:
@@ -64,8 +72,19 @@ def refuse_in_fields(module: Any) -> None:
     for field in dataclasses.fields(module):
         if find(getattr(module, field.name, None), {}):
             raise ValueError(
-                _errors.input_dim_in_module(type(module).__name__, field.name)
+                input_dim_in_module(type(module).__name__, field.name)
             )
+
+
+def input_dim_in_module(cls_name: str, field: str) -> str:
+    return (
+        f"`module` {cls_name} holds `FlaxLayer.input_dim()` in its field "
+        f"`{field}`, which only `FlaxLayer.from_nnx` fills. Received: a "
+        "module constructed with it. A linen module takes its input sizes "
+        "from its inputs already: leave the size out; for an NNX module "
+        "class, use `FlaxLayer.from_nnx(module_class, FlaxLayer.input_dim(), "
+        "...)`."
+    )
 
 
 def fill(
@@ -79,21 +98,44 @@ def fill(
     """
     leaves = spec.leaves()
     if len(leaves) != 1:
-        raise ValueError(_errors.input_dim_not_one_input(layer_name, spec))
+        raise ValueError(input_dim_not_one_input(layer_name, spec))
     shape = leaves[0].shape
 
     def size(placeholder: InputDim) -> int:
         axis = placeholder.axis
         if not -len(shape) <= axis < len(shape) or axis % len(shape) == 0:
-            raise ValueError(
-                _errors.input_dim_out_of_range(layer_name, axis, spec)
-            )
+            raise ValueError(input_dim_out_of_range(layer_name, axis, spec))
         found = shape[axis]
         if found is None:
-            raise ValueError(_errors.input_dim_unknown(layer_name, axis, spec))
+            raise ValueError(input_dim_unknown(layer_name, axis, spec))
         return int(found)
 
     return _walk((args, kwargs), size)
+
+
+def input_dim_not_one_input(layer_name: str, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim()` from its input, "
+        f"which must be one array. Received: inputs {spec}. Call the layer "
+        "on one array, or give the module its sizes explicitly."
+    )
+
+
+def input_dim_out_of_range(layer_name: str, axis: int, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim({axis})` from axis "
+        f"{axis} of its input, which has no such non-batch axis. Received: "
+        f"inputs {spec}. Give an axis of the input other than the batch "
+        "axis (-1 is the last)."
+    )
+
+
+def input_dim_unknown(layer_name: str, axis: int, spec: Any) -> str:
+    return (
+        f"Layer '{layer_name}' fills `FlaxLayer.input_dim({axis})` from axis "
+        f"{axis} of its input, whose size is unknown. Received: inputs "
+        f"{spec}. Give that size in `keras.Input(shape=...)`."
+    )
 
 
 def _walk(value: Any, fn: Callable[[InputDim], Any]) -> Any:

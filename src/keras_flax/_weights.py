@@ -22,10 +22,10 @@ import numpy as np
 
 from keras_flax import _backends
 from keras_flax import _checks
-from keras_flax import _errors
 from keras_flax import _inputs
 from keras_flax import _layouts
 from keras_flax import _packing
+from keras_flax import _user_code
 from keras_flax import _variables
 from keras_flax._model import Axes
 from keras_flax._model import Model
@@ -63,6 +63,28 @@ class Plan:
     axes: Mapping[str, Any]
     spec: _inputs.Specs | None
     copy: bool
+
+
+def unused_config(unused: Unused) -> dict[str, Any]:
+    """`unused` as a layer's build config holds it (JSON)."""
+    return {
+        which: {
+            path: [list(shape), jax.numpy.dtype(dtype).name]
+            for path, (shape, dtype) in leaves.items()
+        }
+        for which, leaves in unused.items()
+    }
+
+
+def unused_from_config(config: dict[str, Any]) -> Unused:
+    """The unused leaves a build config holds (`unused_config`)."""
+    return {
+        which: {
+            path: (tuple(shape), dtype)
+            for path, (shape, dtype) in leaves.items()
+        }
+        for which, leaves in config.items()
+    }
 
 
 def given(
@@ -204,14 +226,49 @@ def _check_given(
             lambda: initialize(model, seed, layer_name, axes, inputs)[:2]
         )
 
-    try:
-        if sizes_known:
-            expected = expected_shapes(_inputs.placeholders(spec, 1))
-        else:
-            expected, _ = _inputs.search(expected_shapes, spec, "inputs")
-    except _errors.UserCodeError:
+    if sizes_known:
+        expected = _user_code.attempt(
+            expected_shapes, _inputs.placeholders(spec, 1)
+        )
+    else:
+        expected, _ = _inputs.search(expected_shapes, spec, "inputs")
+    if isinstance(expected, _user_code.Refused):
         return no_unused()  # the call raises the model's error
     return _checks.unused_leaves(model, trees, expected, spec, sizes_known)
+
+
+def forward(
+    model: Model,
+    weights: "Weights",
+    param_values: Any,
+    state_values: Any,
+    seed: Any,
+    inputs: PyTree,
+    training: bool,
+) -> tuple[PyTree, list[Any] | None]:
+    """The pure forward pass, jitted once per input signature.
+
+    Returns the outputs and the new state values in leaf order, with
+    `None` for leaves the call left unchanged (not written back).
+    """
+    params_tree, tree = weights.params, weights.state
+    state_leaves = tree.leaves(state_values)
+    params = params_tree.rebuild(param_values)
+    state = tree.unflatten_leaves(state_leaves)
+    given = tree.treedef.flatten_up_to(state)
+    call_rng = model.rng.call
+    rng = None
+    if call_rng is not None:
+        rng = call_rng(_backends.key_data(seed))
+    outputs, new_state = model.apply(params, state, rng, inputs, training)
+    if tree.holds_nothing:
+        # No state held (`state=None`, or `init_fn` returned none):
+        # the outputs, as `keras.layers.JaxLayer` returns them.
+        _checks.no_state("call_fn", new_state)
+        return outputs, None
+    _checks.state_structure("call_fn", new_state, tree)
+    new_leaves = tree.leaves_of(new_state, given)
+    return outputs, tree.updates(new_leaves, state_leaves)
 
 
 class Weights:
@@ -348,7 +405,7 @@ class Weights:
         """Assigns every value of `variables` (the model's own format);
         all are checked first, and on a misfit nothing changes."""
         if self.holds_nothing:
-            raise ValueError(_errors.assigned_before_build(layer_name))
+            raise ValueError(assigned_before_build(layer_name))
         user_format = model.user_format
         assert user_format is not None  # only layers of such kinds assign
         given = _variables.by_path(user_format.from_user(variables))
@@ -383,7 +440,7 @@ class Weights:
         specs = [spec for tree in self._trees for spec in tree.leaf_specs()]
         if len(store.keys()) != len(specs):
             raise ValueError(
-                _errors.weights_count_mismatch(
+                weights_count_mismatch(
                     layer_name, len(specs), len(store.keys())
                 )
             )
@@ -392,6 +449,26 @@ class Weights:
             leaves = [next(arrays) for _ in tree.leaf_specs()]
             values = tree.updates(leaves, [None] * len(leaves))
             tree.assign([np.asarray(v) for v in values])
+
+
+def weights_count_mismatch(
+    layer_name: str, expected: Any, received: Any
+) -> str:
+    return (
+        f"The weights file for layer '{layer_name}' must hold one array per "
+        f"leaf of the model: {expected}. Received: {received} arrays. Load "
+        "a file saved from a layer wrapping the same model (packed or not)."
+    )
+
+
+def assigned_before_build(layer_name: str) -> str:
+    return (
+        f"`flax_variables` of layer '{layer_name}' cannot be assigned before "
+        "its weights exist. Received: an assignment to a layer not yet "
+        "built. Call the layer on inputs first (or `model.build(...)`), or "
+        "pass the variables at construction: `FlaxLayer(module, "
+        "variables=...)`."
+    )
 
 
 def _spec_of(value: Any) -> Any:
@@ -418,3 +495,16 @@ def _specs(tree: PyTree, cast_to: str | None) -> list[Any]:
         return jax.ShapeDtypeStruct(tuple(variable.shape), dtype)
 
     return [spec(v) for v in tree.variables]
+
+
+def policy_given(dtype: Any) -> bool:
+    """Whether a layer made with `dtype` decides its float storage by a
+    dtype policy (else the module's own float dtypes are kept): one given,
+    or a global one other than the default. A quantized policy from
+    `float32` (what a layer without one is quantized to) counts as none."""
+    if dtype is None:
+        return keras.config.dtype_policy().name != "float32"
+    policy = keras.dtype_policies.get(dtype)
+    if policy.quantization_mode is not None:
+        return not policy.name.endswith("_from_float32")
+    return True

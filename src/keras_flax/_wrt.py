@@ -24,6 +24,9 @@ from keras_flax import _errors
 from keras_flax import _names
 from keras_flax import _serialization
 from keras_flax import _variables
+from keras_flax._errors import describe
+from keras_flax._errors import more
+from keras_flax._errors import names
 
 # NNX's filters, each a predicate `(path, value) -> bool`.
 _FILTERS = (
@@ -53,18 +56,57 @@ def predicate(wrt: Any, fine_tuning: Any, label: str) -> Any:
     if wrt is None:
         return None
     if fine_tuning is None:
-        raise TypeError(_errors.wrt_unsupported(wrt, label))
+        raise TypeError(wrt_unsupported(wrt, label))
     if not _is_filter(wrt):
-        raise TypeError(_errors.wrt_not_a_filter(wrt))
+        raise TypeError(wrt_not_a_filter(wrt))
     found = nnx.filterlib.to_predicate(wrt)
     for part in _parts(found):
         if not isinstance(part, _FILTERS) and not _takes_path_and_value(part):
-            raise TypeError(_errors.wrt_bad_function(wrt, part))
+            raise TypeError(wrt_bad_function(wrt, part))
     if not fine_tuning.variable_filters:
         typed = [p for p in _parts(found) if isinstance(p, _VARIABLE_FILTERS)]
         if typed:
-            raise TypeError(_errors.wrt_typed_for_linen(wrt, typed))
+            raise TypeError(wrt_typed_for_linen(wrt, typed))
     return found
+
+
+def wrt_not_a_filter(wrt: Any) -> str:
+    return (
+        "`wrt` must be a Flax NNX filter choosing the parameters that train. "
+        f"Received: wrt={describe(wrt)}. {_WRT_FIX}"
+    )
+
+
+def wrt_unsupported(wrt: Any, label: str) -> str:
+    return (
+        f"`wrt` chooses among the parameters of a model that names them; "
+        f"{label} gives its weights as one tree. Received: "
+        f"wrt={describe(wrt)}. Fix: split the trainable weights from the "
+        "rest yourself (`params` and `state`), or pass `trainable=False` to "
+        "train none."
+    )
+
+
+def wrt_bad_function(wrt: Any, fn: Callable[..., Any]) -> str:
+    part = "" if fn is wrt else f", holding {describe(fn)},"
+    return (
+        "`wrt` functions are called as `fn(path, value)` and return whether "
+        f"the parameter trains. Received: wrt={describe(wrt)}{part} which "
+        f"takes {names(fn)}. Fix: "
+        "`def trains(path, value): return 'head' in path`."
+    )
+
+
+def wrt_typed_for_linen(wrt: Any, typed: Any) -> str:
+    listed = ", ".join(repr(p) for p in typed[:4]) + more(typed, 4)
+    return (
+        "`wrt` chooses linen parameters by their path inside `params`; they "
+        "have no Variable type or tag to filter on. Received: "
+        f"wrt={describe(wrt)}, which tests {listed}. Fix: filter on paths, "
+        "e.g. `wrt=nnx.PathContains('head')` or "
+        "`wrt=nnx.Not(nnx.PathContains('backbone'))`, or pass a function "
+        "`(path, value) -> bool`."
+    )
 
 
 def left_out(
@@ -93,8 +135,18 @@ def left_out(
     )
     if candidates and len(out) == len(candidates):
         paths = [_variables.path_text(path) for path, _, _ in candidates]
-        raise ValueError(_errors.wrt_selects_nothing(wrt, label, paths))
+        raise ValueError(wrt_selects_nothing(wrt, label, paths))
     return out
+
+
+def wrt_selects_nothing(wrt: Any, label: str, candidates: Any) -> str:
+    listed = ", ".join(candidates[:8]) + more(candidates, 8)
+    return (
+        f"`wrt` selects none of the parameters of {label}, so nothing would "
+        f"train. Received: wrt={describe(wrt)}; the parameters are: "
+        f"{listed}. Fix: pass a filter matching some of them, or wrt=None "
+        "to train every parameter (or `trainable=False` to train none)."
+    )
 
 
 def _is_filter(wrt: Any) -> bool:
@@ -168,7 +220,18 @@ def _encode(wrt: Any, found: Any) -> Any:
         return {"function": _serialization.serialize_function(found, "wrt")}
     except _serialization.UnserializableError as error:
         part = getattr(found, "type", found)
-        raise TypeError(_errors.wrt_not_serializable(wrt, part)) from error
+        raise TypeError(wrt_not_serializable(wrt, part)) from error
+
+
+def wrt_not_serializable(wrt: Any, part: Any) -> str:
+    return (
+        "`wrt` cannot be saved in a model config: the filter "
+        f"{describe(part)} has no import path. Received: wrt={describe(wrt)}. "
+        "Fix: define the function at the top level of a module (or register "
+        "it with `keras.saving.register_keras_serializable`), or use NNX's "
+        "filters (a Variable type, `nnx.PathContains(...)`, `nnx.Any(...)`); "
+        "`model.save_weights(...)` works in any case."
+    )
 
 
 def _decode(config: dict[str, Any]) -> Any:
@@ -196,3 +259,11 @@ def _decode(config: dict[str, Any]) -> Any:
             fn = _serialization.deserialize_function(config["function"], "wrt")
             return nnx.filterlib.to_predicate(fn)
     raise ValueError(_errors.unknown_config_kind("wrt", "filter", config))
+
+
+_WRT_FIX = (
+    "Pass an NNX filter: a Variable type (`wrt=nnx.LoRAParam`), "
+    "`nnx.PathContains('head')`, `nnx.Any(...)` / `nnx.All(...)` / "
+    "`nnx.Not(...)`, a string (a tag), or a function `(path, value) -> "
+    "bool`; or wrt=None to train every parameter."
+)
