@@ -366,7 +366,7 @@ def write_checkpoint(name, folder, shards=4):
     import safetensors.flax
 
     layer = keras_flax.FlaxLayer(make_module(name))
-    params, _ = layer._weights.by_name(layer._model.rng_state)
+    params, _ = layer._weights.by_name(layer._model.live.rng_state)
     keys = list(params)
     weight_map = {}
     per_shard = -(-len(keys) // shards)
