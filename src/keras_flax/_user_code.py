@@ -2,11 +2,13 @@
 
 Every call into the user's model (a module's `init` / `apply` / method,
 `call_fn`, `init_fn`) goes through `user_code`, which re-raises what it
-raises as `UserCodeError`. The layer's entry points (`raises_user_errors`)
-re-raise the original to the user, as the built-in layers raise it. Our
-code catches `UserCodeError` only where it reports the model's error in a
-message of its own, never to decide what to do next: a bug of ours is
-never taken for the model's refusal.
+raises as `UserCodeError`, so that a bug of ours is never taken for the
+model's refusal. Where the layer tries the model (an input size, a shape
+probe), `attempt` returns the refusal as a value (`Refused`) that the
+caller decides on; elsewhere a `UserCodeError` is caught only where a
+message of ours reports it. The layer's entry points
+(`raises_user_errors`) re-raise the original to the user, as the built-in
+layers raise it.
 """
 
 import dataclasses
@@ -23,9 +25,9 @@ class UserCodeError(Exception):
 
     Every call into the user's model (a module's `init` / `apply` / method,
     `call_fn`, `init_fn`) goes through `user_code`, which re-raises what
-    it raises as this; our code catches only this (a module refusing a
-    size, say), so that our own bugs are never taken for the module's
-    refusal. The layer re-raises `error`, the original, to the user.
+    it raises as this, so that our own bugs are never taken for the
+    module's refusal. The layer re-raises `error`, the original, to the
+    user.
 
     Attributes:
         error: the exception the user's code raised.
