@@ -122,7 +122,7 @@ def _transform_argument(index: int, kind: str, argument: Any) -> Any:
             dtype = jnp.dtype(argument) if isinstance(argument, str) else None
         except TypeError:
             dtype = None
-        if dtype is None or dtype_kind(dtype) == "other":
+        if dtype is None or cast_kind(dtype) == "other":
             raise ValueError(
                 f"{where} must name a numeric dtype ('float32', 'bfloat16', "
                 f"'int8', ...). Received: {argument!r}. Fix the rule."
@@ -312,7 +312,7 @@ _RULES_FORM = (
 )
 
 
-def dtype_kind(dtype: Any) -> str:
+def cast_kind(dtype: Any) -> str:
     """`float`, `bool`, `integer` or `other`: what a cast keeps."""
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating):

@@ -460,9 +460,9 @@ def _check_fit(items: Any, held: Any, checkpoint: Any) -> None:
         holder = held[item.name]
         dtype = _target_dtype(checkpoint.dtype(item.key), item.transforms)
         shape_fits = tuple(holder.shape) == item.shape
-        kind_fits = _checkpoint_rules.dtype_kind(
+        kind_fits = _checkpoint_rules.cast_kind(
             dtype
-        ) == _checkpoint_rules.dtype_kind(_dtype_of(holder))
+        ) == _checkpoint_rules.cast_kind(_dtype_of(holder))
         if not (shape_fits and kind_fits):
             misfits.append(
                 (
