@@ -269,6 +269,19 @@ def test_files_and_functions_are_short():
     assert (long_files, long_functions, long_adapters) == ([], [], [])
 
 
+def test_the_layer_class_is_the_keras_protocol_alone():
+    # What `ModelLayer` holds lives in `_holding`, how it calls its model in
+    # `_calls`: the class stays at most 300 lines.
+    tree = ast.parse((PACKAGE / "_layer.py").read_text())
+    (layer,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name == "ModelLayer"
+    ]
+    assert layer.end_lineno is not None
+    assert layer.end_lineno - layer.lineno + 1 <= 300
+
+
 def test_user_code_errors_are_caught_only_to_be_reported():
     # `_user_code.attempt` turns a trial call's refusal into a value the
     # caller decides on; elsewhere a `UserCodeError` is caught only by a

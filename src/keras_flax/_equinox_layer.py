@@ -151,7 +151,7 @@ class EquinoxLayer(ModelLayer):
     @property
     def wrt(self) -> Any:
         """The filter of the parameters that train (None: all)."""
-        return self._wrt
+        return self._held.wrt
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "EquinoxLayer":

@@ -268,7 +268,7 @@ class FlaxLayer(JaxLayer):
     def wrt(self) -> Any:
         """The filter of the parameters that train (None: all), fixed
         when the layer is made."""
-        return self._wrt
+        return self._held.wrt
 
     @wrt.setter
     def wrt(self, value: Any) -> None:

@@ -96,6 +96,24 @@ class Row:
         return f"<{type(self).__name__} {self.name}: {int(self._count)}>"
 
 
+def weights(
+    structure: Any,
+    leaf_sizes: Sequence[tuple[bool, tuple[str, ...], int, bool]],
+    trainable: bool,
+) -> list[Weight]:
+    """Every weight of a layer, from `Weights.leaf_sizes()` (`(in params,
+    path parts, size, trains)`), at its path in the module
+    (`Structure.path_of`); none trains in a frozen layer."""
+    return [
+        Weight(
+            path=structure.path_of(in_params, parts),
+            size=size,
+            trainable=trains and trainable,
+        )
+        for in_params, parts, size, trains in leaf_sizes
+    ]
+
+
 @functools.cache
 def _row_class(label: str) -> type:
     """A `Row` class named `label` (Keras prints a row's class name)."""

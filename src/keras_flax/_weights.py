@@ -273,21 +273,55 @@ def forward(
 
 class Weights:
     """A layer's weights: `params` (trainable, but those frozen) and `state`
-    (non-trainable), each a `_variables.VariableTree`."""
+    (non-trainable), each a `_variables.VariableTree`, with what their plan
+    decided.
+
+    Attributes:
+        params: the parameters' `VariableTree`.
+        state: the state's `VariableTree`.
+        spec: the input specs the layer was built for (None before build).
+        axes: Flax partitioning axes by path text, as known so far.
+        unused: the given leaves the model does not use (kept, frozen); a
+            saved layer's build config sets them before build.
+        given: `(params, state)` given at construction and waiting for
+            build to be laid out (packing needs to know which leaves
+            train); None where there are none, or variables hold them.
+    """
 
     def __init__(
-        self, params: _variables.VariableTree, state: _variables.VariableTree
+        self,
+        params: _variables.VariableTree,
+        state: _variables.VariableTree,
+        *,
+        spec: _inputs.Specs | None,
+        axes: Mapping[str, Any],
+        unused: Unused,
+        given: tuple[Any, Any] | None = None,
     ) -> None:
         self.params = params
         self.state = state
         self._trees = (params, state)
+        self.spec = spec
+        self.axes = dict(axes)
+        self.unused = unused
+        self.given = given
 
     @classmethod
-    def empty(cls, layer: Any) -> "Weights":
-        """Weights holding nothing (before build)."""
+    def empty(
+        cls,
+        layer: Any,
+        axes: Mapping[str, Any] | None = None,
+        given: tuple[Any, Any] | None = None,
+    ) -> "Weights":
+        """Weights holding nothing yet (before build), with the axes known
+        (none by default); `given` trees wait for build."""
         return cls(
             _variables.VariableTree(layer, None, True, lambda parts: parts),
             _variables.VariableTree(layer, None, False, lambda parts: parts),
+            spec=None,
+            axes=axes or {},
+            unused=no_unused(),
+            given=given,
         )
 
     @classmethod
@@ -330,7 +364,11 @@ class Weights:
             )
 
         weights = cls(
-            tree(plan.params, True, plan.frozen), tree(plan.state, False)
+            tree(plan.params, True, plan.frozen),
+            tree(plan.state, False),
+            spec=plan.spec,
+            axes=plan.axes,
+            unused=plan.unused,
         )
         _layouts.warn_unmatched(layer.name, [v.path for v in weights.variables])
         return weights
@@ -345,9 +383,32 @@ class Weights:
         """Every Keras variable, parameters then state."""
         return [v for tree in self._trees for v in tree.variables]
 
-    def freeze(self, paths: Collection[str]) -> None:
-        """Makes the parameters at `paths` non-trainable."""
-        self.params.freeze(paths)
+    def build_config(self) -> dict[str, Any]:
+        """A layer's build config entries for these weights: the input
+        dtypes, and the given leaves the model does not use."""
+        config: dict[str, Any] = {}
+        if self.spec is not None:
+            config["input_dtypes"] = self.spec.dtype_names()
+        if any(self.unused.values()):
+            config["unused_leaves"] = unused_config(self.unused)
+        return config
+
+    def to_plan(self) -> tuple[Any, Any]:
+        """The `(params, state)` a build plans from: the given trees, both
+        None where `init` is to make them, or the shapes of those held."""
+        if self.given is not None:
+            return self.given
+        if self.holds_nothing:
+            return None, None
+        return self.shapes()
+
+    def built(self, plan: Plan) -> None:
+        """Takes what `plan` (made for the weights held) decided: the
+        parameters it freezes, the input specs, axes and unused leaves."""
+        self.params.freeze(plan.frozen)
+        self.spec = plan.spec
+        self.axes = dict(plan.axes)
+        self.unused = plan.unused
 
     def trees(self) -> tuple[Any, Any]:
         """`(params, state)` with what holds each leaf at its place."""
@@ -477,6 +538,14 @@ def _spec_of(value: Any) -> Any:
         return value
     dtype = keras.backend.standardize_dtype(value.dtype)
     return jax.ShapeDtypeStruct(tuple(value.shape), dtype)
+
+
+def owned(value: Any) -> Any:
+    """`value`, copied where it is a JAX array: every compiled step
+    donates the variables' buffers, and the given arrays stay the user's."""
+    if isinstance(value, jax.Array):
+        return jax.numpy.array(value, copy=True)
+    return value
 
 
 def _copy(value: Any) -> Any:
