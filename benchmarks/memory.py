@@ -44,6 +44,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (the speed benchmark's workloads)
+import charts  # noqa: E402  (redrawn from the results written)
 
 
 class WideMLP(nn.Module):
@@ -555,9 +556,10 @@ def main():
             median_of("checkpoint", "N113", "B", repeats, folder=folder),
             median_of("checkpoint", "N113", "plain", repeats, folder=folder),
         )
-    run.write_report(
+    path = run.write_report(
         report(rows, builds, parallel, checkpoint, args.quick), "-memory"
     )
+    charts.draw("memory", path)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from flax import nnx
 
 from keras_flax import FlaxLayer
 
+import charts
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -520,12 +522,13 @@ def main():
             "first": first_steps(name, variants, 1 if args.quick else 3),
         }
         print(f"{name} done", file=sys.stderr)
-    write_report(report(results, machine_name(), args.quick))
+    path = write_report(report(results, machine_name(), args.quick))
+    charts.draw("steps", path)
 
 
 def write_report(text, suffix=""):
     """Prints `text` and writes it to
-    benchmarks/results/<date>-<machine><suffix>.md."""
+    benchmarks/results/<date>-<machine><suffix>.md; returns that path."""
     print(text)
     folder = os.path.join(HERE, "results")
     os.makedirs(folder, exist_ok=True)
@@ -535,6 +538,7 @@ def write_report(text, suffix=""):
     with open(path, "w") as f:
         f.write(text)
     print(f"written to {path}", file=sys.stderr)
+    return path
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import charts  # noqa: E402  (redrawn from the results written)
 import jax  # noqa: E402
 import onnxruntime  # noqa: E402
 import run  # noqa: E402  (the workloads and timers of benchmarks/run.py)
@@ -96,7 +97,8 @@ def main():
                     f"{run.ratio(t['S'], t['K'])} |"
                 )
                 print(f"{name} batch {batch} done", file=sys.stderr)
-    run.write_report("\n".join(lines) + "\n", suffix="-serving")
+    path = run.write_report("\n".join(lines) + "\n", suffix="-serving")
+    charts.draw("serving", path)
 
 
 if __name__ == "__main__":

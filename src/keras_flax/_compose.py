@@ -65,13 +65,17 @@ def layer_flax_module_wrapper(
     Returns:
         The model, the output tensor, or the layer, by `object`.
 
-    Example:
+    Raises:
+        TypeError: `object` is none of a `keras.Sequential` model, a Keras
+            tensor, an array or None (before any layer is built); and what
+            `FlaxLayer` raises.
 
-    >>> import flax.linen as nn, keras
-    >>> model = keras.Sequential([keras.Input((3,))])
-    >>> model = layer_flax_module_wrapper(model, module=nn.Dense(2))
-    >>> model.output_shape
-    (None, 2)
+    Examples:
+        >>> import flax.linen as nn, keras
+        >>> model = keras.Sequential([keras.Input((3,))])
+        >>> model = layer_flax_module_wrapper(model, module=nn.Dense(2))
+        >>> model.output_shape
+        (None, 2)
     """
     _check_object("layer_flax_module_wrapper", object)
     layer = FlaxLayer(module, method=method, variables=variables, **kwargs)
@@ -91,11 +95,31 @@ def layer_jax_model_wrapper(
 
     Args:
         object: as in `layer_flax_module_wrapper`.
-        call_fn, init_fn, params, state, seed: as in `JaxLayer`.
+        call_fn: the model's forward function, as in `JaxLayer`.
+        init_fn: the function creating the initial weights, as in
+            `JaxLayer` (None: `params` and `state` are given).
+        params: initial trainable weights (copied), as in `JaxLayer`.
+        state: initial non-trainable state (copied), as in `JaxLayer`.
+        seed: int seed of the RNG of `init_fn` and `call_fn`.
         **kwargs: further `JaxLayer` arguments (`name`, `dtype`, ...).
 
     Returns:
         The model, the output tensor, or the layer, by `object`.
+
+    Raises:
+        TypeError: `object` is none of a `keras.Sequential` model, a Keras
+            tensor, an array or None (before any layer is built).
+
+    Examples:
+        >>> import jax.numpy as jnp, keras
+        >>> def call_fn(params, inputs):
+        ...     return inputs * params["scale"]
+        >>> model = keras.Sequential([keras.Input((3,))])
+        >>> model = layer_jax_model_wrapper(
+        ...     model, call_fn=call_fn, params={"scale": jnp.ones((3,))}
+        ... )
+        >>> model.output_shape
+        (None, 3)
     """
     _check_object("layer_jax_model_wrapper", object)
     layer = JaxLayer(

@@ -53,16 +53,21 @@ class EquinoxLayer(ModelLayer):
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...)
             and `pack_weights` (see `JaxLayer`).
 
-    Example:
+    Raises:
+        TypeError: `module` is not an Equinox module instance (for a Flax
+            module the message names `FlaxLayer`), or `method` is neither
+            a name nor a function.
+        ValueError: `wrt` selects none of the parameters.
 
-    >>> import equinox as eqx, jax, jax.numpy as jnp
-    >>> layer = EquinoxLayer(
-    ...     eqx.nn.Linear(3, 2, key=jax.random.key(0)), name="linear"
-    ... )
-    >>> layer(jnp.ones((4, 3))).shape
-    (4, 2)
-    >>> sorted(w.path for w in layer.weights)
-    ['linear/bias', 'linear/weight']
+    Examples:
+        >>> import equinox as eqx, jax, jax.numpy as jnp
+        >>> layer = EquinoxLayer(
+        ...     eqx.nn.Linear(3, 2, key=jax.random.key(0)), name="linear"
+        ... )
+        >>> layer(jnp.ones((4, 3))).shape
+        (4, 2)
+        >>> sorted(w.path for w in layer.weights)
+        ['linear/bias', 'linear/weight']
     """
 
     def __init__(

@@ -44,6 +44,22 @@ def export_stablehlo(
     Returns:
         The `jax.export.Exported`. Load and run it with JAX alone:
         `jax.export.deserialize(bytearray(data)).call(x)`.
+
+    Raises:
+        ValueError: the backend is not JAX, `input_signature` holds no
+            shapes and dtypes, or it is None for a model that was not built
+            with inputs (a subclassed model: give `input_signature`).
+
+    Examples:
+        >>> import os, tempfile, jax, keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.stablehlo")
+        >>> exported = export_stablehlo(model, path, verbose=False)
+        >>> with open(path, "rb") as f:
+        ...     served = jax.export.deserialize(bytearray(f.read()))
+        >>> x = np.ones((5, 3), "float32")
+        >>> np.allclose(served.call(x), model.predict(x, verbose=0), atol=1e-6)
+        True
     """
     if _backends.name() != "jax":
         raise ValueError(export_backend(_backends.name()))

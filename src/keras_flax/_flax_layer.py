@@ -76,31 +76,46 @@ class FlaxLayer(JaxLayer):
             default global policy) the module's own float dtypes are kept:
             `param_dtype=jnp.bfloat16` gives bfloat16 weights.
 
+    Attributes:
+        method: the forward method, as given.
+        seed_generator: the layer's `keras.random.SeedGenerator` (None for
+            a module without RNG).
+
     Call arguments:
         inputs: a JAX array or a PyTree of arrays.
         training: whether the call is in training mode; passed to the
             method when it takes `training`, and for NNX modules it puts
             the module in train mode (`module.train()`) or eval mode.
 
-    Returns:
+    Call returns:
         The outputs of the method.
 
-    Example:
+    Raises:
+        TypeError: `module` is not a Flax module instance (a class: use
+            `from_nnx`; an Equinox module or a function: the message names
+            the layer to use), or `method`, `wrt` or another argument has
+            the wrong kind.
+        ValueError: `method` cannot take the inputs, `variables` or
+            `rng_collections` are given for an NNX module, `wrt` selects
+            no parameter, or (at build) the given variables do not fit the
+            inputs, or the module fails on them: the message names the
+            input spec and the fix.
 
-    >>> import flax.linen as nn, jax.numpy as jnp
-    >>> layer = FlaxLayer(nn.Dense(4), seed=0, name="dense")
-    >>> layer(jnp.ones((2, 3))).shape
-    (2, 4)
-    >>> sorted(w.path for w in layer.weights)
-    ['dense/bias', 'dense/kernel']
-    >>> out = nn.Dense(4).apply(layer.flax_variables, jnp.ones((2, 3)))
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> layer = FlaxLayer(nn.Dense(4), seed=0, name="dense")
+        >>> layer(jnp.ones((2, 3))).shape
+        (2, 4)
+        >>> sorted(w.path for w in layer.weights)
+        ['dense/bias', 'dense/kernel']
+        >>> out = nn.Dense(4).apply(layer.flax_variables, jnp.ones((2, 3)))
 
-    With NNX:
+        With NNX:
 
-    >>> from flax import nnx
-    >>> layer = FlaxLayer(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), name="linear")
-    >>> sorted(w.path for w in layer.weights)
-    ['linear/bias', 'linear/kernel']
+        >>> from flax import nnx
+        >>> layer = FlaxLayer(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), name="linear")
+        >>> sorted(w.path for w in layer.weights)
+        ['linear/bias', 'linear/kernel']
     """
 
     def __init__(
@@ -169,12 +184,17 @@ class FlaxLayer(JaxLayer):
         Returns:
             The `FlaxLayer`.
 
-        Example:
+        Raises:
+            TypeError: `module_class` is not an NNX module class, or a
+                layer argument (`name`, ...) is given among the
+                constructor's arguments, which do not take it (give it in
+                `layer_kwargs`).
 
-        >>> from flax import nnx
-        >>> layer = FlaxLayer.from_nnx(nnx.Linear, 3, 4, rngs=nnx.Rngs(0))
-        >>> layer.get_config()["module"]["class"]
-        'flax.nnx.nn.linear:Linear'
+        Examples:
+            >>> from flax import nnx
+            >>> layer = FlaxLayer.from_nnx(nnx.Linear, 3, 4, rngs=nnx.Rngs(0))
+            >>> layer.get_config()["module"]["class"]
+            'flax.nnx.nn.linear:Linear'
         """
         _checks.nnx_class(module_class)
         _checks.no_layer_arguments(
@@ -209,17 +229,19 @@ class FlaxLayer(JaxLayer):
         Returns:
             The placeholder.
 
-        Example:
+        Raises:
+            ValueError: `axis` is not an int, or is 0 (the batch axis).
 
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> layer = FlaxLayer.from_nnx(
-        ...     nnx.Linear, FlaxLayer.input_dim(), 4, rngs=nnx.Rngs(0)
-        ... )
-        >>> layer(jnp.ones((2, 3))).shape
-        (2, 4)
-        >>> layer.module.kernel.shape
-        (3, 4)
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> layer = FlaxLayer.from_nnx(
+            ...     nnx.Linear, FlaxLayer.input_dim(), 4, rngs=nnx.Rngs(0)
+            ... )
+            >>> layer(jnp.ones((2, 3))).shape
+            (2, 4)
+            >>> layer.module.kernel.shape
+            (3, 4)
         """
         return _sizes.InputDim(axis)
 

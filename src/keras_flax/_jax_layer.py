@@ -62,26 +62,42 @@ class JaxLayer(ModelLayer):
             LAMB) see one variable per pack; refused under `ModelParallel`.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
 
+    Attributes:
+        call_fn: the forward function, as given.
+        init_fn: the initialising function, as given (or None).
+        call_fn_arguments: the names of `call_fn`'s arguments.
+        init_fn_arguments: the names of `init_fn`'s arguments (or None).
+        call_fn_has_params: whether `call_fn` takes `params`.
+        call_fn_has_state: whether `call_fn` takes `state`.
+        seed_generator: the layer's `keras.random.SeedGenerator` (None for
+            a model without RNG).
+
     Call arguments:
         inputs: a JAX array or a PyTree of arrays.
         training: whether the call is in training mode.
 
-    Returns:
+    Call returns:
         The outputs of `call_fn`.
 
-    Example:
+    Raises:
+        TypeError: `call_fn` or `init_fn` is not callable.
+        ValueError: `call_fn` has an argument the protocol cannot fill,
+            `call_fn` takes weights but neither `init_fn` nor `params` /
+            `state` are given, or (at build) the given weights do not fit
+            what `init_fn` creates.
 
-    >>> import jax, jax.numpy as jnp
-    >>> def call_fn(params, inputs):
-    ...     return inputs @ params["w"] + params["b"]
-    >>> def init_fn(rng, inputs):
-    ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 2)),
-    ...             "b": jnp.zeros((2,))}
-    >>> layer = JaxLayer(call_fn, init_fn, seed=0, name="affine")
-    >>> layer(jnp.ones((4, 3))).shape
-    (4, 2)
-    >>> [w.path for w in layer.weights]
-    ['affine/b', 'affine/w']
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> def call_fn(params, inputs):
+        ...     return inputs @ params["w"] + params["b"]
+        >>> def init_fn(rng, inputs):
+        ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 2)),
+        ...             "b": jnp.zeros((2,))}
+        >>> layer = JaxLayer(call_fn, init_fn, seed=0, name="affine")
+        >>> layer(jnp.ones((4, 3))).shape
+        (4, 2)
+        >>> [w.path for w in layer.weights]
+        ['affine/b', 'affine/w']
     """
 
     def __init__(

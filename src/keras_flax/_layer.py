@@ -253,26 +253,29 @@ class ModelLayer(keras.layers.Layer):
         type_check: bool = True,
         config: Any = None,
     ) -> None:
-        """Quantizes the wrapped module's weights with Qwix (`"int8"`,
-        `"int4"`, `"float8"`), as `model.quantize(mode)` asks.
-
-        Keras resolves `mode` and `config` and refuses an unbuilt or
-        already quantized layer first. The quantized weights (integers and
+        """Quantizes the wrapped module's weights with Qwix, as
+        `model.quantize(mode)` asks: the quantized weights (integers and
         their scales, named by Flax path) replace the float ones; those of
         the operations Qwix leaves float (convolutions, LoRA adapters)
         stay, and still train.
+
+        Args:
+            mode: `"int8"`, `"int4"` or `"float8"` (None: `config`'s).
+            type_check: unused; the layer quantizes its module as a whole.
+            config: a `keras.quantizers.QuantizationConfig` (Keras' int8
+                and int4 configs: the activations' quantizer, int4's
+                `block_size`).
 
         Raises:
             NotImplementedError: the model has nothing Qwix quantizes, the
                 mode has no Qwix form, or the backend is not JAX (Keras'
                 `model.quantize` warns and goes on).
-            ValueError: Qwix refuses the module in this mode.
+            ValueError: an unbuilt or already quantized layer, an unknown
+                mode, or Qwix refuses the module in this mode.
             ImportError: Qwix is not installed.
         """
-        del type_check  # subclasses quantize their module as this does
-        # Keras 3.14 and 3.15 resolve and check these before calling this
-        # method; Keras 3.16's `model.quantize` does, its `layer.quantize`
-        # is this method alone.
+        del type_check
+        # Checked here too: Keras 3.16's `layer.quantize` is this alone.
         mode = _checks.quantizable(
             self.name,
             mode or getattr(config, "mode", None),
@@ -294,8 +297,7 @@ class ModelLayer(keras.layers.Layer):
         self._calls.runner = self._calls.make_runner(self.quantization_mode)
 
     def quantized_call(self, *args: Any, **kwargs: Any) -> Any:
-        # The quantized module is called as the float one was.
-        return self.call(*args, **kwargs)
+        return self.call(*args, **kwargs)  # as the float module was
 
     # Serialization.
 

@@ -37,15 +37,23 @@ class OptaxOptimizer(keras.optimizers.Optimizer):
         name: the optimizer's name (the prefix of its variables).
         **kwargs: the factory's arguments.
 
-    Example:
-        ```python
-        model.compile(
-            optimizer=keras_flax.OptaxOptimizer(
-                optax.adamw, learning_rate=1e-3, weight_decay=1e-4
-            ),
-            loss="mse",
-        )
-        ```
+    Raises:
+        ValueError: the Keras backend is not JAX.
+        TypeError: `transformation` is neither a transformation nor a
+            factory returning one, or `kwargs` are given with a ready
+            transformation.
+
+    Examples:
+        >>> import keras, optax
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> model.compile(
+        ...     optimizer=OptaxOptimizer(
+        ...         optax.adamw, learning_rate=1e-3, weight_decay=1e-4
+        ...     ),
+        ...     loss="mse",
+        ... )
+        >>> model.optimizer.transformation is not None
+        True
     """
 
     def __init__(
@@ -306,6 +314,18 @@ class LearningRateLogger(keras.callbacks.Callback):
     progress bar shows it and `History` records it (as Keras does for its
     own optimizers under `ReduceLROnPlateau`). Pass it to `fit`:
     `model.fit(..., callbacks=[keras_flax.LearningRateLogger()])`.
+
+    Examples:
+        >>> import keras, numpy as np, optax
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        >>> model.compile(OptaxOptimizer(tx), "mse")
+        >>> history = model.fit(
+        ...     np.ones((8, 3)), np.ones((8, 1)), verbose=0,
+        ...     callbacks=[LearningRateLogger()],
+        ... )
+        >>> [round(float(rate), 3) for rate in history.history["learning_rate"]]
+        [0.1]
     """
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:

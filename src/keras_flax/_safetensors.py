@@ -95,23 +95,22 @@ def load_safetensors(
             the first weight is assigned.
         TypeError: `rules` of the wrong form.
 
-    Example:
-
-    >>> import os, tempfile, torch, safetensors.torch
-    >>> from flax import nnx
-    >>> from keras_flax import FlaxLayer, load_safetensors
-    >>> linear = torch.nn.Linear(3, 2)
-    >>> path = os.path.join(tempfile.mkdtemp(), "linear.safetensors")
-    >>> safetensors.torch.save_file({"fc." + k: v for k, v in
-    ...     linear.state_dict().items()}, path)
-    >>> class Net(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.fc = nnx.Linear(3, 2, rngs=rngs)
-    ...     def __call__(self, x):
-    ...         return self.fc(x)
-    >>> layer = FlaxLayer(Net(nnx.Rngs(0)))
-    >>> load_safetensors(layer, path, rules="torch")["converted"]
-    [('fc.bias', 'fc/bias'), ('fc.weight', 'fc/kernel')]
+    Examples:
+        >>> import os, tempfile, torch, safetensors.torch
+        >>> from flax import nnx
+        >>> from keras_flax import FlaxLayer, load_safetensors
+        >>> linear = torch.nn.Linear(3, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "linear.safetensors")
+        >>> safetensors.torch.save_file({"fc." + k: v for k, v in
+        ...     linear.state_dict().items()}, path)
+        >>> class Net(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.fc = nnx.Linear(3, 2, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.fc(x)
+        >>> layer = FlaxLayer(Net(nnx.Rngs(0)))
+        >>> load_safetensors(layer, path, rules="torch")["converted"]
+        [('fc.bias', 'fc/bias'), ('fc.weight', 'fc/kernel')]
     """
     if nonfinite not in ("warn", "raise", "ignore"):
         raise ValueError(
@@ -245,6 +244,18 @@ def save_safetensors(
     moved onto it: an existing file is replaced whole, keeping its
     permissions, or left as it was when the save fails or is interrupted
     (no temporary file is left behind).
+
+    Examples:
+        >>> import os, tempfile, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from safetensors.numpy import load_file
+        >>> from keras_flax import FlaxLayer
+        >>> layer = FlaxLayer(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+        >>> path = os.path.join(tempfile.mkdtemp(), "linear.safetensors")
+        >>> save_safetensors(layer, path, rules="torch")["written"]
+        ['bias', 'weight']
+        >>> load_file(path)["weight"].shape  # PyTorch's (out, in)
+        (2, 3)
     """
     save_file = _checkpoint_files.library().flax.save_file
     held, shorts = _held(layer, "save_safetensors")
