@@ -115,6 +115,19 @@ class EquinoxLayer(ModelLayer):
 
         Returns:
             The `EquinoxLayer`.
+
+        Raises:
+            TypeError: `module_class` is not an Equinox module class.
+
+        Examples:
+            >>> import equinox as eqx, jax, jax.numpy as jnp
+            >>> layer = EquinoxLayer.from_constructor(
+            ...     eqx.nn.Linear, 3, 2, key=jax.random.key(0)
+            ... )
+            >>> layer(jnp.ones((4, 3))).shape
+            (4, 2)
+            >>> layer.get_config()["module"]["class"]
+            'equinox.nn:Linear'
         """
         if _sizes.find(args, kwargs):
             raise TypeError(

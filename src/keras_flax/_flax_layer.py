@@ -309,6 +309,11 @@ class FlaxLayer(JaxLayer):
         `nnx.State` or a pure dict (`nnx.to_pure_dict`), and the NNX module
         is updated too. All values are checked first: on any misfit the
         error names the paths, and nothing is changed.
+
+        Raises:
+            ValueError: (assigning) the layer is not built yet, or a leaf
+                is missing, unknown, mis-shaped, of another kind of dtype,
+                or not an array.
         """
         user_format = self._model.user_format
         assert user_format is not None  # linen and NNX have their format
